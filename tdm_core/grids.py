@@ -1,0 +1,86 @@
+"""Trajectory grids: the K timesteps ``t_0 > t_1 > ... > t_{K-1}`` a K-step student visits.
+
+The final point after ``t_{K-1}`` is always the clean sample (timestep 0, ``x0_hat``).
+"""
+from __future__ import annotations
+
+import math
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+# Grids of the released TDM LoRAs, for the nodes' presets (METHOD.md "Released inference settings").
+RELEASED_GRIDS = {
+    "cogvideox_2b": (999, 856, 665, 399),
+}
+
+
+def reference_grid(num_steps: int, total_steps: int = 900) -> list[int]:
+    # METHOD.md "The student": t_i = T - 1 - i * (T // K)
+    check_num_steps(num_steps, total_steps)
+    return [total_steps - 1 - i * (total_steps // num_steps) for i in range(num_steps)]
+
+
+def diffusers_grid(
+    num_steps: int,
+    spacing: str = "leading",
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 0,
+    solver: str = "ddim",
+) -> list[int]:
+    """Timesteps diffusers' DDIMScheduler (``solver="ddim"``) or DPMSolverMultistepScheduler
+    (``solver="dpmsolver"``) would pick, to reproduce LoRAs released with those samplers."""
+    check_num_steps(num_steps, num_train_timesteps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    if solver not in ("ddim", "dpmsolver"):
+        raise ValueError(f"unknown solver {solver!r}: use 'ddim' or 'dpmsolver'")
+    T, K = num_train_timesteps, num_steps
+    # DPM-Solver lays out K + 1 points and drops the last; DDIM lays out K
+    n = K + 1 if solver == "dpmsolver" else K
+    if spacing == "linspace":
+        points = [round(i * (T - 1) / (n - 1)) if n > 1 else 0 for i in range(n)][::-1]
+    elif spacing == "leading":
+        ratio = T // n
+        points = [i * ratio + steps_offset for i in range(n)][::-1]
+    else:
+        ratio = T / K
+        points = [int(round(T - i * ratio)) - 1 for i in range(K)]
+    return points[:K]
+
+
+def parse_grid(text: str, num_timesteps: int = 1000) -> list[int]:
+    """``"999, 856, 665, 399"`` -> ``[999, 856, 665, 399]``, checked."""
+    try:
+        grid = [int(float(p)) for p in text.replace(";", ",").replace(" ", ",").split(",") if p.strip()]
+    except ValueError as err:
+        raise ValueError(f"custom timesteps {text!r} are not numbers: write e.g. '999, 856, 665, 399'") from err
+    return check_grid(grid, num_timesteps)
+
+
+def check_num_steps(num_steps: int, total_steps: int) -> None:
+    if not 1 <= num_steps <= total_steps:
+        raise ValueError(f"number of steps K={num_steps} is outside 1..{total_steps}: pick K between 1 and 8")
+
+
+def check_grid(grid: list[int], num_timesteps: int = 1000) -> list[int]:
+    if not grid:
+        raise ValueError("the trajectory grid is empty: give at least one timestep")
+    if any(not 0 <= t < num_timesteps for t in grid):
+        raise ValueError(f"grid {grid} has timesteps outside 0..{num_timesteps - 1}")
+    if any(b >= a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"grid {grid} must be strictly decreasing, e.g. 999, 856, 665, 399")
+    return list(grid)
+
+
+def grid_with_end(grid: list[int]) -> list[int]:
+    """``t_0 .. t_{K-1}`` followed by the clean end point 0: ``t_{i+1}`` for every step ``i``."""
+    return list(grid) + [0]
+
+
+def tail_for_denoise(grid: list[int], denoise: float) -> list[int]:
+    """img2img: the last ``round(K * denoise)`` grid points (at least one), so the student only ever
+    runs from timesteps it was trained on."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise={denoise} must be in (0, 1]")
+    keep = max(1, math.floor(len(grid) * denoise + 0.5))
+    return list(grid[-keep:])
