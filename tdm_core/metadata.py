@@ -1,0 +1,51 @@
+"""The TDM metadata a distilled LoRA carries in its safetensors header (strings only).
+
+Written by ``training.distill``, read by the ComfyUI LoRA loader to pick steps, grid and strength.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+PREFIX = "tdm."
+
+
+@dataclass
+class TDMInfo:
+    method: str = "tdm"
+    num_steps: int = 4  # K, the student's sampling steps
+    grid: list[int] = field(default_factory=list)  # t_0 .. t_{K-1}
+    total_steps: int = 900  # T of the reference grid rule
+    num_timesteps: int = 1000  # length of the model's discrete schedule
+    prediction_type: str = "epsilon"
+    base_family: str = ""  # sd15, sdxl, pixart, sd3, digits
+    base_hash: str = ""  # sha256 of the teacher file(s)
+    teacher_cfg: float = 1.0
+    distance: str = "l2"
+    huber_c: Optional[float] = None
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    recommended_strength: float = 1.0
+    training_steps: int = 0
+    k_choices: list[int] = field(default_factory=list)  # steps-aware (TDM-unify) models only
+
+    def to_safetensors_metadata(self) -> dict[str, str]:
+        return {PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_safetensors_metadata(cls, metadata: Optional[dict[str, str]]) -> Optional["TDMInfo"]:
+        """``None`` when the file carries no TDM metadata (e.g. a plain LoRA)."""
+        metadata = metadata or {}
+        if PREFIX + "method" not in metadata:
+            return None
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, raw in metadata.items():
+            name = key[len(PREFIX):]
+            if key.startswith(PREFIX) and name in known:
+                try:
+                    values[name] = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"LoRA metadata {key}={raw!r} is not valid JSON: re-export the LoRA with training.distill") from err
+        return cls(**values)

@@ -1,0 +1,1 @@
+"""Headless TDM distillation: ``python -m training.distill --help``."""
