@@ -1,0 +1,225 @@
+"""Options of ``python -m training.distill``: one dataclass, a YAML/TOML config file, CLI flags.
+
+Precedence: dataclass defaults < config file < command-line flags. Every check here is cheap and
+runs before any model is loaded, so bad input fails in a second with a message naming the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from tdm_core.grids import parse_grid, reference_grid
+from tdm_core.training import DISTANCES, INTERVAL_MODES
+
+MAX_STUDENT_STEPS = 8  # TDM students are few-step samplers; the grid rule is tested for 1..8
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("cosine_with_restarts", "cosine", "constant", "constant_with_warmup", "linear")
+
+
+class ConfigError(ValueError):
+    """A bad option or input file; the message names the problem and the fix."""
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DistillConfig:
+    model: str = _opt("", "teacher: a diffusers model folder or a single-file .safetensors checkpoint (required)")
+    family: str = _opt("auto", "model family: auto (detect from the model), sd15, sdxl, pixart, sd3, digits")
+    model_config: Optional[str] = _opt(None, "config folder/file for a single-file checkpoint (no hub access at run time)")
+    prompts: str = _opt("", "prompt file: .txt (one prompt per line) or .jsonl (a 'prompt' field per line) (required)")
+    output: str = _opt("", "the final LoRA, a .safetensors file (may point into ComfyUI's models/loras) (required)")
+    output_dir: Optional[str] = _opt(None, "checkpoints, log.jsonl and validation grids; default: <output without .safetensors>_run next to --output")
+    num_steps: int = _opt(4, f"K, the student's sampling steps (1..{MAX_STUDENT_STEPS})")
+    grid: Optional[str] = _opt(None, "explicit trajectory timesteps t_0 > .. > t_{K-1}, e.g. '999,856,665,399' (overrides the reference grid; K = its length)")
+    total_steps: int = _opt(900, "T of the reference grid t_i = T - 1 - i * (T // K) (900 as in the reference README)")
+    max_train_steps: int = _opt(500, "number of student updates (one fake-score update each)")
+    batch_size: int = _opt(1, "prompts per process per iteration")
+    gradient_accumulation_steps: int = _opt(1, "iterations whose gradients are summed before each optimiser step")
+    cfg: float = _opt(2.0, "teacher classifier-free guidance scale w distilled into the student (METHOD.md default 2; the README run used 4.5)")
+    distance: str = _opt("huber", "generator distance: l2, huber (element-wise, reference script) or huber_norm (per-sample norm, paper)")
+    huber_c: Optional[float] = _opt(None, "pseudo-Huber c; default 1e-3 for huber, 0.00054*sqrt(dim) for huber_norm")
+    interval_mode: str = _opt("separate", "diffusion-time intervals: separate (per step, no overlap) or shared ([u, T-10])")
+    randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
+    lora_rank: int = _opt(32, "rank of the student and fake-score LoRA adapters")
+    lora_alpha: Optional[float] = _opt(None, "LoRA alpha; default: equal to the rank (scale 1)")
+    learning_rate: float = _opt(2e-5, "fake-score learning rate (AdamW betas 0, 0.95)")
+    student_learning_rate: Optional[float] = _opt(None, "student learning rate; default: learning_rate / 5")
+    weight_decay: float = _opt(0.0, "AdamW weight decay of both optimisers")
+    max_grad_norm: float = _opt(1.0, "gradient-norm clip of both optimisers")
+    lr_scheduler: str = _opt("cosine_with_restarts", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
+    lr_warmup_steps: int = _opt(0, "warm-up steps of the learning-rate schedule")
+    lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
+    resolution: int = _opt(512, "image size in pixels (the family maps it to its latent size)")
+    mixed_precision: str = _opt("no", "accelerate mixed precision: no, fp16 or bf16")
+    gradient_checkpointing: bool = _opt(False, "trade compute for memory in the base network")
+    use_8bit_adam: bool = _opt(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes installed)")
+    seed: int = _opt(0, "seed of every random draw (noise, prompts, times, LoRA init): runs are reproducible on CPU")
+    checkpoint_every: int = _opt(100, "write a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep (at least 1)")
+    validate_every: int = _opt(100, "write a validation grid PNG every N steps (0: never)")
+    validation_prompts: int = _opt(4, "number of prompts (from the top of the prompt file) in the validation grid")
+    teacher_validation_steps: int = _opt(25, "DPM-Solver++ steps of the teacher column of the validation grid")
+    resume: bool = _opt(False, "continue from the latest checkpoint in output_dir (starts fresh when there is none)")
+    precompute_embeddings: bool = _opt(False, "encode every prompt once before training (otherwise encoded on first use and cached)")
+    config: Optional[str] = _opt(None, "YAML (.yaml/.yml) or TOML (.toml) file of these options; flags given on the command line win")
+
+    # --- derived, filled by validate() ---
+    def student_lr(self) -> float:
+        return self.learning_rate / 5 if self.student_learning_rate is None else self.student_learning_rate
+
+    def alpha(self) -> float:
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    def trajectory_grid(self) -> list[int]:
+        return parse_grid(self.grid) if self.grid else reference_grid(self.num_steps, self.total_steps)
+
+    def run_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        out = Path(self.output)
+        return out.with_name(out.stem + "_run")
+
+
+OPTION_NAMES = {f.name for f in fields(DistillConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.distill",
+        description="Data-free TDM distillation: writes a few-step LoRA (kohya layout, TDM metadata) that ComfyUI loads.",
+        argument_default=argparse.SUPPRESS,  # so we can tell given flags from defaults (flags override the config file)
+    )
+    for f in fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=_parser_type(f), metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def _parser_type(f):
+    kind = str(f.type)
+    if "int" in kind:
+        return int
+    if "float" in kind:
+        return float
+    return str
+
+
+def read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist: check the --config path")
+    try:
+        if file.suffix == ".toml":
+            values = tomllib.loads(file.read_text())
+        elif file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(file.read_text()) or {}
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as err:  # a parse error of either format
+        raise ConfigError(f"config file {path} could not be parsed ({err}): fix its syntax") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    options = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(options) - OPTION_NAMES - {"config"})
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown options {unknown}: see --help for the option names")
+    return options
+
+
+def parse_config(argv: Optional[list[str]] = None) -> DistillConfig:
+    """Defaults, then the config file, then the flags; validated."""
+    flags = vars(build_parser().parse_args(argv))
+    values = read_config_file(flags["config"]) if flags.get("config") else {}
+    values.update(flags)
+    return validate(DistillConfig(**values))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DistillConfig) -> DistillConfig:
+    """Every input check that needs no model; raises ConfigError with the fix."""
+    _check(bool(cfg.model), "no teacher model given: pass --model PATH (a diffusers folder or a .safetensors file)")
+    _check(os.path.exists(cfg.model), f"model {cfg.model} does not exist: check the --model path")
+    _check(os.access(cfg.model, os.R_OK), f"model {cfg.model} is not readable: check its permissions")
+    _check(bool(cfg.output), "no output given: pass --output FILE.safetensors")
+    _check(cfg.output.endswith(".safetensors"), f"--output {cfg.output} must end in .safetensors")
+    _check(not os.path.isdir(cfg.output), f"--output {cfg.output} is a folder: give a file name ending in .safetensors")
+    _check(1 <= cfg.total_steps <= 1000, f"--total-steps {cfg.total_steps} is outside 1..1000: the reference uses 900")
+    if cfg.grid:
+        try:
+            grid = parse_grid(cfg.grid)
+        except ValueError as err:
+            raise ConfigError(f"--grid is invalid: {err}") from err
+        _check(1 <= len(grid) <= MAX_STUDENT_STEPS, f"--grid has {len(grid)} timesteps: a TDM student takes 1..{MAX_STUDENT_STEPS}")
+        cfg.num_steps = len(grid)
+    _check(1 <= cfg.num_steps <= MAX_STUDENT_STEPS, f"--num-steps K={cfg.num_steps} is outside 1..{MAX_STUDENT_STEPS}: pick K between 1 and {MAX_STUDENT_STEPS} (4 is usual)")
+    _check(cfg.grid is not None or cfg.total_steps // cfg.num_steps >= 30, f"--total-steps {cfg.total_steps} is too small for K={cfg.num_steps}: each step needs at least 30 timesteps for its training interval")
+    _check(cfg.max_train_steps >= 1, f"--max-train-steps {cfg.max_train_steps} must be at least 1")
+    _check(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1")
+    _check(cfg.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be at least 1")
+    _check(cfg.cfg >= 1.0, f"--cfg {cfg.cfg} must be at least 1 (1 = no guidance)")
+    _check(cfg.distance in DISTANCES, f"unknown --distance {cfg.distance!r}: use one of {', '.join(DISTANCES)}")
+    _check(cfg.huber_c is None or cfg.huber_c > 0, f"--huber-c {cfg.huber_c} must be positive")
+    _check(cfg.interval_mode in INTERVAL_MODES, f"unknown --interval-mode {cfg.interval_mode!r}: use separate or shared")
+    _check(cfg.lora_rank >= 1, f"--lora-rank {cfg.lora_rank} must be at least 1")
+    _check(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha} must be positive")
+    _check(cfg.learning_rate > 0, f"--learning-rate {cfg.learning_rate} must be positive")
+    _check(cfg.student_learning_rate is None or cfg.student_learning_rate > 0, f"--student-learning-rate {cfg.student_learning_rate} must be positive")
+    _check(cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm} must be positive")
+    _check(cfg.lr_scheduler in LR_SCHEDULERS, f"unknown --lr-scheduler {cfg.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
+    _check(cfg.resolution >= 8 and cfg.resolution % 8 == 0, f"--resolution {cfg.resolution} must be a positive multiple of 8")
+    _check(cfg.mixed_precision in MIXED_PRECISION, f"unknown --mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
+    _check(cfg.checkpoint_every >= 0 and cfg.validate_every >= 0, "--checkpoint-every and --validate-every must be 0 (off) or positive")
+    _check(cfg.keep_checkpoints >= 1, f"--keep-checkpoints {cfg.keep_checkpoints} must be at least 1")
+    _check(cfg.validation_prompts >= 1 and cfg.teacher_validation_steps >= 1, "--validation-prompts and --teacher-validation-steps must be at least 1")
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes, or drop the flag") from err
+    read_prompts(cfg.prompts)  # fails here, before any model loads
+    return cfg
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a .txt (one a line) or .jsonl ({"prompt": ...} a line) file; blank lines skipped."""
+    _check(bool(path), "no prompt file given: pass --prompts FILE (.txt one prompt per line, or .jsonl)")
+    file = Path(path)
+    _check(file.is_file(), f"prompt file {path} does not exist: check the --prompts path")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"prompt file {path} could not be read as UTF-8 text ({err})") from err
+    lines = [line for line in lines if line]
+    if file.suffix == ".jsonl":
+        lines = [_jsonl_prompt(path, n, line) for n, line in enumerate(lines, 1)]
+    _check(bool(lines), f"prompt file {path} is empty: write one prompt per line (.txt) or {{\"prompt\": ...}} per line (.jsonl)")
+    return lines
+
+
+def _jsonl_prompt(path: str, line_no: int, line: str) -> str:
+    try:
+        prompt = json.loads(line)["prompt"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} line {line_no} is not a JSON object with a \"prompt\" field: write {{\"prompt\": \"...\"}}") from err
+    _check(isinstance(prompt, str), f"{path} line {line_no}: \"prompt\" must be a string")
+    return prompt
