@@ -113,7 +113,10 @@ class VPSchedule:
         low = torch.searchsorted(finite, log_sigma.clamp(finite[0], finite[-1]).contiguous(), right=True) - 1
         low = low.clamp(0, finite.shape[0] - 2)
         w = (log_sigma - finite[low]) / (finite[low + 1] - finite[low])
-        return (low + w.clamp(0, 1)).to(torch.float64)
+        t = (low + w.clamp(0, 1)).to(torch.float64)
+        # zero terminal SNR: sigma_k = inf is exactly the last timestep, beyond the finite table
+        at_infinity = torch.isposinf(log_sigma) & torch.isposinf(log_sigmas[-1])
+        return torch.where(at_infinity, torch.full_like(t, self.num_timesteps - 1), t)
 
     def model_timestep(self, t: Tensor) -> Tensor:
         return torch.as_tensor(t, dtype=torch.float64)
