@@ -33,3 +33,13 @@ class ModelFamily(Protocol):
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images in [0, 1], shape (B, 3, H, W), for validation grids."""
+
+
+def cat_conditions(conds: list[Cond]) -> Cond:
+    """Concatenate conditions along the batch (e.g. cond + uncond for one CFG forward)."""
+    return {key: torch.cat([c[key] for c in conds], dim=0) for key in conds[0]}
+
+
+def select_condition(cond: Cond, index) -> Cond:
+    """Rows ``index`` (int list, slice or bool mask) of every tensor of a condition."""
+    return {key: value[index] for key, value in cond.items()}

@@ -1,0 +1,1 @@
+"""Model families: one module per architecture, each implementing ``base.ModelFamily``."""

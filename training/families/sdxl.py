@@ -1,0 +1,37 @@
+"""SDXL-style UNet: two CLIP encoders, pooled text embeds and size/crop "time ids" (text_time)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Cond
+from .pipeline_family import PipelineFamily
+
+
+class SDXLFamily(PipelineFamily):
+    name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+
+    def _time_ids(self, batch_size: int) -> Tensor:
+        # SDXL micro-conditioning: original size, crop top-left (0, 0), target size, at the training resolution
+        size = (self.resolution, self.resolution)
+        projection_dim = self.pipeline.text_encoder_2.config.projection_dim
+        ids = self.pipeline._get_add_time_ids(size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=projection_dim)
+        return ids.to(self.device).expand(batch_size, -1)
+
+    def _encode_batch(self, prompts: list[str]) -> Cond:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": self._time_ids(len(prompts))}
+
+    def null_condition(self, batch_size: int) -> Cond:
+        if not self.pipeline.config.get("force_zeros_for_empty_prompt", True):
+            return super().null_condition(batch_size)
+        # SDXL's own pipelines use all-zero embeddings (not the encoded "") as the unconditional input
+        empty = self.encode_prompts([""])
+        zeros = {k: torch.zeros_like(v) for k, v in empty.items() if k != "time_ids"}
+        zeros["time_ids"] = empty["time_ids"]
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in zeros.items()}
+
+    def _network_output(self, x_t: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        return self.network(x_t, timestep, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
