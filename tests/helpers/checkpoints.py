@@ -1,0 +1,179 @@
+"""Model files for end-to-end tests, made here without downloads.
+
+* ``sd15_checkpoint()``: a random-weight checkpoint with the exact SD1.5 architecture, built with
+  ComfyUI's own classes so ``CheckpointLoaderSimple`` detects it as SD15 (tiny configs are not
+  detected: detection goes by exact shapes). Building takes ~30 s, 2.1 GB on disk and ~6.6 GB of
+  memory, so it runs once per machine in a subprocess (the test process never holds that memory)
+  and is cached under ``~/.cache/comfyui-tdm/`` keyed by the ComfyUI version.
+* ``write_kohya_lora()``: a small random LoRA for that checkpoint in kohya layout
+  (``lora_unet_<diffusers path>.lora_down/lora_up/alpha``), carrying TDM metadata.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script by the builder subprocess
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.helpers.comfy_server import comfyui_dir, comfyui_version
+
+BUILDER_VERSION = 1  # bump when the built file changes, so caches rebuild
+CACHE_ROOT = Path(os.environ.get("TDM_TEST_CACHE", Path.home() / ".cache" / "comfyui-tdm"))
+BUILD_TIMEOUT_S = 900
+
+# The SD1.5 UNet hyper-parameters (public architecture facts), in ComfyUI's unet_config vocabulary.
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_spatial_transformer": True, "use_linear_in_transformer": False, "legacy": False,
+    "context_dim": 768, "num_heads": 8, "adm_in_channels": None,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SD15_VAE_CONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+# LoRA targets: the attention projections, as kohya trainers (and TDM's released LoRAs) pick them
+LORA_TARGET_SUFFIXES = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+
+
+def cache_dir() -> Path:
+    return CACHE_ROOT / f"comfyui-{comfyui_version()}-builder{BUILDER_VERSION}"
+
+
+def sd15_checkpoint() -> Path:
+    """Path of the cached random SD1.5 checkpoint, building it first if needed (process-safe)."""
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tdm_test_sd15_random.safetensors"
+    targets = lora_targets_path(path)
+    if path.is_file() and targets.is_file():
+        return path
+    # several test sessions may start at once: one builds, the others wait for its lock
+    with open(folder / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path.is_file() and targets.is_file()):
+            result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "build-sd15", str(path)],
+                                    capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            if result.returncode != 0:
+                raise RuntimeError(f"building the random SD1.5 checkpoint failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return path
+
+
+def lora_targets_path(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".lora_targets.json")
+
+
+def sd15_lora_targets() -> dict[str, list[int]]:
+    """kohya LoRA key prefix -> ``[out_features, in_features]`` of the weight it modifies."""
+    return json.loads(lora_targets_path(sd15_checkpoint()).read_text())
+
+
+def write_kohya_lora(path: Path, rank: int = 4, seed: int = 0, scale: float = 0.05,
+                     tdm_info=None, targets: Optional[dict[str, list[int]]] = None) -> Path:
+    """A random kohya-layout LoRA for the SD1.5 checkpoint with the ``tdm.*`` metadata of
+    ``tdm_info`` (a ``tdm_core.metadata.TDMInfo``; a 4-step sd15 one by default)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tdm_core.metadata import TDMInfo
+    from tdm_core.grids import reference_grid
+
+    targets = targets if targets is not None else sd15_lora_targets()
+    if tdm_info is None:
+        tdm_info = TDMInfo(num_steps=4, grid=reference_grid(4), base_family="sd15", lora_rank=rank,
+                           lora_alpha=float(rank), recommended_strength=1.0, training_steps=1)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, (out_features, in_features) in sorted(targets.items()):
+        # both factors non-zero (unlike a fresh LoRA) so applying it really changes the model
+        tensors[f"{prefix}.lora_down.weight"] = (torch.randn(rank, in_features, generator=generator) * scale).half()
+        tensors[f"{prefix}.lora_up.weight"] = (torch.randn(out_features, rank, generator=generator) * scale).half()
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(rank)).half()
+    return atomic_save(tensors, Path(path), tdm_info.to_safetensors_metadata(), save_file)
+
+
+def atomic_save(tensors: dict, path: Path, metadata: dict, save_file) -> Path:
+    """Writes under a temporary name in the same folder, then renames: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --- the builder (runs in its own process) ----------------------------------------------------
+def _fill_random(module, seed: int) -> None:
+    """ComfyUI's layers skip initialisation (weights come from files), so set every tensor by hand:
+    norms at 1, biases at 0, other weights ~ N(0, 1/fan_in) so activations stay finite."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("position_ids"):
+                continue
+            if tensor.ndim <= 1:
+                tensor.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            else:
+                fan_in = math.prod(tensor.shape[1:])
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
+
+
+def _build_sd15(out_path: Path) -> None:
+    import torch
+
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, str(comfyui_dir()))
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    model_config = comfy.supported_models.SD15(SD15_UNET_CONFIG)
+    model = model_config.get_model({})
+    clip = comfy.sd1_clip.SD1ClipModel()
+    vae = AutoencoderKL(ddconfig=SD15_VAE_CONFIG, embed_dim=4)
+    for seed, module in enumerate((model.diffusion_model, clip, vae)):
+        _fill_random(module, seed)
+
+    state_dict = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+    # kohya LoRA keys are diffusers paths; ComfyUI maps them to its ldm keys with this table
+    diffusers_to_ldm = comfy.utils.unet_to_diffusers(model_config.unet_config)
+    targets = {}
+    for diffusers_key, ldm_key in sorted(diffusers_to_ldm.items()):
+        if diffusers_key.endswith(LORA_TARGET_SUFFIXES):
+            shape = list(state_dict[f"model.diffusion_model.{ldm_key}"].shape)
+            targets["lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")] = shape[:2]
+
+    from safetensors.torch import save_file
+    atomic_save(state_dict, out_path, {"tdm.test": "random-weight SD1.5 architecture"}, save_file)
+    targets_path = lora_targets_path(out_path)
+    tmp = targets_path.with_name(targets_path.name + ".tmp")
+    tmp.write_text(json.dumps(targets, indent=0))
+    os.replace(tmp, targets_path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "build-sd15":
+        sys.exit("usage: checkpoints.py build-sd15 OUT.safetensors")
+    _build_sd15(Path(sys.argv[2]))
