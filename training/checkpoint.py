@@ -1,0 +1,109 @@
+"""Checkpoints of a distillation run, written so that a crash never loses the last good one.
+
+A checkpoint is a folder ``<run_dir>/checkpoints/step-00000010`` holding ``adapters.safetensors``
+(both LoRA adapters) and ``training_state.pt`` (optimisers, LR schedules, every process's RNG
+states, the step). It is written into a hidden temporary folder and renamed into place with
+``os.replace`` once complete, and older checkpoints are pruned only after that, so a kill at any
+moment leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"
+# test hook: sleep this many seconds in the middle of writing the checkpoint of step N ("N:seconds")
+PAUSE_ENV = "TDM_TEST_PAUSE_IN_CHECKPOINT"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are not listed)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_interrupted_writes(run_dir: Path) -> None:
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(TEMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def flatten_adapters(adapters: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{name}/{key}": t.detach().cpu().contiguous() for name, sd in adapters.items() for key, t in sd.items()}
+
+
+def unflatten_adapters(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        name, param = key.split("/", 1)
+        adapters.setdefault(name, {})[param] = t
+    return adapters
+
+
+def save_checkpoint(run_dir: Path, step: int, adapters: dict, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically, then prune all but the newest ``keep``."""
+    final = checkpoint_dir(run_dir, step)
+    temp = final.with_name(TEMP_PREFIX + final.name)
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    save_file(flatten_adapters(adapters), str(temp / "adapters.safetensors"))
+    _pause_for_tests(step)
+    torch.save({**state, "step": step}, temp / "training_state.pt")
+    _fsync_folder(temp)
+    if final.exists():  # the same step saved again (e.g. a resumed run that stopped at once)
+        old = final.with_name(TEMP_PREFIX + "old-" + final.name)
+        os.replace(final, old)
+        os.replace(temp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, final)
+    for stale in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """``(adapters, state)`` of a checkpoint folder."""
+    path = Path(path)
+    try:
+        adapters = unflatten_adapters(load_file(str(path / "adapters.safetensors")))
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"checkpoint {path} is unreadable ({err}): delete it to resume from the one before") from err
+    return adapters, state
+
+
+def _fsync_folder(folder: Path) -> None:
+    # the rename must not reach the disk before the files' contents do
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _pause_for_tests(step: int) -> None:
+    wanted = os.environ.get(PAUSE_ENV)
+    if wanted:
+        at_step, seconds = wanted.split(":")
+        if int(at_step) == step:
+            time.sleep(float(seconds))

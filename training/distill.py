@@ -1,0 +1,278 @@
+"""``python -m training.distill``: data-free TDM distillation of a teacher into a few-step LoRA.
+
+Single process: ``python -m training.distill --model M --prompts P.txt --output L.safetensors``.
+Data parallel: ``accelerate launch --num_processes N -m training.distill ...`` (same flags).
+Exit codes: 0 done, 2 bad input (nothing written), 3 NaN/inf loss (last good checkpoint kept).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tdm_core.grids import check_grid
+from tdm_core.metadata import TDMInfo
+from tdm_core.training import pseudo_huber_c_for
+
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_interrupted_writes, save_checkpoint
+from .config import ConfigError, DistillConfig, parse_config, read_prompts
+from .loop import ADAPTERS, STUDENT, LoopParts, NonFiniteLoss, tdm_iteration
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 2, 3
+# test hook: sleep this many seconds after the LoRA's temporary file is complete, before the rename
+PAUSE_LORA_ENV = "TDM_TEST_PAUSE_IN_LORA_WRITE"
+STAGING_SUFFIX = ".tdm-export"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import TrainingInputError
+
+    try:
+        cfg = parse_config(argv)
+        return run(cfg)
+    except (ConfigError, TrainingInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as err:
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE
+
+
+def resolved_huber_c(cfg: DistillConfig, latent_shape) -> float | None:
+    # the c the loss really uses, for the LoRA metadata (METHOD.md step 7 defaults)
+    if cfg.distance == "l2":
+        return None
+    if cfg.huber_c is not None:
+        return cfg.huber_c
+    return 1e-3 if cfg.distance == "huber" else pseudo_huber_c_for(torch.empty((1, *latent_shape[1:])))
+
+
+def load_teacher(cfg: DistillConfig, accelerator):
+    from .models import add_tdm_adapters, load_family
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    family = load_family(cfg.model, None if cfg.family == "auto" else cfg.family, device=accelerator.device,
+                         dtype=weight_dtype, config_path=cfg.model_config)
+    grid = cfg.trajectory_grid()
+    try:
+        check_grid(grid, family.num_timesteps)
+    except ValueError as err:
+        raise ConfigError(f"--grid does not fit this model: {err}") from err
+    if cfg.total_steps > family.num_timesteps:
+        raise ConfigError(f"--total-steps {cfg.total_steps} exceeds the model's {family.num_timesteps} timesteps")
+    torch.manual_seed(cfg.seed)  # the LoRA initialisation is identical on every process
+    add_tdm_adapters(family, cfg.lora_rank, cfg.alpha())
+    if cfg.gradient_checkpointing:
+        if not hasattr(family.network, "enable_gradient_checkpointing"):
+            raise ConfigError(f"the {family.name} network has no gradient checkpointing: drop --gradient-checkpointing")
+        family.network.enable_gradient_checkpointing()
+    return family, grid
+
+
+def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
+    from diffusers.optimization import get_scheduler
+
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        adamw = bnb.optim.AdamW8bit
+    else:
+        adamw = torch.optim.AdamW
+    rates = {"fake_score": cfg.learning_rate, "student": cfg.student_lr()}
+    optimizers, schedulers = {}, {}
+    for name in ADAPTERS:
+        # METHOD.md step 8: AdamW betas (0, 0.95), fake lr 2e-5, student lr / 5, cosine with restarts
+        optimizer = adamw(params[name], lr=rates[name], betas=(0.0, 0.95), weight_decay=cfg.weight_decay)
+        extra = {"num_cycles": cfg.lr_num_cycles} if cfg.lr_scheduler == "cosine_with_restarts" else {}
+        schedulers[name] = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                         num_training_steps=cfg.max_train_steps, **extra)
+        optimizers[name] = accelerator.prepare_optimizer(optimizer)
+    return optimizers, schedulers
+
+
+def training_state(parts: LoopParts) -> tuple[dict, dict]:
+    """``(adapters, state)`` of a checkpoint; RNG states come from every process."""
+    from accelerate.utils import gather_object
+
+    from .models import adapter_state_dict
+
+    adapters = {name: adapter_state_dict(parts.family.network, name) for name in ADAPTERS}
+    rng = gather_object([{"generator": parts.generator.get_state(), "torch": torch.get_rng_state()}])
+    state = {
+        "optimizers": {name: parts.optimizers[name].state_dict() for name in ADAPTERS},
+        "schedulers": {name: parts.schedulers[name].state_dict() for name in ADAPTERS},
+        "rng": rng,
+        "num_processes": parts.accelerator.num_processes,
+    }
+    return adapters, state
+
+
+def restore_state(parts: LoopParts, checkpoint: Path) -> int:
+    from .models import load_adapter_state_dict
+
+    adapters, state = load_checkpoint(checkpoint)
+    accelerator = parts.accelerator
+    if state["num_processes"] != accelerator.num_processes:
+        raise ConfigError(f"checkpoint {checkpoint} was written by {state['num_processes']} processes: resume with as many")
+    for name in ADAPTERS:
+        load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
+        parts.optimizers[name].load_state_dict(state["optimizers"][name])
+        parts.schedulers[name].load_state_dict(state["schedulers"][name])
+    rng = state["rng"][accelerator.process_index]
+    parts.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    return int(state["step"])
+
+
+def write_checkpoint(parts: LoopParts, cfg: DistillConfig, step: int) -> None:
+    adapters, state = training_state(parts)  # collective: every process takes part
+    if parts.accelerator.is_main_process:
+        save_checkpoint(cfg.run_dir(), step, adapters, state, keep=cfg.keep_checkpoints)
+    parts.accelerator.wait_for_everyone()
+
+
+def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape) -> Path:
+    """The final student LoRA (kohya layout, TDM metadata) via training.lora_io, renamed into place
+    only when complete so a kill never leaves a half-written file at ``--output``."""
+    from .lora_io import export_student_lora
+
+    family = parts.family
+    info = TDMInfo(
+        num_steps=len(parts.grid), grid=list(parts.grid), total_steps=cfg.total_steps, num_timesteps=family.num_timesteps,
+        prediction_type=family.prediction_type, base_family=family.name, teacher_cfg=cfg.cfg, distance=cfg.distance,
+        huber_c=resolved_huber_c(cfg, latent_shape), recommended_strength=1.0, training_steps=step,
+    )
+    output = Path(cfg.output)
+    # a private folder beside the output (same file system, so the rename is atomic)
+    staging = output.with_name(f".{output.name}.{os.getpid()}{STAGING_SUFFIX}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staged = export_student_lora(family, staging / output.name, info)
+    if os.environ.get(PAUSE_LORA_ENV):
+        time.sleep(float(os.environ[PAUSE_LORA_ENV]))
+    os.replace(staged, output)
+    shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def remove_interrupted_exports(output: Path) -> None:
+    for stale in output.parent.glob(f".{output.name}.*{STAGING_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+class RunLog:
+    """log.jsonl (always) and TensorBoard (when installed), main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path, self.enabled, self.tensorboard = run_dir / "log.jsonl", enabled, None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                pass
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if value is not None:
+                    self.tensorboard.add_scalar(key, value, step)
+
+
+def draw_prompt_batch(prompts: list[str], batch_size: int, generator: torch.Generator) -> list[str]:
+    return [prompts[i] for i in torch.randint(len(prompts), (batch_size,), generator=generator).tolist()]
+
+
+def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int) -> None:
+    from .validation import write_validation_grid
+
+    if parts.accelerator.is_main_process:
+        chosen = prompts[: cfg.validation_prompts]
+        family = parts.family
+        write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, family.encode_prompts(chosen),
+                              family.null_condition(len(chosen)), len(chosen), cfg.resolution, parts.accelerator.device,
+                              cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
+    parts.accelerator.wait_for_everyone()
+
+
+def run(cfg: DistillConfig) -> int:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .models import adapter_parameters
+
+    prompts = read_prompts(cfg.prompts)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    family, grid = load_teacher(cfg, accelerator)
+    try:
+        latent_shape = family.latent_shape(cfg.batch_size, cfg.resolution)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    params = {name: adapter_parameters(family.network, name) for name in ADAPTERS}
+    optimizers, schedulers = build_optimisers(cfg, params, accelerator)
+    parts = LoopParts(
+        family=family, accelerator=accelerator, grid=grid, total_steps=cfg.total_steps, cfg_scale=cfg.cfg,
+        distance=cfg.distance, huber_c=resolved_huber_c(cfg, latent_shape), interval_mode=cfg.interval_mode,
+        randmid=cfg.randmid, max_grad_norm=cfg.max_grad_norm,
+        # each process draws its own prompts, noise and times; the seed makes every draw reproducible
+        generator=torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index),
+        params=params, optimizers=optimizers, schedulers=schedulers,
+    )
+    run_dir = cfg.run_dir()
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_interrupted_writes(run_dir)
+        remove_interrupted_exports(Path(cfg.output))
+    accelerator.wait_for_everyone()
+    step = 0
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        step = restore_state(parts, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    elif cfg.resume:
+        accelerator.print(f"no checkpoint in {run_dir / 'checkpoints'}: starting a new run")
+    if cfg.precompute_embeddings:
+        for start in range(0, len(prompts), 32):
+            family.encode_prompts(prompts[start : start + 32])
+    log = RunLog(run_dir, accelerator.is_main_process)
+    null_cond = family.null_condition(cfg.batch_size)
+    stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
+    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="TDM", unit="step")
+    saved_at = step if checkpoint is not None else -1
+    while step < stop_at:
+        for _ in range(cfg.gradient_accumulation_steps):
+            cond = family.encode_prompts(draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
+            metrics = tdm_iteration(parts, cond, null_cond, latent_shape)
+        step += 1
+        log.write(step, metrics)
+        bar.update(1)
+        bar.set_postfix(fake=f"{metrics['loss_fake']:.4g}", student=f"{metrics['loss_student']:.4g}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            write_checkpoint(parts, cfg, step)
+            saved_at = step
+        if cfg.validate_every and step % cfg.validate_every == 0:
+            validate_now(parts, cfg, prompts, step)
+    bar.close()
+    if saved_at != step:
+        write_checkpoint(parts, cfg, step)
+    if step < cfg.max_train_steps:
+        accelerator.print(f"stopped at step {step} of {cfg.max_train_steps}: continue with --resume")
+        return EXIT_OK
+    if accelerator.is_main_process:
+        accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape)}")
+    accelerator.wait_for_everyone()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

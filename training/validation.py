@@ -1,0 +1,68 @@
+"""Validation grids: one row per prompt, columns = teacher (DPM-Solver++, CFG) then the student at
+1, 2 and 4 steps, all from the same noise; written as PNG (atomic) with tdm_core samplers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tdm_core import reference_grid, sample_dpmpp_2m, sample_tdm
+from tdm_core.grids import diffusers_grid
+from tdm_core.training import teacher_cfg_x0
+
+from .models import STUDENT, use_adapter
+
+STUDENT_STEPS = (1, 2, 4)
+VALIDATION_SEED = 1234  # its own generator: validating never changes the training draws
+
+
+def _denoiser(family, adapter, cond, null_cond=None, cfg_scale: float = 1.0):
+    def denoise(x, t):
+        with use_adapter(family.network, adapter):
+            out = family.denoise(x, t, cond).float()
+            if null_cond is None or cfg_scale == 1.0:
+                return out
+            # guidance is linear in the model output, so the x0-space CFG kernel applies as is
+            return teacher_cfg_x0(out, family.denoise(x, t, null_cond).float(), cfg_scale)
+
+    return denoise
+
+
+@torch.no_grad()
+def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
+                       total_steps: int, cfg_scale: float, teacher_steps: int) -> list[torch.Tensor]:
+    """Decoded images ``[teacher, student@1, student@2, student@4]``, each ``(B, 3, H, W)`` in [0, 1]."""
+    gen = torch.Generator().manual_seed(VALIDATION_SEED)
+    noise = torch.randn(family.latent_shape(batch_size, resolution), generator=gen).to(device)
+    schedule, prediction = family.schedule, family.prediction_type
+    teacher_grid = diffusers_grid(teacher_steps, "trailing", family.num_timesteps, solver="dpmsolver")
+    columns = [sample_dpmpp_2m(_denoiser(family, None, cond, null_cond, cfg_scale), noise, teacher_grid, schedule, prediction)]
+    for k in STUDENT_STEPS:
+        student_grid = reference_grid(k, total_steps)
+        columns.append(sample_tdm(_denoiser(family, STUDENT, cond), noise, student_grid, schedule, prediction))
+    return [family.decode(latents).float().clamp(0, 1).cpu() for latents in columns]
+
+
+def grid_image(columns: list[torch.Tensor]) -> Image.Image:
+    """Rows = samples, columns = samplers, as one RGB image."""
+    tiles = [torch.cat([column[b] for column in columns], dim=2) for b in range(columns[0].shape[0])]  # (3, H, C*W)
+    image = torch.cat(tiles, dim=1)
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    image.save(temp, format="PNG")
+    os.replace(temp, path)
+    return path
+
+
+def write_validation_grid(path: Path, family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
+                          total_steps: int, cfg_scale: float, teacher_steps: int) -> Path:
+    columns = validation_columns(family, cond, null_cond, batch_size, resolution, device, total_steps, cfg_scale, teacher_steps)
+    return save_png_atomic(grid_image(columns), path)
