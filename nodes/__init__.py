@@ -1,0 +1,17 @@
+"""ComfyUI nodes of the TDM pack (imported only inside ComfyUI: every module here imports ``comfy``).
+
+Node modules: ``node_defs`` (the V3 schemas), ``comfy_sigmas`` (TDM Scheduler), ``tdm_sampler``
+(TDM Sampler), ``sampling`` (TDM KSampler), ``lora_keys`` / ``lora_apply`` (TDM LoRA Loader),
+``grid_choice`` (pure grid presets).
+"""
+from comfy_api.latest import ComfyExtension
+
+from .node_defs import NODES, TDMKSampler, TDMLoraLoader, TDMSampler, TDMScheduler
+
+
+class TDMExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)
+
+
+__all__ = ["NODES", "TDMExtension", "TDMKSampler", "TDMLoraLoader", "TDMSampler", "TDMScheduler"]

@@ -1,0 +1,61 @@
+"""TDM grid -> ComfyUI SIGMAS through the model's own ``model_sampling`` (never a hard-coded table)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import comfy.model_sampling
+
+from .core_import import TDMInfo, grids
+from .grid_choice import select_grid
+
+TDM_INFO_ATTACHMENT = "tdm_info"  # ModelPatcher attachment set by the TDM LoRA Loader (cloned with the model)
+
+
+def is_flow_sampling(model_sampling) -> bool:
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def check_supported_sampling(model_sampling) -> None:
+    """TDM needs a discrete VP schedule (eps / v models) or a discrete rectified flow."""
+    if is_flow_sampling(model_sampling):
+        if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+            raise ValueError(f"TDM supports discrete flow models (SD3, SD3.5), not {type(model_sampling).__mro__[1].__name__}: use a stock sampler for this model")
+        return
+    vp_output = isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(model_sampling, comfy.model_sampling.EDM)
+    if not (vp_output and isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)):
+        names = ", ".join(c.__name__ for c in type(model_sampling).__mro__[1:3])
+        raise ValueError(f"TDM supports discrete VP models (SD1.5, SD2, SDXL: eps or v prediction) and flow models (SD3); this model samples with {names}")
+
+
+def num_timesteps_of(model_sampling) -> int:
+    return int(model_sampling.sigmas.shape[0])
+
+
+def sigmas_for_timesteps(model_sampling, timesteps: list[int]) -> torch.Tensor:
+    """ComfyUI sigmas of the grid points plus the final 0: VP models map a timestep to
+    ``sqrt((1 - abar) / abar)``, flow models to their shifted sigma, both through ``model_sampling.sigma``."""
+    check_supported_sampling(model_sampling)
+    t = torch.tensor([float(x) for x in timesteps], dtype=torch.float32)
+    sigmas = model_sampling.sigma(t).float().cpu()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def tdm_info_of(model) -> Optional[TDMInfo]:
+    """The TDM metadata the TDM LoRA Loader attached to a ModelPatcher, if any."""
+    getter = getattr(model, "get_attachment", None)
+    return getter(TDM_INFO_ATTACHMENT) if getter is not None else None
+
+
+def tdm_sigmas(model, steps: int, grid: str, custom_timesteps: str, denoise: float) -> torch.Tensor:
+    """SIGMAS of the TDM Scheduler for a ComfyUI MODEL; ``denoise < 1`` keeps the tail of the grid
+    (img2img starts from a timestep the student was trained on), ``denoise == 0`` gives no steps."""
+    model_sampling = model.get_model_object("model_sampling")
+    check_supported_sampling(model_sampling)
+    if denoise <= 0.0:
+        return torch.FloatTensor([])
+    timesteps = select_grid(grid, steps, tdm_info_of(model), custom_timesteps, num_timesteps_of(model_sampling))
+    if denoise < 1.0:
+        timesteps = grids.tail_for_denoise(timesteps, denoise)
+    return sigmas_for_timesteps(model_sampling, timesteps)

@@ -1,0 +1,140 @@
+"""The four TDM nodes, declared with ComfyUI's V3 schema; each is a thin adapter over ``tdm_core``."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from .comfy_sigmas import tdm_sigmas
+from .grid_choice import DEFAULT_CUSTOM_TIMESTEPS, GRID_CHOICES
+from .lora_apply import apply_lora
+from .lora_keys import read_lora_file
+from .sampling import tdm_ksample
+from .tdm_sampler import NOISE_STARTS, SOLVERS, TDMSamplerObject
+
+CATEGORY = "sampling/tdm"
+MAX_STEPS = 8
+GRID_TOOLTIP = (
+    "Trajectory timesteps. auto: the grid stored in the TDM LoRA's metadata (via TDM LoRA Loader), else reference; "
+    "reference: t_i = T-1-i*(T//K) with T=900; diffusers_leading / diffusers_trailing: DDIM spacings; "
+    "dpmsolver_leading_sd15: the released SD1.5 LoRA preset; cogvideox: 999, 856, 665, 399 (4 steps); custom: custom_timesteps."
+)
+
+
+def steps_input() -> io.Int.Input:
+    return io.Int.Input("steps", default=4, min=1, max=MAX_STEPS, tooltip="Number of student steps K (one model call each). TDM LoRAs are distilled for a fixed K, usually 4.")
+
+
+def grid_input() -> io.Combo.Input:
+    return io.Combo.Input("grid", options=list(GRID_CHOICES), default="auto", tooltip=GRID_TOOLTIP)
+
+
+def denoise_input() -> io.Float.Input:
+    return io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1: text-to-image. Below 1 (img2img): keep only the last round(K*denoise) grid timesteps, so the student starts where it was trained.")
+
+
+def custom_timesteps_input() -> io.String.Input:
+    return io.String.Input("custom_timesteps", default=DEFAULT_CUSTOM_TIMESTEPS, tooltip="Comma-separated, strictly decreasing timesteps (0..999) used when grid is custom; their count overrides steps.")
+
+
+class TDMScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMScheduler",
+            display_name="TDM Scheduler",
+            category=CATEGORY,
+            description="Sigmas of a TDM few-step student (Trajectory Distribution Matching): the trained trajectory timesteps, mapped through the model's own noise schedule (VP eps/v or flow with its shift), ending at 0. Use with SamplerCustom and TDM Sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model (with the TDM LoRA applied) whose noise schedule maps timesteps to sigmas."),
+                steps_input(),
+                grid_input(),
+                custom_timesteps_input(),
+                denoise_input(),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="K+1 sigmas, from the first trajectory timestep down to 0.")],
+        )
+
+    @classmethod
+    def execute(cls, model, steps, grid, custom_timesteps, denoise) -> io.NodeOutput:
+        return io.NodeOutput(tdm_sigmas(model, steps, grid, custom_timesteps, denoise))
+
+
+class TDMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMSampler",
+            display_name="TDM Sampler",
+            category=CATEGORY,
+            description="The TDM student sampler (DDIM eta=0 along the trajectory grid, one model call per step), or DPM-Solver++(2M) as used by the released SD1.5/SD3 LoRAs. Starts from pure noise as the TDM reference does. Use with SamplerCustom and TDM Scheduler.",
+            inputs=[
+                io.Combo.Input("solver", options=list(SOLVERS), default="tdm", tooltip="tdm: the student's own deterministic step x_next = a x0_hat + s eps_hat. dpmpp_2m: DPM-Solver++(2M) (released SD1.5 and SD3 presets)."),
+                io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="0: deterministic. Above 0 (tdm solver only): that share of the noise variance is replaced by fresh noise at every step (seeded)."),
+                io.Combo.Input("noise_start", options=list(NOISE_STARTS), default="reference", tooltip="reference: the network sees pure unit noise at the first step, as in TDM training (txt2img). comfy: ComfyUI's usual noise scaling. img2img always uses ComfyUI's scaling."),
+            ],
+            outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, solver, gamma, noise_start) -> io.NodeOutput:
+        return io.NodeOutput(TDMSamplerObject(solver, gamma, noise_start))
+
+
+class TDMKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMKSampler",
+            display_name="TDM KSampler",
+            category=CATEGORY,
+            description="One-node TDM sampling: TDM Scheduler + TDM Sampler (tdm solver, reference noise) through ComfyUI's sampling, same result as SamplerCustom with those nodes. Negative prompt optional at cfg 1.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model with a TDM LoRA applied (TDM LoRA Loader)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the starting noise."),
+                steps_input(),
+                grid_input(),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance. TDM students are distilled with guidance built in: keep 1 (one model call per step)."),
+                io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
+                io.Latent.Input("latent_image", tooltip="Empty latent for text-to-image, or an encoded image with denoise below 1."),
+                denoise_input(),
+                io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning, only needed when cfg is not 1."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The sampled latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, grid, cfg, positive, latent_image, denoise, negative=None) -> io.NodeOutput:
+        return io.NodeOutput(tdm_ksample(model, seed, steps, grid, cfg, positive, negative, latent_image, denoise))
+
+
+class TDMLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMLoraLoader",
+            display_name="TDM LoRA Loader",
+            category="loaders",
+            description="Loads a TDM LoRA (kohya, ComfyUI or diffusers/PEFT keys, incl. PEFT attention keys stock ComfyUI skips), refuses files for another architecture instead of loading them partly, and attaches the LoRA's TDM metadata (steps, grid, strength) for TDM Scheduler/KSampler grid 'auto'.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the LoRA was distilled from."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip="A LoRA file in models/loras (.safetensors, or weights-only .pt/.ckpt/.bin)."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="LoRA strength on the diffusion model (ignored when use_recommended_strength is on and the file recommends one)."),
+                io.Boolean.Input("use_recommended_strength", default=True, tooltip="Use the file's tdm.recommended_strength when it has one (e.g. 0.125 for the SD3 TDM LoRA)."),
+                io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="LoRA strength on the text encoder (only when the file has text-encoder weights)."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder, needed only for LoRAs with text-encoder weights."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The model with the LoRA patched in and its TDM metadata attached."),
+                io.Clip.Output(tooltip="The text encoder, patched when the LoRA has text-encoder weights."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model, use_recommended_strength, strength_clip, clip=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        lora_sd, metadata = read_lora_file(path)
+        new_model, new_clip, _ = apply_lora(model, clip, lora_sd, metadata, strength_model, strength_clip, use_recommended_strength, lora_name)
+        return io.NodeOutput(new_model, new_clip)
+
+
+NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader]

