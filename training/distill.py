@@ -205,14 +205,10 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
     parts.accelerator.wait_for_everyone()
 
 
-def run(cfg: DistillConfig) -> int:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
+def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, ...]]:
+    """Teacher with both adapters, optimisers, schedules and the run's generator; the latent shape."""
     from .models import adapter_parameters
 
-    prompts = read_prompts(cfg.prompts)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     family, grid = load_teacher(cfg, accelerator)
     try:
         latent_shape = family.latent_shape(cfg.batch_size, cfg.resolution)
@@ -228,6 +224,17 @@ def run(cfg: DistillConfig) -> int:
         generator=torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index),
         params=params, optimizers=optimizers, schedulers=schedulers,
     )
+    return parts, latent_shape
+
+
+def run(cfg: DistillConfig) -> int:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    prompts = read_prompts(cfg.prompts)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    parts, latent_shape = build_parts(cfg, accelerator)
+    family = parts.family
     run_dir = cfg.run_dir()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
