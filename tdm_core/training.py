@@ -111,8 +111,14 @@ def squared_l2(x: Tensor, y: Tensor) -> Tensor:
 def pseudo_huber_elementwise(x: Tensor, y: Tensor, c: float = 1e-3) -> Tensor:
     # METHOD.md step 7 (reference script): sqrt(diff^2 + c^2) - c per element, per sample mean
     dims = tuple(range(1, x.ndim))
-    diff = x.float() - y.float()
-    return (torch.sqrt(diff**2 + c**2) - c).mean(dims)
+    sq = (x.float() - y.float()) ** 2
+    return pseudo_huber_from_squared(sq, c).mean(dims)
+
+
+def pseudo_huber_from_squared(sq: Tensor, c: float) -> Tensor:
+    # METHOD.md step 7: sqrt(sq + c^2) - c, written as sq / (sqrt(sq + c^2) + c) so float32 keeps
+    # its digits when sq << c^2 (the plain difference cancels to 0 there)
+    return sq / (torch.sqrt(sq + c**2) + c)
 
 
 def pseudo_huber_c_for(x: Tensor) -> float:
@@ -125,7 +131,7 @@ def pseudo_huber_norm(x: Tensor, y: Tensor, c: Optional[float] = None) -> Tensor
     c = pseudo_huber_c_for(x) if c is None else c
     dims = tuple(range(1, x.ndim))
     sq = ((x.float() - y.float()) ** 2).sum(dims)
-    return torch.sqrt(sq + c**2) - c
+    return pseudo_huber_from_squared(sq, c)
 
 
 DISTANCES = {"l2": squared_l2, "huber": pseudo_huber_elementwise, "huber_norm": pseudo_huber_norm}
@@ -134,6 +140,8 @@ DISTANCES = {"l2": squared_l2, "huber": pseudo_huber_elementwise, "huber_norm": 
 def distance_d(name: str, x: Tensor, y: Tensor, c: Optional[float] = None) -> Tensor:
     if name not in DISTANCES:
         raise ValueError(f"unknown distance {name!r}: use one of {', '.join(DISTANCES)}")
+    if name != "l2" and c is not None and not c > 0:
+        raise ValueError(f"pseudo-Huber c={c} must be positive: leave it unset for the default")
     if name == "l2":
         return squared_l2(x, y)
     if name == "huber":
