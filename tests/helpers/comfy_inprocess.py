@@ -179,3 +179,71 @@ def set_lora_folder(folder: str) -> None:
     exts = folder_paths.folder_names_and_paths["loras"][1]
     folder_paths.folder_names_and_paths["loras"] = ([os.fspath(folder)], exts)
     folder_paths.filename_list_cache.clear()
+
+
+# ---- tiny diffusers UNet + random PEFT LoRA, written in the three key layouts the loader accepts ----
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+LORA_RANK, LORA_ALPHA = 4, 8.0
+
+
+def tiny_diffusers_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**TINY_DIFFUSERS_UNET).eval()
+
+
+def add_random_peft_lora(unet, seed: int = 1) -> dict:
+    """Adds a PEFT LoRA with random A and B (so it changes the output) and returns its state dict
+    (``<diffusers path>.lora_A/B.weight``)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, init_lora_weights=False))
+    with torch.no_grad():  # PEFT's default init is large for these tiny widths; keep the LoRA a moderate change
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.3)
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def write_peft_lora(folder, name: str, unet, peft_state: dict) -> str:
+    """diffusers' own writer (``save_lora_weights``): ``unet.<path>.lora_A.weight`` + lora_alpha in the header."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        os.fspath(folder), unet_lora_layers=peft_state, weight_name=name, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
+    )
+    return name
+
+
+def kohya_state(peft_state: dict) -> dict:
+    """The trainer's export layout (``training.lora_io``): ``lora_unet_<path_>.lora_down/up.weight`` + ``alpha``."""
+    from training.lora_io import adapter_to_kohya
+
+    return adapter_to_kohya(peft_state, "lora_unet", LORA_ALPHA)
+
+
+def comfy_layout_state(peft_state: dict) -> dict:
+    """ComfyUI's own trainer layout: ``diffusion_model.<ldm path>.lora_up/lora_down.weight`` + ``alpha``."""
+    import comfy.utils
+
+    to_ldm = comfy.utils.unet_to_diffusers(model_config("sd15_eps").unet_config)
+    out = {}
+    for key, tensor in peft_state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")]
+        ldm = to_ldm[path + ".weight"][: -len(".weight")]
+        out[f"diffusion_model.{ldm}.lora_down.weight"] = tensor
+        out[f"diffusion_model.{ldm}.lora_up.weight"] = peft_state[path + ".lora_B.weight"]
+        out[f"diffusion_model.{ldm}.alpha"] = torch.tensor(LORA_ALPHA)
+    return out
+
+
+def write_safetensors(folder, name: str, state: dict, metadata: dict | None = None) -> str:
+    from safetensors.torch import save_file
+
+    save_file(state, os.path.join(os.fspath(folder), name), metadata=metadata)
+    return name
