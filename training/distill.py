@@ -6,6 +6,7 @@ Exit codes: 0 done, 2 bad input (nothing written), 3 NaN/inf loss (last good che
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -130,7 +131,27 @@ def restore_state(parts: LoopParts, checkpoint: Path) -> int:
     return int(state["step"])
 
 
+def adapters_digest(parts: LoopParts) -> str:
+    """sha256 of both adapters, the same on every process when data parallel works."""
+    digest = hashlib.sha256()
+    for name in ADAPTERS:
+        for p in parts.params[name]:
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_processes_agree(parts: LoopParts) -> str:
+    # collective: a silent divergence of data-parallel processes would make the checkpoint a lie
+    from accelerate.utils import gather_object
+
+    digests = gather_object([adapters_digest(parts)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"data-parallel processes hold different adapters ({digests}): report this as a bug")
+    return digests[0]
+
+
 def write_checkpoint(parts: LoopParts, cfg: DistillConfig, step: int) -> None:
+    check_processes_agree(parts)
     adapters, state = training_state(parts)  # collective: every process takes part
     if parts.accelerator.is_main_process:
         save_checkpoint(cfg.run_dir(), step, adapters, state, keep=cfg.keep_checkpoints)
@@ -275,6 +296,7 @@ def run(cfg: DistillConfig) -> int:
     if step < cfg.max_train_steps:
         accelerator.print(f"stopped at step {step} of {cfg.max_train_steps}: continue with --resume")
         return EXIT_OK
+    accelerator.print(f"adapters identical on {accelerator.num_processes} process(es): sha256 {check_processes_agree(parts)}")
     if accelerator.is_main_process:
         accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape)}")
     accelerator.wait_for_everyone()

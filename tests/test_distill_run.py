@@ -1,0 +1,159 @@
+"""Whole runs of ``training.distill`` on a tiny real SD1.5 folder: outputs, resume equivalence,
+NaN handling; killed writes (SIGKILL) and 2-process data parallel run as subprocesses (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.helpers.tiny_models import save_tiny_pipeline
+from training.checkpoint import PAUSE_ENV, list_checkpoints, load_checkpoint
+from training.distill import EXIT_NON_FINITE, EXIT_OK, PAUSE_LORA_ENV, main
+from training.lora_io import adapter_to_kohya, read_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("distill_run")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\nthe sea at night\n")
+    return {"model": save_tiny_pipeline("sd15", root / "sd15"), "prompts": prompts}
+
+
+def args(teacher, output: Path, *extra) -> list[str]:
+    return ["--model", str(teacher["model"]), "--prompts", str(teacher["prompts"]), "--output", str(output),
+            "--lora-rank", "4", "--batch-size", "2", "--num-steps", "2", "--validate-every", "0", *map(str, extra)]
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_run_writes_lora_with_metadata_log_checkpoints_and_validation_grid(teacher, tmp_path):
+    output = tmp_path / "models" / "loras" / "tdm.safetensors"
+    argv = args(teacher, output, "--max-train-steps", 3, "--checkpoint-every", 1, "--keep-checkpoints", 2,
+                "--validate-every", 3, "--validation-prompts", 2, "--cfg", 3.0, "--distance", "huber_norm")
+    assert main(argv) == EXIT_OK
+    tensors, info = read_lora(output)
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
+    assert (info.method, info.base_family, info.num_steps, info.grid, info.total_steps) == ("tdm", "sd15", 2, [899, 449], 900)
+    assert (info.teacher_cfg, info.distance, info.lora_rank, info.training_steps) == (3.0, "huber_norm", 4, 3)
+    assert info.huber_c == pytest.approx(0.00054 * (4 * 8 * 8) ** 0.5)  # paper c for the 4x8x8 latent
+    assert len(info.base_hash) == 64 and info.recommended_strength == 1.0
+    run_dir = tmp_path / "models" / "loras" / "tdm_run"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(entry["loss_fake"])) and entry["grad_norm_student"] > 0 for entry in log)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002", "step-00000003"]
+    grid = Image.open(run_dir / "validation" / "step-00000003.png")
+    assert grid.size == (4 * 16, 2 * 16)  # teacher + student at 1, 2, 4 steps; one row per prompt
+    assert not list(output.parent.glob(".*")), "temporary files left beside the LoRA"
+
+
+def test_exported_lora_is_the_final_student_adapter(teacher, tmp_path):
+    output = tmp_path / "tdm.safetensors"
+    assert main(args(teacher, output, "--max-train-steps", 2, "--checkpoint-every", 0)) == EXIT_OK
+    adapters, state = load_checkpoint(list_checkpoints(tmp_path / "tdm_run")[-1])
+    assert state["step"] == 2
+    expected = adapter_to_kohya(adapters["student"], "lora_unet", 4.0)
+    assert lora_tensors(output).keys() == expected.keys()
+    assert all(torch.equal(lora_tensors(output)[k], expected[k]) for k in expected)
+
+
+def test_resume_gives_the_same_lora_as_a_straight_run(teacher, tmp_path):
+    straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
+    common = ("--max-train-steps", 4, "--checkpoint-every", 1, "--randmid")
+    assert main(args(teacher, straight, *common)) == EXIT_OK
+    assert main(args(teacher, split, *common, "--stop-at-step", 2)) == EXIT_OK
+    assert not split.exists(), "a stopped run must not export"
+    assert main(args(teacher, split, *common, "--resume")) == EXIT_OK
+    a, b = lora_tensors(straight), lora_tensors(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
+    assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_up" in k), "the student never moved"
+    log = [json.loads(line)["step"] for line in (tmp_path / "split_run" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, tmp_path, capsys):
+    output = tmp_path / "tdm.safetensors"
+    # an absurd student learning rate blows the student up in the first update: step 2 is not finite
+    code = main(args(teacher, output, "--max-train-steps", 6, "--checkpoint-every", 1, "--student-learning-rate", 1e30))
+    assert code == EXIT_NON_FINITE
+    assert "loss became" in capsys.readouterr().err
+    assert not output.exists()
+    checkpoints = list_checkpoints(tmp_path / "tdm_run")
+    assert checkpoints and len(checkpoints) < 6
+    adapters, state = load_checkpoint(checkpoints[-1])
+    log = [json.loads(line) for line in (tmp_path / "tdm_run" / "log.jsonl").read_text().splitlines()]
+    assert state["step"] == log[-1]["step"]  # the last logged (finite) step is the last checkpoint
+
+
+def spawn(argv: list[str], env_extra: dict, launcher: list[str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env_extra}
+    command = (launcher or [sys.executable]) + ["-m", "training.distill", *argv]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended before the write began:\n{process.stdout.read()}"
+        assert time.time() < deadline, "the write never began"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_and_lora_writes_keeps_previous_files(teacher, tmp_path):
+    output = tmp_path / "tdm.safetensors"
+    run_dir = tmp_path / "tdm_run"
+    common = args(teacher, output, "--max-train-steps", 4, "--checkpoint-every", 2)
+    # 1. killed while writing the step-4 checkpoint: step 2 stays whole, resume finishes the run
+    process = spawn(common, {PAUSE_ENV: "4:120"})
+    kill_when(process, lambda: (run_dir / "checkpoints" / ".tmp-step-00000004" / "adapters.safetensors").exists())
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002"]
+    assert load_checkpoint(list_checkpoints(run_dir)[0])[1]["step"] == 2
+    assert not output.exists()
+    assert main(common + ["--resume"]) == EXIT_OK
+    first = output.read_bytes()
+    assert not (run_dir / "checkpoints" / ".tmp-step-00000004").exists()
+    # 2. killed while writing a later LoRA: the previous LoRA file is untouched, resume writes the new one
+    longer = args(teacher, output, "--max-train-steps", 6, "--checkpoint-every", 2, "--resume")
+    process = spawn(longer, {PAUSE_LORA_ENV: "120"})
+    kill_when(process, lambda: any(p.is_dir() and any(p.iterdir()) for p in tmp_path.glob(".tdm.safetensors.*")))
+    assert output.read_bytes() == first
+    assert main(longer) == EXIT_OK
+    assert read_lora(output)[1].training_steps == 6
+    assert not list(tmp_path.glob(".tdm.safetensors.*")), "the interrupted export was not cleaned up"
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_keeps_ranks_identical(teacher, tmp_path):
+    output = tmp_path / "tdm.safetensors"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    process = spawn(args(teacher, output, "--max-train-steps", 3, "--checkpoint-every", 2), {}, launcher)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    assert "adapters identical on 2 process(es)" in out, out
+    adapters, state = load_checkpoint(list_checkpoints(tmp_path / "tdm_run")[-1])
+    assert state["step"] == 3 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"]), "ranks drew the same samples"
+    expected = adapter_to_kohya(adapters["student"], "lora_unet", 4.0)
+    saved = lora_tensors(output)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
