@@ -48,4 +48,34 @@ class TDMInfo:
                     values[name] = json.loads(raw)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"LoRA metadata {key}={raw!r} is not valid JSON: re-export the LoRA with training.distill") from err
+                expected = _expected_kind(getattr(_DEFAULTS, name))
+                if not _fits(values[name], expected):
+                    raise ValueError(f"LoRA metadata {key}={raw!r} should be {expected}: re-export the LoRA with training.distill")
         return cls(**values)
+
+
+_DEFAULTS = TDMInfo()  # the kind of every field, for checking what a file says
+
+
+def _expected_kind(default) -> str:
+    # a field's JSON kind follows its default (huber_c: None = "use the distance's default c")
+    if default is None:
+        return "a number or null"
+    if isinstance(default, list):
+        return "a list of integers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "valid JSON")
+
+
+def _fits(value, expected: str) -> bool:
+    # a wrong kind (e.g. num_steps "four") would otherwise fail far away, inside a sampler
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_number = is_int or isinstance(value, float)
+    return {
+        "a number or null": value is None or is_number,
+        "a list of integers": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        "an integer": is_int,
+        "a number": is_number,
+        "a string": isinstance(value, str),
+        "true or false": isinstance(value, bool),
+        "valid JSON": True,
+    }[expected]
