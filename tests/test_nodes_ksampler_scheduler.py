@@ -1,0 +1,152 @@
+"""TDM KSampler == SamplerCustom + TDM Scheduler + TDM Sampler; the scheduler's grids (auto from the
+LoRA metadata, denoise tail, custom, flow shift); node schemas as ComfyUI sees them."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import tdm_core
+from tdm_core.metadata import TDMInfo
+from tests.helpers import comfy_inprocess as h
+
+
+def nodes():
+    from comfyui_tdm_pack.nodes import node_defs
+
+    return node_defs
+
+
+def sampler_custom(model, seed, cfg, positive, negative, sampler, sigmas, latent):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    return SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent).result[0]["samples"]
+
+
+@pytest.mark.parametrize("kind", ["sd15_eps", "sd3_flow"])
+def test_tdm_ksampler_equals_sampler_custom_with_tdm_nodes(pack, tiny_model, kind):
+    n = nodes()
+    model = tiny_model(kind)
+    cond = h.conditioning(kind)
+    latent = {"samples": torch.zeros(1, h.latent_channels(kind), 8, 8)}
+    one_node = n.TDMKSampler.execute(model, 42, 4, "reference", 1.0, cond, latent, 1.0).result[0]["samples"]
+    sigmas = n.TDMScheduler.execute(model, 4, "reference", "", 1.0).result[0]
+    sampler = n.TDMSampler.execute("tdm", 0.0, "reference").result[0]
+    three_nodes = sampler_custom(model, 42, 1.0, cond, cond, sampler, sigmas, latent)
+    torch.testing.assert_close(one_node, three_nodes, rtol=0, atol=0)
+    other_seed = n.TDMKSampler.execute(model, 43, 4, "reference", 1.0, cond, latent, 1.0).result[0]["samples"]
+    assert (other_seed - one_node).abs().max() > 1e-3
+
+
+def test_img2img_denoise_equals_sampler_custom_and_uses_the_grid_tail(pack, tiny_model):
+    n = nodes()
+    model = tiny_model("sd15_eps")
+    cond = h.conditioning("sd15_eps")
+    image_latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    one_node = n.TDMKSampler.execute(model, 5, 4, "reference", 1.0, cond, image_latent, 0.5).result[0]["samples"]
+    sigmas = n.TDMScheduler.execute(model, 4, "reference", "", 0.5).result[0]
+    three_nodes = sampler_custom(model, 5, 1.0, cond, cond, n.TDMSampler.execute("tdm", 0.0, "reference").result[0], sigmas, image_latent)
+    torch.testing.assert_close(one_node, three_nodes, rtol=0, atol=0)
+    full = n.TDMKSampler.execute(model, 5, 4, "reference", 1.0, cond, image_latent, 1.0).result[0]["samples"]
+    assert (full - one_node).abs().max() > 1e-3
+
+    ms = model.get_model_object("model_sampling")
+    grid = tdm_core.reference_grid(4, 900)
+    torch.testing.assert_close(sigmas, torch.cat([ms.sigma(torch.tensor(grid[-2:], dtype=torch.float32)), torch.zeros(1)]))
+    assert n.TDMScheduler.execute(model, 4, "reference", "", 0.0).result[0].numel() == 0
+
+
+def test_negative_is_optional_only_at_cfg_one(pack, tiny_model):
+    n = nodes()
+    model = tiny_model("sd15_eps")
+    cond = h.conditioning("sd15_eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(ValueError, match="negative"):
+        n.TDMKSampler.execute(model, 1, 4, "reference", 2.0, cond, latent, 1.0)
+    negative = h.conditioning("sd15_eps", seed=99)
+    guided = n.TDMKSampler.execute(model, 1, 4, "reference", 2.0, cond, latent, 1.0, negative=negative).result[0]["samples"]
+    plain = n.TDMKSampler.execute(model, 1, 4, "reference", 1.0, cond, latent, 1.0).result[0]["samples"]
+    assert (guided - plain).abs().max() > 1e-3
+
+
+def sigmas_of(model, timesteps):
+    ms = model.get_model_object("model_sampling")
+    return torch.cat([ms.sigma(torch.tensor(timesteps, dtype=torch.float32)), torch.zeros(1)])
+
+
+def test_grid_auto_reads_the_metadata_the_lora_loader_attached(pack, tiny_model, lora_folder):
+    n = nodes()
+    base = tiny_model("sd15_eps")
+    lora = {"diffusion_model.input_blocks.1.1.proj_in.lora_down.weight": torch.randn(2, 32, 1, 1) * 0.01,
+            "diffusion_model.input_blocks.1.1.proj_in.lora_up.weight": torch.randn(32, 2, 1, 1) * 0.01}
+    info = TDMInfo(num_steps=4, grid=[950, 700, 450, 150], total_steps=800, base_family="sd15", recommended_strength=0.5)
+    h.write_safetensors(lora_folder, "meta.safetensors", lora, info.to_safetensors_metadata())
+    model = n.TDMLoraLoader.execute(base, "meta.safetensors", 1.0, True, 1.0).result[0]
+
+    torch.testing.assert_close(n.TDMScheduler.execute(model, 4, "auto", "", 1.0).result[0], sigmas_of(model, [950, 700, 450, 150]))
+    # another K than the stored grid: the reference rule with the LoRA's own T
+    torch.testing.assert_close(n.TDMScheduler.execute(model, 2, "auto", "", 1.0).result[0], sigmas_of(model, tdm_core.reference_grid(2, 800)))
+    # no TDM LoRA: auto is the reference grid
+    torch.testing.assert_close(n.TDMScheduler.execute(base, 4, "auto", "", 1.0).result[0], sigmas_of(base, tdm_core.reference_grid(4, 900)))
+    # the KSampler's auto == SamplerCustom with the same timesteps given as a custom grid
+    cond = h.conditioning("sd15_eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    via_auto = n.TDMKSampler.execute(model, 3, 4, "auto", 1.0, cond, latent, 1.0).result[0]["samples"]
+    sigmas = n.TDMScheduler.execute(model, 4, "custom", "950, 700, 450, 150", 1.0).result[0]
+    expected = sampler_custom(model, 3, 1.0, cond, cond, n.TDMSampler.execute("tdm", 0.0, "reference").result[0], sigmas, latent)
+    torch.testing.assert_close(via_auto, expected, rtol=0, atol=0)
+
+
+def test_presets_and_bad_custom_grids(pack, tiny_model):
+    n = nodes()
+    model = tiny_model("sd15_eps")
+    torch.testing.assert_close(n.TDMScheduler.execute(model, 4, "cogvideox", "", 1.0).result[0], sigmas_of(model, [999, 856, 665, 399]))
+    torch.testing.assert_close(n.TDMScheduler.execute(model, 4, "diffusers_trailing", "", 1.0).result[0], sigmas_of(model, [999, 749, 499, 249]))
+    torch.testing.assert_close(n.TDMScheduler.execute(model, 3, "custom", "900, 500, 100", 1.0).result[0], sigmas_of(model, [900, 500, 100]))
+    with pytest.raises(ValueError, match="decreasing"):
+        n.TDMScheduler.execute(model, 4, "custom", "100, 500", 1.0)
+    with pytest.raises(ValueError, match="not numbers"):
+        n.TDMScheduler.execute(model, 4, "custom", "999, abc", 1.0)
+
+
+def test_flow_model_uses_its_own_shift(pack, tiny_model):
+    from comfy.model_sampling import time_snr_shift
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    n = nodes()
+    model = tiny_model("sd3_flow")
+    grid = tdm_core.reference_grid(4, 900)
+    default = n.TDMScheduler.execute(model, 4, "reference", "", 1.0).result[0]
+    expected3 = torch.tensor([time_snr_shift(3.0, t / 1000) for t in grid] + [0.0])
+    torch.testing.assert_close(default, expected3)
+    shifted_model = ModelSamplingSD3().patch(model, 6.0)[0]
+    shifted = n.TDMScheduler.execute(shifted_model, 4, "reference", "", 1.0).result[0]
+    torch.testing.assert_close(shifted, torch.tensor([time_snr_shift(6.0, t / 1000) for t in grid] + [0.0]))
+    assert shifted[1] > default[1]
+
+
+def test_node_schemas_have_tooltips_descriptions_and_the_agreed_names(pack):
+    import importlib
+
+    root = importlib.import_module(h.PACK_MODULE)
+    extension = asyncio.run(root.comfy_entrypoint())
+    node_list = asyncio.run(extension.get_node_list())
+    schemas = {cls.define_schema().node_id: cls.define_schema() for cls in node_list}
+    assert set(schemas) == {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader"}
+    expected_inputs = {
+        "TDMScheduler": ["model", "steps", "grid", "custom_timesteps", "denoise"],
+        "TDMSampler": ["solver", "gamma", "noise_start"],
+        "TDMKSampler": ["model", "seed", "steps", "grid", "cfg", "positive", "latent_image", "denoise", "negative"],
+        "TDMLoraLoader": ["model", "lora_name", "strength_model", "use_recommended_strength", "strength_clip", "clip"],
+    }
+    for node_id, schema in schemas.items():
+        assert schema.description, node_id
+        assert [i.id for i in schema.inputs] == expected_inputs[node_id]
+        assert all(i.tooltip for i in schema.inputs), node_id
+        assert schema.category == ("loaders" if node_id == "TDMLoraLoader" else "sampling/tdm")
+    grid = next(i for i in schemas["TDMScheduler"].inputs if i.id == "grid")
+    assert grid.options == ["auto", "reference", "diffusers_leading", "diffusers_trailing", "dpmsolver_leading_sd15", "cogvideox", "custom"]
+    steps = next(i for i in schemas["TDMKSampler"].inputs if i.id == "steps")
+    assert (steps.min, steps.max, steps.default) == (1, 8, 4)
+    assert next(i for i in schemas["TDMKSampler"].inputs if i.id == "negative").optional
