@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -54,11 +55,11 @@ def _tokenizer(tmp_root: Path):
     return CLIPTokenizer.from_pretrained(str(save_tiny_clip_tokenizer(tmp_root / "_tokenizer")))
 
 
-def _clip_config(projection: bool = False):
+def _clip_config(hidden_size: int = 32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         vocab_size=600, max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=32,
         bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_act="quick_gelu",
     )
@@ -98,7 +99,8 @@ def tiny_sdxl_unet():
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1),
+        # context = CLIP-L-like (32) + CLIP-G-like (40) hidden states; widths differ as in SDXL so single-file detection works
+        cross_attention_dim=72, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=32,
     )
@@ -131,7 +133,7 @@ def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
         )
     if family == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
-            vae=_vae(), text_encoder=CLIPTextModel(_clip_config()), text_encoder_2=CLIPTextModelWithProjection(_clip_config()),
+            vae=_vae(), text_encoder=CLIPTextModel(_clip_config()), text_encoder_2=CLIPTextModelWithProjection(_clip_config(hidden_size=40)),
             tokenizer=_tokenizer(tmp_root), tokenizer_2=_tokenizer(tmp_root), unet=tiny_sdxl_unet(),
             scheduler=_scheduler(family, prediction_type, zero_snr),
         )
@@ -167,3 +169,130 @@ def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0, **
     pipe = build_tiny_pipeline(family, folder.parent / f".{folder.name}_build", seed=seed, **options)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+# --- ComfyUI side: the same tiny UNets as ComfyUI models, and single-file checkpoints ------------------
+def import_comfy():
+    """ComfyUI's ``comfy`` package, imported in-process for CPU (see COMFY_HOST.md)."""
+    import sys
+
+    if "comfy.model_management" not in sys.modules:
+        from tests.helpers.comfy_server import comfyui_dir
+
+        if "--cpu" not in sys.argv:
+            sys.argv.append("--cpu")
+        if str(comfyui_dir()) not in sys.path:
+            sys.path.insert(0, str(comfyui_dir()))
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+    import comfy.lora
+    import comfy.model_management
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    return comfy
+
+
+def comfy_unet_config(unet_config) -> dict:
+    """ComfyUI's ``unet_config`` vocabulary for a diffusers UNet2DConditionModel config."""
+    levels = len(unet_config["block_out_channels"])
+    layers = unet_config["layers_per_block"]
+    depth = unet_config.get("transformer_layers_per_block", 1)
+    depth = list(depth) if isinstance(depth, (list, tuple)) else [depth] * levels
+    heads = unet_config.get("num_attention_heads") or unet_config["attention_head_dim"]
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
+    has_attention = ["CrossAttn" in kind for kind in unet_config["down_block_types"]]
+    up_attention = ["CrossAttn" in kind for kind in unet_config["up_block_types"]][::-1]  # in resolution order
+    channels = unet_config["block_out_channels"]
+    config = {
+        "use_checkpoint": False, "image_size": unet_config["sample_size"], "in_channels": unet_config["in_channels"],
+        "out_channels": unet_config["out_channels"], "model_channels": channels[0], "num_res_blocks": [layers] * levels,
+        "channel_mult": [c // channels[0] for c in channels],
+        "transformer_depth": [depth[i] if has_attention[i] else 0 for i in range(levels) for _ in range(layers)],
+        "transformer_depth_output": [depth[i] if up_attention[i] else 0 for i in range(levels) for _ in range(layers + 1)],
+        "transformer_depth_middle": depth[-1], "use_spatial_transformer": True,
+        "use_linear_in_transformer": bool(unet_config.get("use_linear_projection", False)), "legacy": False,
+        "context_dim": unet_config["cross_attention_dim"], "use_temporal_attention": False, "use_temporal_resblock": False,
+        "adm_in_channels": unet_config.get("projection_class_embeddings_input_dim"),
+    }
+    # diffusers' legacy "attention_head_dim" is the number of heads per level; ComfyUI takes either a
+    # fixed head count (SD1.5) or a fixed head width (SDXL)
+    if len(set(heads)) == 1:
+        config.update(num_heads=heads[0], num_head_channels=-1)
+    else:
+        config.update(num_heads=-1, num_head_channels=channels[-1] // heads[-1])
+    if config["adm_in_channels"]:
+        config["num_classes"] = "sequential"
+    return config
+
+
+def comfy_model_from_diffusers_unet(unet, family: str):
+    """A ComfyUI ``BaseModel`` of ``family`` ("sd15"/"sdxl") holding exactly ``unet``'s weights."""
+    comfy = import_comfy()
+    config = comfy_unet_config(dict(unet.config))
+    model_config = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family](config)
+    model_config.unet_config.update(num_heads=config["num_heads"], num_head_channels=config["num_head_channels"])
+    model = model_config.get_model({})
+    diffusers_to_ldm = comfy.utils.unet_to_diffusers(model_config.unet_config)
+    state = unet.state_dict()
+    ldm_state = {ldm: state[diff] for diff, ldm in diffusers_to_ldm.items() if diff in state}
+    missing, unexpected = model.diffusion_model.load_state_dict(ldm_state, strict=False)
+    if missing or len(ldm_state) != len(state):
+        raise RuntimeError(f"tiny UNet does not map onto ComfyUI's UNet: missing {missing[:5]}, unmapped {sorted(set(state) - set(diffusers_to_ldm))[:5]}")
+    return model.to(torch.float32).eval()
+
+
+def _ldm_unet_state(unet, family: str) -> dict[str, torch.Tensor]:
+    comfy = import_comfy()
+    diffusers_to_ldm = comfy.utils.unet_to_diffusers(comfy_unet_config(dict(unet.config)))
+    state = unet.state_dict()
+    return {f"model.diffusion_model.{ldm}": state[diff] for diff, ldm in diffusers_to_ldm.items() if diff in state}
+
+
+def _clip_checkpoint_keys(encoder) -> dict[str, torch.Tensor]:
+    # checkpoints keep transformers' classic "text_model." layout (CLIPTextModel is flattened in transformers >= 5.6)
+    return {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v for k, v in encoder.state_dict().items()}
+
+
+def single_file_state_dict(pipe, family: str) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in the single-file (LDM / ComfyUI ``models/checkpoints``) key layout."""
+    comfy = import_comfy()
+    from comfy import diffusers_convert
+
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"single-file tiny checkpoints exist for sd15 and sdxl, not {family!r}")
+    state = _ldm_unet_state(pipe.unet, family)
+    vae = diffusers_convert.convert_vae_state_dict(pipe.vae.state_dict())
+    # that converter numbers decoder levels as for SD's 4-level VAE (up.3 = first up block); renumber for ours
+    levels = len(pipe.vae.config.block_out_channels)
+    vae = {re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{int(m.group(1)) - (4 - levels)}.", k): v for k, v in vae.items()}
+    state.update({f"first_stage_model.{k}": v for k, v in vae.items()})
+    if family == "sd15":
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in _clip_checkpoint_keys(pipe.text_encoder).items()})
+    else:
+        state.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in _clip_checkpoint_keys(pipe.text_encoder).items()})
+        # the second (OpenCLIP-G) encoder is stored in open_clip's layout
+        hf = {f"transformer.{k}": v for k, v in _clip_checkpoint_keys(pipe.text_encoder_2).items()}
+        openclip = diffusers_convert.convert_text_enc_state_dict_v20(hf)
+        state.update({f"conditioner.embedders.1.model.{k}": v for k, v in openclip.items()})
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_tiny_single_file(family: str, folder: str | os.PathLike, seed: int = 0, **options) -> tuple[Path, Path]:
+    """A tiny ``family`` model as one ``.safetensors`` checkpoint plus its diffusers config folder.
+
+    Returns ``(checkpoint_path, config_folder)``; the config folder is a full diffusers save of the
+    same weights, so tests can compare what the single-file loader built against it.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    config_folder = save_tiny_pipeline(family, folder / f"{family}_diffusers", seed=seed, **options)
+    import diffusers
+
+    pipe = getattr(diffusers, {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]).from_pretrained(str(config_folder))
+    checkpoint = folder / f"{family}_tiny.safetensors"
+    save_file(single_file_state_dict(pipe, family), str(checkpoint))
+    return checkpoint, config_folder
