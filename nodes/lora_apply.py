@@ -46,9 +46,9 @@ def check_coverage(lora: dict[str, torch.Tensor], key_map: dict, model, has_clip
     if text_keys and len(text_keys) == len(missing) and not has_clip:
         raise ValueError(f"LoRA '{lora_name}' has {len(text_keys)} text-encoder weights but no CLIP is connected: connect the CLIP input of the TDM LoRA Loader")
     raise ValueError(
-        f"LoRA '{lora_name}' does not fit this model: expected a LoRA for {model_architecture(model)}, found one for "
-        f"{guess_lora_architecture(lora)}; {len(missing)} of {len(lora)} tensors match no layer (e.g. {', '.join(missing[:3])}). "
-        f"Pick a LoRA made for this base model."
+        f"LoRA '{lora_name}' does not fit this model: {len(missing)} of {len(lora)} tensors match no layer (e.g. {', '.join(missing[:3])}). "
+        f"Expected a LoRA for {model_architecture(model)}, found one for {guess_lora_architecture(lora)}. "
+        f"Nothing was loaded: pick a LoRA made for this base model."
     )
 
 
@@ -69,7 +69,7 @@ def check_shapes(patches: dict, state_shapes: dict, model, lora: dict, lora_name
             raise ValueError(
                 f"LoRA '{lora_name}' does not fit this model: layer {target} has shape {tuple(shape)} but the LoRA's factors "
                 f"are {tuple(up.shape)} x {tuple(down.shape)}. Expected a LoRA for {model_architecture(model)}, "
-                f"found one for {guess_lora_architecture(lora)}. Pick a LoRA made for this base model."
+                f"found one for {guess_lora_architecture(lora)}. Nothing was loaded: pick a LoRA made for this base model."
             )
 
 

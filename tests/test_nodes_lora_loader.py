@@ -1,0 +1,151 @@
+"""TDM LoRA Loader on real files: all-or-nothing loading with errors that name the architecture
+expected and found, safe file reading, recommended strength and the attached TDM metadata."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from tdm_core.metadata import TDMInfo
+from tests.helpers import comfy_inprocess as h
+
+RANK = 2
+
+
+def loader():
+    from comfyui_tdm_pack.nodes.node_defs import TDMLoraLoader
+
+    return TDMLoraLoader
+
+
+def kohya_unet_lora(context_dim: int = h.TINY_CONTEXT_DIM) -> dict:
+    """A small kohya LoRA for the tiny SD1.5-layout UNet (attention + a resnet conv)."""
+    g = torch.Generator().manual_seed(0)
+    block = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0"
+    shapes = {f"{block}_attn1_to_q": (32, 32), f"{block}_attn2_to_k": (32, context_dim), f"{block}_attn2_to_v": (32, context_dim)}
+    lora = {}
+    for key, (out_dim, in_dim) in shapes.items():
+        lora[f"{key}.lora_down.weight"] = torch.randn(RANK, in_dim, generator=g) * 0.1
+        lora[f"{key}.lora_up.weight"] = torch.randn(out_dim, RANK, generator=g) * 0.1
+        lora[f"{key}.alpha"] = torch.tensor(float(RANK))
+    lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"] = torch.randn(RANK, 32, 3, 3, generator=g) * 0.1
+    lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"] = torch.randn(32, RANK, 1, 1, generator=g) * 0.1
+    return lora
+
+
+def sd3_lora() -> dict:
+    g = torch.Generator().manual_seed(1)
+    lora = {}
+    for name in ("attn.to_q", "attn.add_q_proj"):
+        lora[f"transformer.transformer_blocks.0.{name}.lora_A.weight"] = torch.randn(RANK, 128, generator=g)
+        lora[f"transformer.transformer_blocks.0.{name}.lora_B.weight"] = torch.randn(128, RANK, generator=g)
+    return lora
+
+
+def test_kohya_lora_loads_patches_every_layer_and_leaves_the_input_model_alone(tiny_model, pack, lora_folder):
+    base = tiny_model("sd15_eps")
+    h.write_safetensors(lora_folder, "ok.safetensors", kohya_unet_lora())
+    model, clip = loader().execute(base, "ok.safetensors", 0.7, True, 1.0).result
+    assert clip is None
+    assert len(model.patches) == 4
+    assert {p[0][0] for p in model.patches.values()} == {0.7}  # no metadata: the strength input
+    assert base.patches == {} and base.get_attachment("tdm_info") is None
+    assert model.get_attachment("tdm_info") is None  # a plain LoRA carries no TDM metadata
+
+
+def test_recommended_strength_and_metadata_are_applied(tiny_model, pack, lora_folder):
+    base = tiny_model("sd15_eps")
+    info = TDMInfo(num_steps=4, grid=[999, 856, 665, 399], base_family="sd15", recommended_strength=0.125, teacher_cfg=4.5)
+    h.write_safetensors(lora_folder, "tdm.safetensors", kohya_unet_lora(), info.to_safetensors_metadata())
+    recommended = loader().execute(base, "tdm.safetensors", 1.0, True, 1.0).result[0]
+    manual = loader().execute(base, "tdm.safetensors", 0.9, False, 1.0).result[0]
+    assert {p[0][0] for p in recommended.patches.values()} == {0.125}
+    assert {p[0][0] for p in manual.patches.values()} == {0.9}
+    attached = recommended.get_attachment("tdm_info")
+    assert attached.grid == [999, 856, 665, 399] and attached.teacher_cfg == 4.5
+    assert recommended.clone().get_attachment("tdm_info").grid == attached.grid  # survives later model patches
+
+
+def test_lora_for_another_architecture_names_expected_and_found(tiny_model, pack, lora_folder):
+    h.write_safetensors(lora_folder, "sd3.safetensors", sd3_lora())
+    with pytest.raises(ValueError, match=r"match no layer.*Expected a LoRA for SD15.*found one for SD3"):
+        loader().execute(tiny_model("sd15_eps"), "sd3.safetensors", 1.0, True, 1.0)
+    h.write_safetensors(lora_folder, "unet.safetensors", kohya_unet_lora())
+    with pytest.raises(ValueError, match=r"Expected a LoRA for SD3.*found one for .*UNet"):
+        loader().execute(tiny_model("sd3_flow"), "unet.safetensors", 1.0, True, 1.0)
+
+
+def test_same_key_names_but_other_widths_is_refused(tiny_model, pack, lora_folder):
+    """An SDXL-like LoRA whose key names exist on SD1.5 but whose cross-attention width differs."""
+    h.write_safetensors(lora_folder, "wide.safetensors", kohya_unet_lora(context_dim=64))
+    with pytest.raises(ValueError, match=r"Expected a LoRA for SD15 \(cross-attention context dim 32\).*context dim 64"):
+        loader().execute(tiny_model("sd15_eps"), "wide.safetensors", 1.0, True, 1.0)
+
+
+def test_partial_match_is_an_error_not_a_silent_partial_load(tiny_model, pack, lora_folder):
+    lora = kohya_unet_lora()
+    lora["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(RANK, 32)
+    lora["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, RANK)
+    h.write_safetensors(lora_folder, "partial.safetensors", lora)
+    with pytest.raises(ValueError, match=r"2 of 13 tensors match no layer.*down_blocks_9"):
+        loader().execute(tiny_model("sd15_eps"), "partial.safetensors", 1.0, True, 1.0)
+
+
+def test_text_encoder_weights_need_a_clip(tiny_model, pack, lora_folder):
+    lora = kohya_unet_lora()
+    lora["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(RANK, 768)
+    lora["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(768, RANK)
+    h.write_safetensors(lora_folder, "te.safetensors", lora)
+    with pytest.raises(ValueError, match="connect the CLIP input"):
+        loader().execute(tiny_model("sd15_eps"), "te.safetensors", 1.0, True, 1.0)
+
+
+def test_metadata_of_another_family_is_refused(tiny_model, pack, lora_folder):
+    info = TDMInfo(base_family="sdxl")
+    h.write_safetensors(lora_folder, "xl.safetensors", kohya_unet_lora(), info.to_safetensors_metadata())
+    with pytest.raises(ValueError, match=r"distilled from a sdxl model but this model is SD15"):
+        loader().execute(tiny_model("sd15_eps"), "xl.safetensors", 1.0, True, 1.0)
+
+
+def test_truncated_safetensors_is_a_clear_error(tiny_model, pack, lora_folder):
+    h.write_safetensors(lora_folder, "whole.safetensors", kohya_unet_lora())
+    data = (lora_folder / "whole.safetensors").read_bytes()
+    (lora_folder / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        loader().execute(tiny_model("sd15_eps"), "cut.safetensors", 1.0, True, 1.0)
+
+
+class CodeInAPickle:
+    """Unpickling this would run a call: a weights-only load must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickles_load_weights_only(tiny_model, pack, lora_folder, capsys):
+    lora = kohya_unet_lora()
+    torch.save(lora, lora_folder / "weights.pt")
+    model = loader().execute(tiny_model("sd15_eps"), "weights.pt", 1.0, True, 1.0).result[0]
+    assert len(model.patches) == 4
+
+    with open(lora_folder / "evil.pt", "wb") as f:
+        pickle.dump({"x": CodeInAPickle()}, f)
+    with pytest.raises(ValueError, match="refused"):
+        loader().execute(tiny_model("sd15_eps"), "evil.pt", 1.0, True, 1.0)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_unknown_name_is_a_clear_error(tiny_model, pack, lora_folder):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        loader().execute(tiny_model("sd15_eps"), "missing.safetensors", 1.0, True, 1.0)
+
+
+def test_peft_key_renaming_is_pure_and_leaves_other_layouts_alone(pack):
+    from comfyui_tdm_pack.nodes.lora_keys import peft_layer_to_comfy
+
+    assert peft_layer_to_comfy("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q"
+    assert peft_layer_to_comfy("base_model.model.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0") == "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out"
+    assert peft_layer_to_comfy("down_blocks.0.resnets.0.conv1") == "unet.down_blocks.0.resnets.0.conv1"
+    for untouched in ("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q", "lora_unet_down_blocks_0_attentions_0_proj_in", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"):
+        assert peft_layer_to_comfy(untouched) == untouched
