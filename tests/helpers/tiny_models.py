@@ -174,18 +174,9 @@ def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0, **
 # --- ComfyUI side: the same tiny UNets as ComfyUI models, and single-file checkpoints ------------------
 def import_comfy():
     """ComfyUI's ``comfy`` package, imported in-process for CPU (see COMFY_HOST.md)."""
-    import sys
+    from tests.helpers.comfy_inprocess import setup_comfy
 
-    if "comfy.model_management" not in sys.modules:
-        from tests.helpers.comfy_server import comfyui_dir
-
-        if "--cpu" not in sys.argv:
-            sys.argv.append("--cpu")
-        if str(comfyui_dir()) not in sys.path:
-            sys.path.insert(0, str(comfyui_dir()))
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
+    setup_comfy()
     import comfy.lora
     import comfy.model_management
     import comfy.sd
