@@ -145,7 +145,7 @@ def test_sigkill_during_checkpoint_and_lora_writes_keeps_previous_files(teacher,
 @pytest.mark.slow
 def test_two_process_data_parallel_keeps_ranks_identical(teacher, tmp_path):
     output = tmp_path / "tdm.safetensors"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     process = spawn(args(teacher, output, "--max-train-steps", 3, "--checkpoint-every", 2), {}, launcher)
     out, _ = process.communicate(timeout=600)

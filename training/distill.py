@@ -248,12 +248,19 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
     return parts, latent_shape
 
 
+def cpu_only_distributed() -> bool:
+    # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: accelerate only forms the
+    # (gloo) process group of CPU processes when told cpu=True, else every process trains alone
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def run(cfg: DistillConfig) -> int:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     prompts = read_prompts(cfg.prompts)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=cpu_only_distributed())
     parts, latent_shape = build_parts(cfg, accelerator)
     family = parts.family
     run_dir = cfg.run_dir()
