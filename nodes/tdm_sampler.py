@@ -51,6 +51,8 @@ class TDMSamplerObject(comfy.samplers.Sampler):
             raise ValueError(f"unknown noise_start {noise_start!r}: use one of {', '.join(NOISE_STARTS)}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma={gamma} must be in [0, 1] (0: deterministic TDM)")
+        if gamma > 0.0 and solver != "tdm":
+            raise ValueError(f"gamma={gamma} re-noises TDM steps and has no meaning for {solver}: set gamma to 0 or pick the tdm solver")
         self.solver, self.gamma, self.noise_start = solver, float(gamma), noise_start
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):

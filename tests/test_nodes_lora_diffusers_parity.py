@@ -73,16 +73,16 @@ def dpmsolver():
     return s
 
 
-@pytest.mark.parametrize("layout", ["peft", "kohya", "comfy"])
-def test_tdm_ksampler_with_lora_matches_diffusers_ddim(setup, layout):
+@pytest.mark.parametrize("layout, grid", [("peft", "diffusers_trailing"), ("kohya", "diffusers_trailing"), ("comfy", "diffusers_trailing"), ("kohya", "diffusers_leading")])
+def test_tdm_ksampler_with_lora_matches_diffusers_ddim(setup, layout, grid):
     from comfyui_tdm_pack.nodes.node_defs import TDMKSampler
 
     model = load(setup["base"], setup["files"][layout])
     cond = h.conditioning("sd15_eps", batch=2)
     latent = empty_latent()
-    got = TDMKSampler.execute(model, SEED, 4, "diffusers_trailing", 1.0, cond, latent, 1.0).result[0]["samples"]
+    got = TDMKSampler.execute(model, SEED, 4, grid, 1.0, cond, latent, 1.0).result[0]["samples"]
 
-    scheduler = ddim("trailing")
+    scheduler = ddim(grid.split("_")[1])
     expected = diffusers_sample(setup["unet"], scheduler, comfy_noise(latent), cond[0][0])
     expected = setup["base"].model.process_latent_out(expected)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

@@ -100,3 +100,5 @@ def test_gamma_renoises_reproducibly(pack, tiny_model):
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-3
     assert (a - deterministic).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="set gamma to 0"):
+        TDMSampler.execute("dpmpp_2m", 0.5, "reference")
