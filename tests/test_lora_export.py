@@ -1,0 +1,204 @@
+"""The exported student LoRA: kohya layout with TDM metadata, written atomically, and loaded by
+stock ComfyUI (``comfy.sd.load_lora_for_models``, what ``LoraLoader`` runs) with zero keys skipped
+and by diffusers ``load_lora_weights``, both reproducing the PEFT-adapted network's output."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from tests.helpers.tiny_models import comfy_model_from_diffusers_unet, import_comfy, save_tiny_pipeline
+from tdm_core.metadata import TDMInfo
+
+torch.set_num_threads(1)
+RANK, ALPHA = 4, 2.0
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_export")
+    return {family: save_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl", "pixart", "sd3")}
+
+
+def trained_family(folder, seed=7):
+    """A family with both adapters whose student has non-zero (as if trained) weights."""
+    from training.models import FAKE_SCORE, STUDENT, adapter_parameters, add_tdm_adapters, load_family
+
+    family = load_family(str(folder))
+    add_tdm_adapters(family, rank=RANK, alpha=ALPHA)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in (STUDENT, FAKE_SCORE):
+            for p in adapter_parameters(family.network, name):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return family
+
+
+def export(family, path, **info):
+    from training.lora_io import export_student_lora
+
+    return export_student_lora(family, path, TDMInfo(num_steps=4, grid=[899, 674, 449, 224], training_steps=12, **info))
+
+
+def student_and_teacher(family, x_t, t, cond):
+    from training.models import STUDENT, use_adapter
+
+    with use_adapter(family.network, STUDENT):
+        student = family.denoise(x_t, t, cond)
+    with use_adapter(family.network, None):
+        teacher = family.denoise(x_t, t, cond)
+    return student, teacher
+
+
+def test_export_layout_metadata_and_atomic_write(folders, tmp_path):
+    from training.lora_io import read_lora
+    from training.models import STUDENT, TrainingInputError, adapter_state_dict, base_model_hash
+
+    family = trained_family(folders["sd15"])
+    path = export(family, tmp_path / "loras" / "tdm.safetensors")
+    tensors, info = read_lora(path)
+    modules = {k[: -len(".lora_A.weight")] for k in adapter_state_dict(family.network, STUDENT) if k.endswith(".lora_A.weight")}
+    assert len(tensors) == 3 * len(modules)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert tensors[f"{key}.lora_down.weight"].shape == (RANK, 32)
+    assert tensors[f"{key}.lora_up.weight"].shape == (32, RANK)
+    assert tensors[f"{key}.alpha"].item() == ALPHA
+    assert info.base_family == "sd15" and info.prediction_type == "epsilon"
+    assert (info.lora_rank, info.lora_alpha, info.grid, info.training_steps) == (RANK, ALPHA, [899, 674, 449, 224], 12)
+    assert info.base_hash == base_model_hash(folders["sd15"]) and len(info.base_hash) == 64
+    assert os.listdir(path.parent) == ["tdm.safetensors"]  # no temporary file left behind
+
+    before = path.read_bytes()
+    with pytest.raises(TrainingInputError, match="must end in .safetensors"):
+        export(family, tmp_path / "loras" / "tdm.pt")
+    (tmp_path / "loras" / "dir.safetensors").mkdir()
+    with pytest.raises(TrainingInputError, match="is a folder"):
+        export(family, tmp_path / "loras" / "dir.safetensors")
+    shared = torch.zeros(4)
+    with pytest.raises(RuntimeError):  # safetensors refuses tensors sharing memory: a write failing midway
+        from training.lora_io import save_safetensors_atomic
+
+        save_safetensors_atomic({"a": shared, "b": shared[:2]}, path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == ["dir.safetensors", "tdm.safetensors"]
+
+
+def test_kohya_file_round_trips_into_the_adapter(folders, tmp_path):
+    from training.lora_io import kohya_to_adapter, read_lora
+    from training.models import STUDENT, add_tdm_adapters, load_adapter_state_dict, load_family
+
+    family = trained_family(folders["sdxl"])
+    tensors, _ = read_lora(export(family, tmp_path / "x.safetensors"))
+    fresh = load_family(str(folders["sdxl"]))
+    add_tdm_adapters(fresh, rank=RANK, alpha=ALPHA)
+    load_adapter_state_dict(fresh.network, STUDENT, kohya_to_adapter(tensors, fresh.network, fresh.kohya_prefix, RANK))
+    cond = family.encode_prompts(["p"])
+    x_t = torch.randn(family.latent_shape(1))
+    assert torch.equal(student_and_teacher(fresh, x_t, torch.tensor([300.0]), cond)[0],
+                       student_and_teacher(family, x_t, torch.tensor([300.0]), cond)[0])
+
+
+class LoraLog(logging.Handler):
+    """Collects ComfyUI's 'lora key not loaded' warnings (it skips unknown keys silently otherwise)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.skipped = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "lora key not loaded" in message or "ERROR loading" in message:
+            self.skipped.append(message)
+
+
+def comfy_apply_lora(comfy_model, lora_path):
+    """Stock LoraLoader's path: load_lora_for_models on a ModelPatcher, then patch the weights in."""
+    comfy = import_comfy()
+    import comfy.model_patcher
+    import comfy.utils
+
+    patcher = comfy.model_patcher.ModelPatcher(comfy_model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    log = LoraLog()
+    logging.getLogger().addHandler(log)
+    try:
+        lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    finally:
+        logging.getLogger().removeHandler(log)
+    key_map = comfy.lora.model_lora_keys_unet(comfy_model, {})
+    consumed = comfy.lora.load_lora(lora, key_map, log_missing=False)
+    patched.patch_model(device_to=torch.device("cpu"))
+    return patched, log.skipped, consumed, lora
+
+
+def test_skipped_key_detection_sees_comfyui_warnings(folders):
+    # negative control for the zero-skipped-keys assertions below: a key ComfyUI cannot map is reported
+    from diffusers import UNet2DConditionModel
+
+    comfy = import_comfy()
+    comfy_model = comfy_model_from_diffusers_unet(UNet2DConditionModel.from_pretrained(str(folders["sd15"] / "unet")), "sd15")
+    log = LoraLog()
+    logging.getLogger().addHandler(log)
+    try:
+        comfy.lora.load_lora({"lora_unet_no_such_module.lora_down.weight": torch.zeros(1, 1)}, comfy.lora.model_lora_keys_unet(comfy_model, {}))
+    finally:
+        logging.getLogger().removeHandler(log)
+    assert len(log.skipped) == 1 and "no_such_module" in log.skipped[0]
+
+
+def sdxl_adm(unet, cond):
+    # ComfyUI's SDXL takes the pooled embeds + Fourier size embeddings as one vector y
+    time_embeds = unet.add_time_proj(cond["time_ids"].flatten()).reshape(cond["time_ids"].shape[0], -1)
+    return torch.cat([cond["text_embeds"], time_embeds], dim=-1)
+
+
+@pytest.mark.parametrize("family_name", ["sd15", "sdxl"])
+def test_stock_comfyui_loads_unet_lora_with_zero_skipped_keys(folders, tmp_path, family_name):
+    from diffusers import UNet2DConditionModel
+
+    family = trained_family(folders[family_name])
+    path = export(family, tmp_path / f"{family_name}.safetensors")
+    comfy_model = comfy_model_from_diffusers_unet(UNet2DConditionModel.from_pretrained(str(folders[family_name] / "unet")), family_name)
+
+    cond = family.encode_prompts(["a photo", "a drawing"])
+    x_t = torch.randn(family.latent_shape(2), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([900.0, 250.0])
+    extra = {"y": sdxl_adm(family.network, cond)} if family_name == "sdxl" else {}
+    net = comfy_model.diffusion_model
+    comfy_teacher = net(x_t, t, context=cond["encoder_hidden_states"], **extra)
+
+    patched, skipped, consumed, lora = comfy_apply_lora(comfy_model, path)
+    assert skipped == []
+    assert len(consumed) * 3 == len(lora)  # every (down, up, alpha) triple became one weight patch
+    comfy_student = net(x_t, t, context=cond["encoder_hidden_states"], **extra)
+    student, teacher = student_and_teacher(family, x_t, t, cond)
+    assert torch.allclose(comfy_teacher, teacher, atol=1e-5)
+    assert (student - teacher).abs().max() > 1e-2  # the LoRA matters...
+    assert torch.allclose(comfy_student, student, atol=1e-4)  # ...and ComfyUI applies exactly the same change
+
+
+@pytest.mark.parametrize("family_name", ["sd15", "sdxl"])
+def test_diffusers_load_lora_weights_reproduces_the_student(folders, tmp_path, family_name):
+    import diffusers
+
+    family = trained_family(folders[family_name])
+    path = export(family, tmp_path / f"{family_name}.safetensors")
+    pipe_class = {"sd15": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}[family_name]
+    pipe = pipe_class.from_pretrained(str(folders[family_name]))
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+
+    cond = family.encode_prompts(["a photo"])
+    x_t = torch.randn(family.latent_shape(1), generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([600.0])
+    student, teacher = student_and_teacher(family, x_t, t, cond)
+    added = {"added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}} if family_name == "sdxl" else {}
+    loaded = pipe.unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], **added).sample
+    assert (student - teacher).abs().max() > 1e-2
+    assert torch.allclose(loaded, student, atol=1e-5)
