@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
 
 import comfy.lora
 import comfy.lora_convert
+from comfy.weight_adapter import LoRAAdapter
 
 from .comfy_sigmas import TDM_INFO_ATTACHMENT
 from .core_import import TDMInfo
@@ -52,20 +54,31 @@ def check_coverage(lora: dict[str, torch.Tensor], key_map: dict, model, has_clip
     )
 
 
-def target_weight_shape(state_shapes: dict, target) -> Optional[torch.Size]:
-    key = target if isinstance(target, str) else target[0]
-    return state_shapes.get(key)
+def target_weight_shape(state_shapes: dict, target) -> Optional[tuple]:
+    """Shape of the weight a patch lands on; ComfyUI's tuple targets ``(key, (dim, start, size))``
+    patch a slice (e.g. the q part of a fused qkv), so that dim is narrowed to ``size``."""
+    if isinstance(target, str):
+        shape = state_shapes.get(target)
+        return None if shape is None else tuple(shape)
+    shape = state_shapes.get(target[0])
+    if shape is None:
+        return None
+    shape = list(shape)
+    if len(target) > 1 and target[1] is not None:
+        dim, _, size = target[1]
+        shape[dim] = size
+    return tuple(shape)
 
 
 def check_shapes(patches: dict, state_shapes: dict, model, lora: dict, lora_name: str) -> None:
     """Keys that match but whose low-rank factors have another width (e.g. an SDXL LoRA on SD1.5)."""
     for target, adapter in patches.items():
-        weights = getattr(adapter, "weights", None)
         shape = target_weight_shape(state_shapes, target)
-        if weights is None or shape is None or weights[5] is not None or not isinstance(target, str):
-            continue
-        up, down = weights[0], weights[1]
-        if up.shape[0] != shape[0] or down.shape[1] != shape[1]:
+        if not isinstance(adapter, LoRAAdapter) or shape is None or adapter.weights[5] is not None:
+            continue  # other adapter kinds (LoHa, LoKr, diff) and reshaped LoRAs carry their own checks
+        up, down = adapter.weights[0], adapter.weights[1]
+        input_width = math.prod(shape[1:])  # a conv LoRA's down factor spans in_channels * kernel
+        if up.shape[0] != shape[0] or down[0].numel() not in (input_width, shape[1]):
             raise ValueError(
                 f"LoRA '{lora_name}' does not fit this model: layer {target} has shape {tuple(shape)} but the LoRA's factors "
                 f"are {tuple(up.shape)} x {tuple(down.shape)}. Expected a LoRA for {model_architecture(model)}, "

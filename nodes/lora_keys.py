@@ -118,10 +118,13 @@ def peft_alpha_from_metadata(metadata: dict[str, str], prefix: str = "unet.") ->
     return float(alpha)
 
 
+DIFFUSERS_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")
+
+
 def convert_peft_layout(lora: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
-    """Rename diffusers/PEFT UNet keys to what ComfyUI applies and add ``.alpha`` from the header;
-    kohya and ComfyUI layouts pass through unchanged."""
-    alpha = peft_alpha_from_metadata(metadata or {})
+    """Rename diffusers/PEFT UNet keys to what ComfyUI applies and add ``.alpha`` from the header
+    (per diffusers component); kohya and ComfyUI layouts pass through unchanged."""
+    alphas = {prefix: peft_alpha_from_metadata(metadata or {}, prefix) for prefix in DIFFUSERS_COMPONENTS}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in lora.items():
         layer, suffix = split_adapter_key(key)
@@ -131,7 +134,9 @@ def convert_peft_layout(lora: dict[str, torch.Tensor], metadata: Optional[dict[s
         suffix = suffix.replace(".default.weight", ".weight")
         new_layer = peft_layer_to_comfy(layer)
         out[new_layer + suffix] = tensor
-        if alpha is not None and suffix == ".lora_A.weight" and new_layer.startswith("unet.") and f"{layer}.alpha" not in lora:
+        component = new_layer.split(".", 1)[0] + "."
+        alpha = alphas.get(component)
+        if alpha is not None and suffix == ".lora_A.weight" and f"{layer}.alpha" not in lora:
             out[f"{new_layer}.alpha"] = torch.tensor(alpha)
     return out
 

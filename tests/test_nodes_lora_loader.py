@@ -149,3 +149,49 @@ def test_peft_key_renaming_is_pure_and_leaves_other_layouts_alone(pack):
     assert peft_layer_to_comfy("down_blocks.0.resnets.0.conv1") == "unet.down_blocks.0.resnets.0.conv1"
     for untouched in ("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q", "lora_unet_down_blocks_0_attentions_0_proj_in", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"):
         assert peft_layer_to_comfy(untouched) == untouched
+
+
+def test_diffusers_sd3_lora_loads_on_a_flow_model_with_its_header_alpha(tiny_model, pack, lora_folder, caplog):
+    """The released SD3 TDM LoRA layout (diffusers ``transformer.<path>.lora_A/B.weight``), with PEFT's
+    lora_alpha in diffusers' header: every layer patched, alpha carried over, the sample changes."""
+    import json
+
+    import comfy.utils
+
+    from comfyui_tdm_pack.nodes.node_defs import TDMKSampler
+
+    base = tiny_model("sd3_flow")
+    to_comfy = comfy.utils.mmdit_to_diffusers(h.TINY_SD3_MMDIT, output_prefix="diffusion_model.")
+    paths = [k[: -len(".weight")] for k in to_comfy if k.endswith(("attn.to_q.weight", "attn.add_k_proj.weight", "ff.net.2.weight"))]
+    assert len(paths) >= 4
+    hidden = 64 * h.TINY_SD3_MMDIT["depth"]  # MMDiT width; q/k/v are slices of fused qkv weights in ComfyUI
+    ff_hidden = 4 * hidden
+    g = torch.Generator().manual_seed(2)
+    lora = {}
+    for path in paths:
+        in_dim = ff_hidden if path.endswith("ff.net.2") else hidden
+        lora[f"transformer.{path}.lora_A.weight"] = torch.randn(RANK, in_dim, generator=g) * 0.2
+        lora[f"transformer.{path}.lora_B.weight"] = torch.randn(hidden, RANK, generator=g) * 0.2
+    header = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 4 * RANK})}
+    h.write_safetensors(lora_folder, "sd3_tdm.safetensors", lora, header)
+
+    model = loader().execute(base, "sd3_tdm.safetensors", 1.0, True, 1.0).result[0]
+    assert len(model.patches) == len(paths)
+    assert {float(p[0][1].weights[2]) for p in model.patches.values()} == {4.0 * RANK}
+    cond = h.conditioning("sd3_flow")
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    with_lora = TDMKSampler.execute(model, 0, 4, "reference", 1.0, cond, latent, 1.0).result[0]["samples"]
+    without = TDMKSampler.execute(base, 0, 4, "reference", 1.0, cond, latent, 1.0).result[0]["samples"]
+    assert (with_lora - without).abs().max() > 1e-3
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]  # ComfyUI logs patches it fails to apply
+
+
+def test_wrong_width_on_a_fused_qkv_slice_is_refused(tiny_model, pack, lora_folder):
+    """ComfyUI patches SD3's q/k/v as slices of one qkv weight and only logs a shape error at sampling
+    time; the loader checks the slice's shape up front."""
+    hidden = 64 * h.TINY_SD3_MMDIT["depth"]
+    lora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(RANK, hidden),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3 * hidden, RANK)}
+    h.write_safetensors(lora_folder, "qkv.safetensors", lora)
+    with pytest.raises(ValueError, match=r"has shape \(128, 128\) but the LoRA's factors are \(384, 2\)"):
+        loader().execute(tiny_model("sd3_flow"), "qkv.safetensors", 1.0, True, 1.0)
