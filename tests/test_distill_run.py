@@ -157,3 +157,27 @@ def test_two_process_data_parallel_keeps_ranks_identical(teacher, tmp_path):
     expected = adapter_to_kohya(adapters["student"], "lora_unet", 4.0)
     saved = lora_tensors(output)
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+OPTION_RUNS = {  # options the other tests leave at their defaults
+    "accumulation": ("--gradient-accumulation-steps", 2),
+    "bf16": ("--mixed-precision", "bf16", "--validate-every", 2),
+    "shared_randmid_l2": ("--interval-mode", "shared", "--randmid", "--distance", "l2", "--cfg", 1.0),
+    "explicit_grid_precomputed": ("--grid", "999,856,665,399", "--precompute-embeddings", "--lr-scheduler", "constant"),
+    "gradient_checkpointing": ("--gradient-checkpointing",),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_RUNS))
+def test_option_runs_finish_with_finite_losses(case, teacher, tmp_path):
+    output = tmp_path / "tdm.safetensors"
+    assert main(args(teacher, output, "--max-train-steps", 2, *OPTION_RUNS[case])) == EXIT_OK
+    log = [json.loads(line) for line in (tmp_path / "tdm_run" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([e["loss_fake"], e["loss_student"], e["grad_norm_student"]])).all() for e in log)
+    tensors, info = read_lora(output)
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)
+    if case == "explicit_grid_precomputed":
+        assert info.grid == [999, 856, 665, 399] and info.num_steps == 4
+    if case == "shared_randmid_l2":
+        assert info.huber_c is None and info.teacher_cfg == 1.0

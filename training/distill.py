@@ -220,9 +220,10 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
     if parts.accelerator.is_main_process:
         chosen = prompts[: cfg.validation_prompts]
         family = parts.family
-        write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, family.encode_prompts(chosen),
-                              family.null_condition(len(chosen)), len(chosen), cfg.resolution, parts.accelerator.device,
-                              cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
+        with parts.accelerator.autocast():  # the base may be in half precision
+            write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, family.encode_prompts(chosen),
+                                  family.null_condition(len(chosen)), len(chosen), cfg.resolution, parts.accelerator.device,
+                                  cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
     parts.accelerator.wait_for_everyone()
 
 
@@ -254,36 +255,38 @@ def cpu_only_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def run(cfg: DistillConfig) -> int:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    prompts = read_prompts(cfg.prompts)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=cpu_only_distributed())
+def start_run(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, ...], int]:
+    """Everything set up, resumed from the latest checkpoint when asked; returns the start step."""
     parts, latent_shape = build_parts(cfg, accelerator)
-    family = parts.family
     run_dir = cfg.run_dir()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_interrupted_writes(run_dir)
         remove_interrupted_exports(Path(cfg.output))
     accelerator.wait_for_everyone()
-    step = 0
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
         step = restore_state(parts, checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
-    elif cfg.resume:
+        return parts, latent_shape, step
+    if cfg.resume:
         accelerator.print(f"no checkpoint in {run_dir / 'checkpoints'}: starting a new run")
+    return parts, latent_shape, 0
+
+
+def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape, step: int) -> int:
+    """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step."""
+    from tqdm.auto import tqdm
+
+    family, accelerator = parts.family, parts.accelerator
     if cfg.precompute_embeddings:
         for start in range(0, len(prompts), 32):
             family.encode_prompts(prompts[start : start + 32])
-    log = RunLog(run_dir, accelerator.is_main_process)
+    log = RunLog(cfg.run_dir(), accelerator.is_main_process)
     null_cond = family.null_condition(cfg.batch_size)
     stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="TDM", unit="step")
-    saved_at = step if checkpoint is not None else -1
+    saved_at = step
     while step < stop_at:
         for _ in range(cfg.gradient_accumulation_steps):
             cond = family.encode_prompts(draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
@@ -300,6 +303,21 @@ def run(cfg: DistillConfig) -> int:
     bar.close()
     if saved_at != step:
         write_checkpoint(parts, cfg, step)
+    return step
+
+
+def run(cfg: DistillConfig) -> int:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    prompts = read_prompts(cfg.prompts)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # main() may run several times in one Python process (tests, notebooks) with other settings
+        AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=cpu_only_distributed())
+    parts, latent_shape, step = start_run(cfg, accelerator)
+    step = train(parts, cfg, prompts, latent_shape, step)
     if step < cfg.max_train_steps:
         accelerator.print(f"stopped at step {step} of {cfg.max_train_steps}: continue with --resume")
         return EXIT_OK
