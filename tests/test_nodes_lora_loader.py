@@ -195,3 +195,22 @@ def test_wrong_width_on_a_fused_qkv_slice_is_refused(tiny_model, pack, lora_fold
     h.write_safetensors(lora_folder, "qkv.safetensors", lora)
     with pytest.raises(ValueError, match=r"has shape \(128, 128\) but the LoRA's factors are \(384, 2\)"):
         loader().execute(tiny_model("sd3_flow"), "qkv.safetensors", 1.0, True, 1.0)
+
+
+def test_text_encoder_weights_patch_the_connected_clip(tiny_model, pack, lora_folder):
+    base_clip = h.build_clip()
+    lora = kohya_unet_lora()
+    g = torch.Generator().manual_seed(3)
+    for layer in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_1_mlp_fc1"):
+        out_dim = 64 if "fc1" in layer else h.TINY_CONTEXT_DIM
+        lora[f"{layer}.lora_down.weight"] = torch.randn(RANK, h.TINY_CONTEXT_DIM, generator=g)
+        lora[f"{layer}.lora_up.weight"] = torch.randn(out_dim, RANK, generator=g)
+    h.write_safetensors(lora_folder, "with_te.safetensors", lora)
+    model, clip = loader().execute(tiny_model("sd15_eps"), "with_te.safetensors", 1.0, True, 0.5, clip=base_clip).result
+    assert len(model.patches) == 4 and len(clip.patcher.patches) == 2
+    assert {p[0][0] for p in clip.patcher.patches.values()} == {0.5}
+    tokens = base_clip.tokenize("a tiny test prompt")
+    before = base_clip.encode_from_tokens(tokens)
+    after = clip.encode_from_tokens(tokens)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(base_clip.encode_from_tokens(tokens), before)  # the input CLIP is untouched

@@ -88,7 +88,9 @@ def fill_random_(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if p.ndim == 1 and name.endswith("weight"):
+            if p.ndim == 0:  # scalars such as CLIP's logit scale
+                p.fill_(1.0)
+            elif p.ndim == 1 and name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * noise)
             elif p.ndim == 1:
                 p.copy_(0.1 * noise)
@@ -247,3 +249,29 @@ def write_safetensors(folder, name: str, state: dict, metadata: dict | None = No
 
     save_file(state, os.path.join(os.fspath(folder), name), metadata=metadata)
     return name
+
+
+# a CLIP-L text encoder with SD1.5's tokenizer and key names, width TINY_CONTEXT_DIM, two layers
+TINY_CLIP_TEXT_CONFIG = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 49407,
+    "hidden_act": "quick_gelu", "hidden_size": TINY_CONTEXT_DIM, "initializer_factor": 1.0, "initializer_range": 0.02,
+    "intermediate_size": 64, "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+    "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1, "projection_dim": TINY_CONTEXT_DIM,
+    "torch_dtype": "float32", "vocab_size": 49408,
+}
+
+
+def build_clip(seed: int = 5):
+    """A ComfyUI CLIP (``comfy.sd.CLIP``) over ComfyUI's SD1 text-encoder classes with a tiny config."""
+    setup_comfy()
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    class TinySD1Clip(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=comfy.sd1_clip.SDClipModel, textmodel_json_config=TINY_CLIP_TEXT_CONFIG, **kwargs)
+
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1Clip))
+    fill_random_(clip.cond_stage_model, seed)
+    return clip
