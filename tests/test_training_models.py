@@ -257,3 +257,51 @@ def test_adapter_state_dict_round_trip(tiny_folders):
         load_adapter_state_dict(family.network, STUDENT, {"nope.lora_A.weight": torch.zeros(1)})
     with pytest.raises(TrainingInputError, match="rank"):
         add_tdm_adapters(family, rank=0, alpha=1)
+
+
+# --- shipped configs for single-file checkpoints ---------------------------------------------------
+# public parameter counts of the real models (diffusers / transformers classes)
+SHIPPED_PARAMETER_COUNTS = {
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+}
+
+
+@pytest.mark.parametrize("family_name", sorted(SHIPPED_PARAMETER_COUNTS))
+def test_shipped_configs_describe_the_real_architectures(family_name):
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from training.models import CONFIGS_DIR, detect_folder_family
+
+    folder = CONFIGS_DIR / family_name
+    assert detect_folder_family(folder) == family_name
+    index = json.loads((folder / "model_index.json").read_text())
+    for component, expected in SHIPPED_PARAMETER_COUNTS[family_name].items():
+        library, class_name = index[component]
+        cls = getattr({"diffusers": diffusers, "transformers": transformers}[library], class_name)
+        with init_empty_weights():  # meta tensors: counts without allocating gigabytes
+            if library == "diffusers":
+                model = cls.from_config(cls.load_config(str(folder / component)))
+            else:
+                model = cls(cls.config_class.from_pretrained(str(folder / component)))
+        assert sum(p.numel() for p in model.parameters()) == expected, component
+
+
+@pytest.mark.slow
+def test_comfyui_sd15_checkpoint_loads_with_shipped_config():
+    # a random-weight checkpoint with the exact SD1.5 layout, written by ComfyUI's own classes
+    from safetensors import safe_open
+
+    from tests.helpers.checkpoints import sd15_checkpoint
+
+    path = sd15_checkpoint()
+    family = load(path, dtype=torch.float16)  # no config_path: training/configs/sd15 + a local CLIP vocabulary
+    assert family.name == "sd15" and family.prediction_type == "epsilon"
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.get_tensor("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight")
+    loaded = family.network.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert torch.equal(loaded, stored.to(loaded.dtype))
+    assert family.pipeline.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]  # the real CLIP vocabulary
+    assert family.encode_prompts(["a cat"])["encoder_hidden_states"].shape == (1, 77, 768)

