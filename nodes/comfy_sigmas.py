@@ -38,6 +38,8 @@ def sigmas_for_timesteps(model_sampling, timesteps: list[int]) -> torch.Tensor:
     ``sqrt((1 - abar) / abar)``, flow models to their shifted sigma, both through ``model_sampling.sigma``."""
     check_supported_sampling(model_sampling)
     t = torch.tensor([float(x) for x in timesteps], dtype=torch.float32)
+    if is_flow_sampling(model_sampling):  # flow models read sigma(t * multiplier / T); SD3's multiplier is T = 1000
+        t = t * (float(model_sampling.multiplier) / num_timesteps_of(model_sampling))
     sigmas = model_sampling.sigma(t).float().cpu()
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
