@@ -150,3 +150,12 @@ def test_node_schemas_have_tooltips_descriptions_and_the_agreed_names(pack):
     steps = next(i for i in schemas["TDMKSampler"].inputs if i.id == "steps")
     assert (steps.min, steps.max, steps.default) == (1, 8, 4)
     assert next(i for i in schemas["TDMKSampler"].inputs if i.id == "negative").optional
+
+
+def test_models_without_a_discrete_schedule_get_a_clear_error(pack, tiny_model):
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    n = nodes()
+    edm = ModelSamplingContinuousEDM().patch(tiny_model("sd15_eps"), "edm", 120.0, 0.002)[0]
+    with pytest.raises(ValueError, match="TDM supports discrete VP models"):
+        n.TDMScheduler.execute(edm, 4, "reference", "", 1.0)
