@@ -159,3 +159,16 @@ def test_models_without_a_discrete_schedule_get_a_clear_error(pack, tiny_model):
     edm = ModelSamplingContinuousEDM().patch(tiny_model("sd15_eps"), "edm", 120.0, 0.002)[0]
     with pytest.raises(ValueError, match="TDM supports discrete VP models"):
         n.TDMScheduler.execute(edm, 4, "reference", "", 1.0)
+
+
+def test_inpainting_mask_keeps_the_unmasked_latent(pack, tiny_model):
+    """The sampler goes through ComfyUI's inpainting wrapper: where the mask is 0 the latent is kept."""
+    n = nodes()
+    model = tiny_model("sd15_eps")
+    cond = h.conditioning("sd15_eps")
+    image = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:] = 1.0
+    out = n.TDMKSampler.execute(model, 2, 4, "reference", 1.0, cond, {"samples": image, "noise_mask": mask}, 1.0).result[0]["samples"]
+    torch.testing.assert_close(out[..., :4], image[..., :4], rtol=1e-5, atol=1e-5)
+    assert (out[..., 4:] - image[..., 4:]).abs().max() > 1e-2
