@@ -181,3 +181,4 @@ def test_option_runs_finish_with_finite_losses(case, teacher, tmp_path):
         assert info.grid == [999, 856, 665, 399] and info.num_steps == 4
     if case == "shared_randmid_l2":
         assert info.huber_c is None and info.teacher_cfg == 1.0
+
