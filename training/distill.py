@@ -1,7 +1,8 @@
 """``python -m training.distill``: data-free TDM distillation of a teacher into a few-step LoRA.
 
 Single process: ``python -m training.distill --model M --prompts P.txt --output L.safetensors``.
-Data parallel: ``accelerate launch --num_processes N -m training.distill ...`` (same flags).
+Data parallel: ``accelerate launch --multi_gpu --num_processes N -m training.distill ...`` (same flags;
+on a machine without CUDA the processes form a gloo group on CPU).
 Exit codes: 0 done, 2 bad input (nothing written), 3 NaN/inf loss (last good checkpoint kept).
 """
 from __future__ import annotations

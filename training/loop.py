@@ -164,7 +164,8 @@ def checked_loss(accelerator, name: str, loss: Tensor) -> float:
     """The loss averaged over processes; every process stops together on a NaN/inf."""
     value = float(accelerator.reduce(loss.detach().float().clone(), reduction="mean"))
     if not torch.isfinite(torch.tensor(value)):
-        raise NonFiniteLoss(f"{name} loss became {value}: lower --learning-rate or raise --max-grad-norm's strictness; the last good checkpoint is kept")
+        raise NonFiniteLoss(f"{name} loss became {value}: lower --learning-rate / --student-learning-rate (or use --mixed-precision no) "
+                            "and --resume from the last good checkpoint, which is kept")
     return value
 
 
