@@ -175,7 +175,10 @@ def _clip_vocabulary_folders() -> list[Path]:
 def _clip_tokenizers(config: Path, family: str) -> dict:
     """Tokenizer objects for from_single_file when ``config`` has no vocabulary of its own."""
     names = ["tokenizer"] + (["tokenizer_2"] if family == "sdxl" else [])
-    if all((config / name / "vocab.json").is_file() for name in names):
+    def has_vocabulary(folder: Path) -> bool:
+        return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
+
+    if all(has_vocabulary(config / name) for name in names):
         return {}
     from transformers import CLIPTokenizer
 
