@@ -54,7 +54,8 @@ def widget_specs(info: dict) -> Iterable[tuple[str, str, dict]]:
             spec = specs[name]
             kind = spec[0]
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            kind = "COMBO" if isinstance(kind, list) else kind
+            if isinstance(kind, list):  # old-style combo: the choices are the type
+                kind, options = "COMBO", {**options, "options": kind}
             if kind in WIDGET_TYPES and not options.get("forceInput"):
                 yield name, kind, options
 

@@ -1,0 +1,318 @@
+"""Writes the example workflows in ``workflows/`` (UI format, as ComfyUI saves them).
+
+Widget values are laid out from the node definitions of a live server (``/object_info``), so their
+order always matches ``input_order``; regenerate after a node's inputs change:
+
+    .venv/bin/python -m tests.helpers.workflow_builder          # starts a server, rewrites workflows/
+
+The frontend rejects keys whose value is null, so unconnected inputs are left out (it recreates
+their slots from the node definition) and no key is ever None.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.workflow_api import SEED_NAMES, UPLOAD_OPTIONS, widget_specs
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+NODE_WIDTH = 320
+
+
+@dataclass(frozen=True)
+class Output:
+    node_id: int
+    slot: int
+
+
+@dataclass
+class UIWorkflow:
+    object_info: dict
+    nodes: list = field(default_factory=list)
+    links: list = field(default_factory=list)
+
+    def add(self, node_type: str, pos: tuple[float, float], title: str = "", **values: Any) -> "NodeRef":
+        """Adds a node; ``values`` holds widget values and links (``Output``) by input name."""
+        info = self.object_info[node_type]
+        node_id = len(self.nodes) + 1
+        node = {"id": node_id, "type": node_type, "pos": [pos[0], pos[1]], "flags": {}, "order": node_id - 1,
+                "mode": 0, "inputs": [], "outputs": [], "properties": {"Node name for S&R": node_type}}
+        if title:
+            node["title"] = title
+        unknown = set(values) - set(all_input_names(info))
+        if unknown:
+            raise KeyError(f"{node_type} has no inputs {sorted(unknown)}; it has {all_input_names(info)}")
+        node["widgets_values"] = self._widget_values(info, values)
+        for name, kind in link_inputs(info):
+            if isinstance(values.get(name), Output):
+                node["inputs"].append({"name": name, "type": kind, "link": self._link(values[name], node_id, len(node["inputs"]), kind)})
+        for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"])):
+            node["outputs"].append({"name": name, "type": kind, "slot_index": slot, "links": []})
+        node["size"] = [NODE_WIDTH, 46 + 24 * (max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"]))]
+        self.nodes.append(node)
+        return NodeRef(node_id)
+
+    def note(self, pos: tuple[float, float], text: str, title: str = "Models this workflow needs") -> None:
+        node_id = len(self.nodes) + 1
+        self.nodes.append({"id": node_id, "type": "Note", "pos": [pos[0], pos[1]], "size": [420, 260], "flags": {},
+                           "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "title": title,
+                           "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+
+    def _widget_values(self, info: dict, values: dict) -> list:
+        out = []
+        for name, kind, options in widget_specs(info):
+            value = values.get(name, default_value(kind, options))
+            if value is None:
+                raise ValueError(f"{info['name']}.{name} has no default: give it a value")
+            out.append(value)
+            if kind == "INT" and options.get("control_after_generate", name in SEED_NAMES):
+                out.append("fixed")  # same image on every run, so a comparison stays a comparison
+            if kind == "COMBO" and any(options.get(opt) for opt in UPLOAD_OPTIONS):
+                out.append("image")
+        return out
+
+    def _link(self, source: Output, target_id: int, target_slot: int, kind: str) -> int:
+        link_id = len(self.links) + 1
+        self.links.append([link_id, source.node_id, source.slot, target_id, target_slot, kind])
+        self.nodes[source.node_id - 1]["outputs"][source.slot]["links"].append(link_id)
+        return link_id
+
+    def to_json(self) -> dict:
+        order = topological_order(self.nodes, self.links)
+        for node in self.nodes:
+            node["order"] = order[node["id"]]
+        return {
+            # a fixed id per file name keeps regenerated files diff-free
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-tdm/" + json.dumps([n["type"] for n in self.nodes]))),
+            "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4,
+        }
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    node_id: int
+
+    def __getitem__(self, slot: int) -> Output:
+        return Output(self.node_id, slot)
+
+
+def all_input_names(info: dict) -> list[str]:
+    order = info.get("input_order", {})
+    return [name for section in ("required", "optional") for name in order.get(section, info["input"].get(section, {}))]
+
+
+def link_inputs(info: dict) -> list[tuple[str, str]]:
+    widgets = {name for name, _, _ in widget_specs(info)}
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            if name not in widgets and not isinstance(spec[0], list):
+                out.append((name, spec[0]))
+    order = all_input_names(info)
+    return sorted(out, key=lambda item: order.index(item[0]))
+
+
+def default_value(kind: str, options: dict) -> Any:
+    if "default" in options:
+        return options["default"]
+    if kind == "COMBO":
+        choices = options.get("options") or []
+        return choices[0] if choices else None
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
+
+
+def topological_order(nodes: list, links: list) -> dict[int, int]:
+    parents = {node["id"]: set() for node in nodes}
+    for _, source, _, target, _, _ in links:
+        parents[target].add(source)
+    order, done = {}, set()
+    while len(done) < len(nodes):
+        ready = sorted(nid for nid in parents if nid not in done and parents[nid] <= done)
+        for nid in ready:
+            order[nid] = len(order)
+            done.add(nid)
+    return order
+
+
+# --- the example workflows -------------------------------------------------------------------
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+SD15_LORA = "tdm_sd15_lora.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+SDXL_LORA = "tdm_sdxl_lora.safetensors"
+SD3_CKPT = "sd3_medium_incl_clips_t5xxlfp16.safetensors"
+SD3_LORA = "tdm_sd3_medium_lora.safetensors"
+INPUT_IMAGE = "tdm_img2img_input.png"
+PROMPT = "a photo of a red fox in a snowy forest, golden hour, highly detailed"
+SEED = 42
+
+
+def models_note(checkpoint: str, lora: str, extra: str = "") -> str:
+    return (f"Put these files into your ComfyUI models folders:\n\n"
+            f"  models/checkpoints/{checkpoint}\n  models/loras/{lora}\n\n"
+            f"{lora}: a TDM LoRA, e.g. written by `python -m training.distill` of comfyui-tdm "
+            f"(it carries its steps, grid and recommended strength in its metadata; the TDM nodes read them "
+            f"when grid is 'auto' and use_recommended_strength is on).\n\n"
+            "TDM students run at CFG 1: guidance is distilled into the LoRA." + (f"\n\n{extra}" if extra else ""))
+
+
+def _sd15_base(wf: UIWorkflow, checkpoint: str = SD15_CKPT, lora: str = SD15_LORA):
+    ckpt = wf.add("CheckpointLoaderSimple", (20, 120), ckpt_name=checkpoint)
+    lora_node = wf.add("TDMLoraLoader", (380, 120), model=ckpt[0], clip=ckpt[1], lora_name=lora)
+    return ckpt, lora_node
+
+
+def sd15_tdm_ksampler(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA))
+    ckpt, lora = _sd15_base(wf)
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=lora[1], text=PROMPT)
+    latent = wf.add("EmptyLatentImage", (740, 380), width=512, height=512, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=lora[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=latent[0], denoise=1.0)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix="tdm_sd15_4step")
+    return wf.to_json()
+
+
+def _custom_sampling(wf: UIWorkflow, model, clip, vae, latent, x: float, y: float, solver: str, grid: str,
+                     prefix: str, prompt: str = PROMPT):
+    positive = wf.add("CLIPTextEncode", (x, y), title="Prompt", clip=clip, text=prompt)
+    # SamplerCustom needs a negative even at CFG 1, where it is never evaluated
+    negative = wf.add("CLIPTextEncode", (x, y + 260), title="Negative (unused at CFG 1)", clip=clip, text="")
+    scheduler = wf.add("TDMScheduler", (x + 360, y), model=model, steps=4, grid=grid, denoise=1.0)
+    sampler = wf.add("TDMSampler", (x + 360, y + 260), solver=solver)
+    sampled = wf.add("SamplerCustom", (x + 720, y), model=model, add_noise=True, noise_seed=SEED, cfg=1.0,
+                     positive=positive[0], negative=negative[0], sampler=sampler[0], sigmas=scheduler[0],
+                     latent_image=latent)
+    image = wf.add("VAEDecode", (x + 1080, y), samples=sampled[0], vae=vae)
+    wf.add("SaveImage", (x + 1320, y), images=image[0], filename_prefix=prefix)
+
+
+def sd15_tdm_sampler_custom(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "For the released TDM Dreamshaper-7 LoRA pick grid "
+                                   "'dpmsolver_leading_sd15' and solver 'dpmpp_2m' (its published settings)."))
+    ckpt, lora = _sd15_base(wf)
+    latent = wf.add("EmptyLatentImage", (380, 420), width=512, height=512, batch_size=1)
+    _custom_sampling(wf, lora[0], lora[1], ckpt[2], latent[0], 740, 120, "tdm", "auto", "tdm_sd15_custom")
+    return wf.to_json()
+
+
+def sdxl_tdm_lora(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    wf.note((20, 420), models_note(SDXL_CKPT, SDXL_LORA))
+    ckpt, lora = _sd15_base(wf, SDXL_CKPT, SDXL_LORA)
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=lora[1], text=PROMPT)
+    latent = wf.add("EmptyLatentImage", (740, 380), width=1024, height=1024, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=lora[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=latent[0], denoise=1.0)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix="tdm_sdxl_4step")
+    return wf.to_json()
+
+
+def sd3_tdm_lora(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    wf.note((20, 420), models_note(
+        SD3_CKPT, SD3_LORA,
+        f"{SD3_LORA}: the released TDM LoRA for SD3-Medium (saved under this name). Its published settings: "
+        "LoRA strength 0.125, DPM-Solver++ (2M) with flow shift 6 (1..6 works), 4 steps, CFG 1. The shift comes "
+        "from ModelSamplingSD3, which the TDM Scheduler reads from the model; grid 'diffusers_trailing' gives the "
+        "evenly spaced timesteps (999, 749, 499, 249 before the shift) that diffusers' flow DPM-Solver uses."))
+    ckpt = wf.add("CheckpointLoaderSimple", (20, 120), ckpt_name=SD3_CKPT)
+    lora = wf.add("TDMLoraLoader", (380, 120), model=ckpt[0], clip=ckpt[1], lora_name=SD3_LORA,
+                  strength_model=0.125, use_recommended_strength=False, strength_clip=0.125)
+    shifted = wf.add("ModelSamplingSD3", (380, 420), model=lora[0], shift=6.0)
+    latent = wf.add("EmptySD3LatentImage", (380, 600), width=1024, height=1024, batch_size=1)
+    _custom_sampling(wf, shifted[0], lora[1], ckpt[2], latent[0], 740, 120, "dpmpp_2m", "diffusers_trailing",
+                     "tdm_sd3_4step")
+    return wf.to_json()
+
+
+def sd15_teacher_vs_tdm(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "Top row: the teacher (the checkpoint alone, 25 steps, "
+                                   "CFG 7). Bottom row: the TDM student (checkpoint + TDM LoRA, 4 steps, CFG 1). "
+                                   "Same prompt, seed and latent size."), title="Teacher vs TDM student")
+    ckpt = wf.add("CheckpointLoaderSimple", (20, 120), ckpt_name=SD15_CKPT)
+    latent = wf.add("EmptyLatentImage", (20, 720), width=512, height=512, batch_size=1)
+    # teacher row
+    t_pos = wf.add("CLIPTextEncode", (380, 0), title="Teacher prompt", clip=ckpt[1], text=PROMPT)
+    t_neg = wf.add("CLIPTextEncode", (380, 260), title="Teacher negative", clip=ckpt[1], text="blurry, low quality")
+    teacher = wf.add("KSampler", (740, 0), title="Teacher: 25 steps, CFG 7", model=ckpt[0], seed=SEED, steps=25,
+                     cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras", positive=t_pos[0], negative=t_neg[0],
+                     latent_image=latent[0], denoise=1.0)
+    t_img = wf.add("VAEDecode", (1100, 0), samples=teacher[0], vae=ckpt[2])
+    wf.add("SaveImage", (1340, 0), title="Teacher (25 steps)", images=t_img[0], filename_prefix="teacher_25step")
+    # student row
+    lora = wf.add("TDMLoraLoader", (380, 560), model=ckpt[0], clip=ckpt[1], lora_name=SD15_LORA)
+    s_pos = wf.add("CLIPTextEncode", (380, 860), title="Student prompt", clip=lora[1], text=PROMPT)
+    student = wf.add("TDMKSampler", (740, 560), title="TDM student: 4 steps, CFG 1", model=lora[0], seed=SEED,
+                     steps=4, grid="auto", cfg=1.0, positive=s_pos[0], latent_image=latent[0], denoise=1.0)
+    s_img = wf.add("VAEDecode", (1100, 560), samples=student[0], vae=ckpt[2])
+    wf.add("SaveImage", (1340, 560), title="TDM student (4 steps)", images=s_img[0], filename_prefix="tdm_student_4step")
+    return wf.to_json()
+
+
+def sd15_img2img(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, f"Input: any image in ComfyUI/input (here {INPUT_IMAGE}). "
+                                   "denoise < 1 runs only the tail of the TDM grid: 0.5 keeps the layout and "
+                                   "redraws the details."))
+    ckpt, lora = _sd15_base(wf)
+    loaded = wf.add("LoadImage", (20, 720), image=INPUT_IMAGE)
+    encoded = wf.add("VAEEncode", (380, 720), pixels=loaded[0], vae=ckpt[2])
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=lora[1], text=PROMPT)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=lora[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=encoded[0], denoise=0.5)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix="tdm_sd15_img2img")
+    return wf.to_json()
+
+
+WORKFLOWS = {
+    "sd15_tdm_ksampler": sd15_tdm_ksampler,
+    "sd15_tdm_sampler_custom": sd15_tdm_sampler_custom,
+    "sdxl_tdm_lora": sdxl_tdm_lora,
+    "sd3_tdm_lora": sd3_tdm_lora,
+    "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
+    "sd15_img2img": sd15_img2img,
+}
+
+
+def write_workflows(object_info: dict, folder: Path = WORKFLOWS_DIR) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, build in WORKFLOWS.items():
+        path = folder / f"{name}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(build(object_info), indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    from tests.helpers.comfy_server import ComfyServer
+
+    with tempfile.TemporaryDirectory(prefix="tdm-workflows-") as base:
+        (Path(base) / "input").mkdir()
+        with ComfyServer.start(Path(base)) as server:
+            object_info = server.get_json("/object_info")
+    missing = [t for t in ("TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader") if t not in object_info]
+    if missing:
+        sys.exit(f"the server has no {missing}: the pack failed to load (see the ComfyUI log)")
+    for path in write_workflows(object_info):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
