@@ -1,7 +1,8 @@
 """Steps-aware TDM (TDM-unify) on the trainer's network: one K-embedding table per TDM adapter.
 
 ``install_k_embedding(network, k_choices)`` registers a module ``tdm_k_embedding`` on the network
-holding a zero-initialised table ``E`` of shape ``(K_max, width)`` for the student and one for the fake
+holding a zero-initialised table ``E`` of shape ``(MAX_K, width)`` (rows K = 1..8, whatever the trained
+choices, so validation and samplers may ask for any K the nodes offer) for the student and one for the fake
 score (separate networks in the paper, so separate tables), and a forward hook on the network's
 timestep embedding that adds ``E[K]`` of the adapter currently active (the teacher, adapters off, gets
 nothing). The loop sets K per batch with :func:`set_num_steps`.
@@ -18,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from tdm_core.steps_aware import K_EMBEDDING_KEY, add_k_embedding, draw_num_steps, grid_for_num_steps, new_k_table, parse_k_choices
+from tdm_core.steps_aware import K_EMBEDDING_KEY, MAX_K, add_k_embedding, draw_num_steps, grid_for_num_steps, new_k_table, parse_k_choices
 
 from .models import STUDENT, TDM_ADAPTERS, TrainingInputError, active_adapter
 
@@ -43,7 +44,8 @@ class KEmbeddings(nn.Module):
     def __init__(self, adapters: Sequence[str], k_choices: Sequence[int], width: int, device=None, dtype=torch.float32):
         super().__init__()
         self.k_choices = list(k_choices)
-        self.tables = nn.ModuleDict({name: _KTable(new_k_table(max(k_choices), width, dtype, device)) for name in adapters})
+        # rows of K never drawn stay at zero: such a K runs unconditioned
+        self.tables = nn.ModuleDict({name: _KTable(new_k_table(MAX_K, width, dtype, device)) for name in adapters})
         self.num_steps: Optional[int] = None
         self.hook = None
 
@@ -109,8 +111,8 @@ def set_num_steps(network: nn.Module, k: int) -> None:
     k_module = k_embedding_of(network)
     if k_module is None:
         raise RuntimeError("set_num_steps on a network without a K-embedding: call install_k_embedding first")
-    if k not in range(1, max(k_module.k_choices) + 1):
-        raise ValueError(f"K={k} is outside the K-embedding's rows 1..{max(k_module.k_choices)}")
+    if k not in range(1, MAX_K + 1):
+        raise ValueError(f"K={k} is outside the K-embedding's rows 1..{MAX_K}")
     k_module.num_steps = int(k)
 
 
