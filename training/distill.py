@@ -317,6 +317,8 @@ def run(cfg: DistillConfig) -> int:
         AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=cpu_only_distributed())
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("--mixed-precision fp16 needs a GPU (accelerate has no fp16 autocast on CPU): use bf16 or no")
     parts, latent_shape, step = start_run(cfg, accelerator)
     step = train(parts, cfg, prompts, latent_shape, step)
     if step < cfg.max_train_steps:
