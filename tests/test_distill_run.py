@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.helpers.tiny_models import save_tiny_pipeline
-from training.checkpoint import PAUSE_ENV, list_checkpoints, load_checkpoint
+from training.checkpoint import ADAPTERS_FILE, PAUSE_ENV, list_checkpoints, load_checkpoint
 from training.distill import EXIT_NON_FINITE, EXIT_OK, PAUSE_LORA_ENV, main
 from training.lora_io import adapter_to_kohya, read_lora
 
@@ -60,6 +60,9 @@ def test_run_writes_lora_with_metadata_log_checkpoints_and_validation_grid(teach
     grid = Image.open(run_dir / "validation" / "step-00000003.png")
     assert grid.size == (4 * 16, 2 * 16)  # teacher + student at 1, 2, 4 steps; one row per prompt
     assert not list(output.parent.glob(".*")), "temporary files left beside the LoRA"
+    # ComfyUI lists every file with these extensions under models/loras as a LoRA (folder_paths.py)
+    model_files = [p for p in output.parent.rglob("*") if p.suffix in {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}]
+    assert model_files == [output], "the run folder puts files into ComfyUI's LoRA list"
 
 
 def test_exported_lora_is_the_final_student_adapter(teacher, tmp_path):
@@ -125,7 +128,7 @@ def test_sigkill_during_checkpoint_and_lora_writes_keeps_previous_files(teacher,
     common = args(teacher, output, "--max-train-steps", 4, "--checkpoint-every", 2)
     # 1. killed while writing the step-4 checkpoint: step 2 stays whole, resume finishes the run
     process = spawn(common, {PAUSE_ENV: "4:120"})
-    kill_when(process, lambda: (run_dir / "checkpoints" / ".tmp-step-00000004" / "adapters.safetensors").exists())
+    kill_when(process, lambda: (run_dir / "checkpoints" / ".tmp-step-00000004" / ADAPTERS_FILE).exists())
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002"]
     assert load_checkpoint(list_checkpoints(run_dir)[0])[1]["step"] == 2
     assert not output.exists()

@@ -1,10 +1,14 @@
 """Checkpoints of a distillation run, written so that a crash never loses the last good one.
 
-A checkpoint is a folder ``<run_dir>/checkpoints/step-00000010`` holding ``adapters.safetensors``
-(both LoRA adapters) and ``training_state.pt`` (optimisers, LR schedules, every process's RNG
-states, the step). It is written into a hidden temporary folder and renamed into place with
-``os.replace`` once complete, and older checkpoints are pruned only after that, so a kill at any
-moment leaves the previous checkpoint whole.
+A checkpoint is a folder ``<run_dir>/checkpoints/step-00000010`` holding ``adapters.tdmckpt``
+(both LoRA adapters, safetensors format) and ``training_state.tdmstate`` (torch.save: optimisers,
+LR schedules, every process's RNG states, the step). The extensions are the project's own because
+the run folder sits next to ``--output``, often inside ComfyUI's ``models/loras``, and ComfyUI lists
+every ``.safetensors``/``.pt`` file there as a LoRA.
+
+A checkpoint is written into a hidden temporary folder and renamed into place with ``os.replace``
+once complete; older checkpoints are pruned only after that, so a kill at any moment leaves the
+previous checkpoint whole.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
+ADAPTERS_FILE = "adapters.tdmckpt"
+STATE_FILE = "training_state.tdmstate"
 PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
 # test hook: sleep this many seconds in the middle of writing the checkpoint of step N ("N:seconds")
@@ -67,9 +73,9 @@ def save_checkpoint(run_dir: Path, step: int, adapters: dict, state: dict, keep:
     temp = final.with_name(TEMP_PREFIX + final.name)
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir(parents=True)
-    save_file(flatten_adapters(adapters), str(temp / "adapters.safetensors"))
+    save_file(flatten_adapters(adapters), str(temp / ADAPTERS_FILE))
     _pause_for_tests(step)
-    torch.save({**state, "step": step}, temp / "training_state.pt")
+    torch.save({**state, "step": step}, temp / STATE_FILE)
     _fsync_folder(temp)
     if final.exists():  # the same step saved again (e.g. a resumed run that stopped at once)
         old = final.with_name(TEMP_PREFIX + "old-" + final.name)
@@ -87,8 +93,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """``(adapters, state)`` of a checkpoint folder."""
     path = Path(path)
     try:
-        adapters = unflatten_adapters(load_file(str(path / "adapters.safetensors")))
-        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        adapters = unflatten_adapters(load_file(str(path / ADAPTERS_FILE)))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as err:
         raise ValueError(f"checkpoint {path} is unreadable ({err}): delete it to resume from the one before") from err
     return adapters, state
