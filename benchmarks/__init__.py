@@ -1,0 +1,5 @@
+"""Small-scale reproduction of the TDM claims on a digits teacher the project trains itself.
+
+``train_teacher`` makes the teacher, ``metrics`` the domain classifier and Frechet distance,
+``demo`` is the README's main-job command and ``run_all`` writes ``benchmarks/RESULTS.md``.
+"""
