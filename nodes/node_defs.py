@@ -20,6 +20,15 @@ GRID_TOOLTIP = (
 )
 
 
+def combo_problem(input_name: str, value, options) -> bool | str:
+    """ComfyUI 0.3.75 checks V1 combo values but not V3 ``io.Combo`` ones: each node checks its own in
+    ``validate_inputs`` (``None``: the input is linked, checked at run time)."""
+    if value is None or value in options:
+        return True
+    shown = ", ".join(map(str, options[:12])) + (" ..." if len(options) > 12 else "")
+    return f"{input_name}={value!r} is not one of the choices ({shown or 'none available'}): pick a listed value"
+
+
 def steps_input() -> io.Int.Input:
     return io.Int.Input("steps", default=4, min=1, max=MAX_STEPS, tooltip="Number of student steps K (one model call each). TDM LoRAs are distilled for a fixed K, usually 4.")
 
@@ -55,6 +64,10 @@ class TDMScheduler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, grid=None):
+        return combo_problem("grid", grid, list(GRID_CHOICES))
+
+    @classmethod
     def execute(cls, model, steps, grid, custom_timesteps, denoise) -> io.NodeOutput:
         return io.NodeOutput(tdm_sigmas(model, steps, grid, custom_timesteps, denoise))
 
@@ -74,6 +87,11 @@ class TDMSampler(io.ComfyNode):
             ],
             outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, solver=None, noise_start=None):
+        problem = combo_problem("solver", solver, list(SOLVERS))
+        return problem if problem is not True else combo_problem("noise_start", noise_start, list(NOISE_STARTS))
 
     @classmethod
     def execute(cls, solver, gamma, noise_start) -> io.NodeOutput:
@@ -103,6 +121,10 @@ class TDMKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, grid=None):
+        return combo_problem("grid", grid, list(GRID_CHOICES))
+
+    @classmethod
     def execute(cls, model, seed, steps, grid, cfg, positive, latent_image, denoise, negative=None) -> io.NodeOutput:
         return io.NodeOutput(tdm_ksample(model, seed, steps, grid, cfg, positive, negative, latent_image, denoise))
 
@@ -128,6 +150,11 @@ class TDMLoraLoader(io.ComfyNode):
                 io.Clip.Output(tooltip="The text encoder, patched when the LoRA has text-encoder weights."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None):
+        # only listed names: also keeps '../' and absolute paths out of the loader
+        return combo_problem("lora_name", lora_name, folder_paths.get_filename_list("loras"))
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, use_recommended_strength, strength_clip, clip=None) -> io.NodeOutput:

@@ -172,3 +172,30 @@ def test_inpainting_mask_keeps_the_unmasked_latent(pack, tiny_model):
     out = n.TDMKSampler.execute(model, 2, 4, "reference", 1.0, cond, {"samples": image, "noise_mask": mask}, 1.0).result[0]["samples"]
     torch.testing.assert_close(out[..., :4], image[..., :4], rtol=1e-5, atol=1e-5)
     assert (out[..., 4:] - image[..., 4:]).abs().max() > 1e-2
+
+
+def test_v3_combo_values_are_checked_by_comfyui_validation(pack, lora_folder):
+    """ComfyUI's own prompt validation (execution.validate_inputs) rejects combo values outside the
+    lists, which 0.3.75 does not do by itself for V3 nodes."""
+    import execution
+    import nodes as comfy_nodes
+
+    n = nodes()
+    for cls in n.NODES:
+        comfy_nodes.NODE_CLASS_MAPPINGS[cls.define_schema().node_id] = cls
+
+    def validate(class_type, inputs):
+        prompt = {"1": {"class_type": class_type, "inputs": inputs}}
+        return asyncio.run(execution.validate_inputs("p", prompt, "1", {}))
+
+    ok = validate("TDMSampler", {"solver": "tdm", "gamma": 0.0, "noise_start": "reference"})
+    assert ok[0] is True, ok
+    valid, errors, _ = validate("TDMSampler", {"solver": "euler", "gamma": 0.0, "noise_start": "reference"})
+    assert not valid and {e["type"] for e in errors} == {"custom_validation_failed"} and "solver='euler'" in errors[0]["details"]
+
+    h.write_safetensors(lora_folder, "listed.safetensors", {"x.lora_down.weight": torch.zeros(1, 1)})
+    assert n.TDMLoraLoader.validate_inputs(lora_name="listed.safetensors") is True
+    for bad in ("../listed.safetensors", "/etc/passwd", "missing.safetensors"):
+        assert "not one of the choices" in n.TDMLoraLoader.validate_inputs(lora_name=bad)
+    assert "grid='bogus'" in n.TDMScheduler.validate_inputs(grid="bogus")
+    assert n.TDMKSampler.validate_inputs(grid="auto") is True
