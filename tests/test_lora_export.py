@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from tests.helpers.tiny_models import comfy_model_from_diffusers_unet, import_comfy, save_tiny_pipeline
+from tests.helpers.tiny_models import (comfy_model_from_diffusers_transformer, comfy_model_from_diffusers_unet, import_comfy,
+                                      save_tiny_pipeline)
 from tdm_core.metadata import TDMInfo
 
 torch.set_num_threads(1)
@@ -24,7 +25,10 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_export")
-    return {family: save_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl", "pixart", "sd3")}
+    folders = {family: save_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl", "sd3")}
+    # ComfyUI's PixArt needs latents of at least 64 (its position embedding is sized from them)
+    folders["pixart"] = save_tiny_pipeline("pixart", root / "pixart", pixart_sample_size=64)
+    return folders
 
 
 def trained_family(folder, seed=7):
@@ -200,5 +204,64 @@ def test_diffusers_load_lora_weights_reproduces_the_student(folders, tmp_path, f
     student, teacher = student_and_teacher(family, x_t, t, cond)
     added = {"added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}} if family_name == "sdxl" else {}
     loaded = pipe.unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], **added).sample
+    assert (student - teacher).abs().max() > 1e-2
+    assert torch.allclose(loaded, student, atol=1e-5)
+
+
+@pytest.mark.parametrize("family_name", ["sd3", "pixart"])
+def test_stock_comfyui_loads_transformer_lora_with_zero_skipped_keys(folders, tmp_path, family_name):
+    import diffusers
+
+    family = trained_family(folders[family_name])
+    path = export(family, tmp_path / f"{family_name}.safetensors")
+    transformer_class = {"sd3": diffusers.SD3Transformer2DModel, "pixart": diffusers.PixArtTransformer2DModel}[family_name]
+    comfy_model, _ = comfy_model_from_diffusers_transformer(transformer_class.from_pretrained(str(folders[family_name] / "transformer")), family_name)
+
+    cond = family.encode_prompts(["a photo", "a drawing"])
+    x_t = torch.randn(family.latent_shape(2), generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([900.0, 250.0])
+    timestep = family.schedule.model_timestep(t).float()  # both networks take the model timestep
+    if family_name == "sd3":
+        extra = {"y": cond["pooled_projections"]}
+    else:  # PixArt: the prompt mask is all ones here, so no mask is needed on the ComfyUI side
+        cond = family.encode_prompts(["x" * 200, "y" * 200])
+        assert cond["encoder_attention_mask"].all()
+        extra = {}
+    net = comfy_model.diffusion_model
+    comfy_teacher = net(x_t, timestep, context=cond["encoder_hidden_states"], **extra)
+
+    patched, skipped, consumed, lora = comfy_apply_lora(comfy_model, path)
+    assert skipped == []
+    modules = [k for k in lora if k.endswith((".lora_down.weight", ".lora_A.weight"))]
+    assert len(consumed) == len(modules)  # one patch per LoRA module (slices of the fused qkv weights count apart)
+    comfy_student = net(x_t, timestep, context=cond["encoder_hidden_states"], **extra)
+    student, teacher = student_and_teacher(family, x_t, t, cond)
+    assert torch.allclose(comfy_teacher, teacher, atol=1e-5)
+    assert (student - teacher).abs().max() > 1e-2
+    assert torch.allclose(comfy_student, student, atol=1e-4)
+
+
+def test_diffusers_load_lora_weights_reproduces_the_sd3_student(folders, tmp_path):
+    import diffusers
+
+    from training.lora_io import kohya_to_adapter, read_lora
+    from training.models import STUDENT, adapter_state_dict
+
+    family = trained_family(folders["sd3"])
+    path = export(family, tmp_path / "sd3.safetensors")
+    tensors, info = read_lora(path)
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    assert info.lora_alpha == ALPHA and info.prediction_type == "flow"
+    restored = kohya_to_adapter(tensors, family.network, family.kohya_prefix, RANK)
+    assert all(torch.allclose(restored[k], v, atol=1e-7) for k, v in adapter_state_dict(family.network, STUDENT).items())
+
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(folders["sd3"]))
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+    cond = family.encode_prompts(["a photo"])
+    x_t = torch.randn(family.latent_shape(1), generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([600.0])
+    student, teacher = student_and_teacher(family, x_t, t, cond)
+    loaded = pipe.transformer(hidden_states=x_t, timestep=family.schedule.model_timestep(t).float(),
+                              encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
     assert (student - teacher).abs().max() > 1e-2
     assert torch.allclose(loaded, student, atol=1e-5)

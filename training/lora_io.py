@@ -7,6 +7,10 @@ Key layout per family prefix (``family.kohya_prefix``):
 - a prefix ending in ``.`` (PixArt: ``transformer.``): ``<prefix><diffusers module path>.lora_down.weight`` ...,
   the only PixArt layout ComfyUI 0.3.75 maps.
 The effective update is ``up @ down * alpha / rank``, the same as PEFT's ``B @ A * lora_alpha / r``.
+
+Families with ``lora_layout = "peft"`` (SD3: diffusers has no kohya converter for it) are written in
+diffusers' own layout instead, ``transformer.<path>.lora_A.weight`` / ``.lora_B.weight`` with the
+``alpha / rank`` scale folded into ``lora_B`` (no alpha key), which ComfyUI and diffusers both load.
 """
 from __future__ import annotations
 
@@ -46,10 +50,29 @@ def adapter_to_kohya(adapter_state: dict[str, torch.Tensor], prefix: str, alpha:
     return out
 
 
-def kohya_to_adapter(lora: dict[str, torch.Tensor], network: torch.nn.Module, prefix: str, rank: int) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`adapter_to_kohya` for ``network`` (alpha folded back assuming PEFT alpha == file alpha)."""
-    paths = {kohya_module_key(prefix, name): name for name, _ in network.named_modules() if name}
+def adapter_to_peft_layout(adapter_state: dict[str, torch.Tensor], prefix: str, alpha: float, rank: int, dtype=None) -> dict[str, torch.Tensor]:
+    """PEFT tensors -> diffusers' layout ``<prefix><path>.lora_A/B.weight``, ``alpha / rank`` folded into B."""
     out = {}
+    for name, tensor in adapter_state.items():
+        down_or_up = tensor * (alpha / rank) if name.endswith(LORA_B) else tensor
+        out[prefix + name] = (down_or_up.to(dtype) if dtype is not None else down_or_up).contiguous()
+    return out
+
+
+def kohya_to_adapter(lora: dict[str, torch.Tensor], network: torch.nn.Module, prefix: str, rank: int) -> dict[str, torch.Tensor]:
+    """Inverse of the export for ``network``: kohya (down/up, alpha assumed equal to the adapter's) or the
+    peft layout (lora_A/B with the scale folded into B, unfolded here with the adapter's own alpha / rank)."""
+    out = {}
+    peft_keys = [k for k in lora if k.endswith(LORA_A)]
+    if peft_keys:
+        config = getattr(network, "peft_config", {}).get(STUDENT)
+        scale = (config.lora_alpha / config.r) if config is not None else 1.0
+        for key in peft_keys:
+            path = key[len(prefix):-len(LORA_A)] if key.startswith(prefix) else key[: -len(LORA_A)]
+            out[path + LORA_A] = lora[key]
+            out[path + LORA_B] = lora[key[: -len(LORA_A)] + LORA_B] / scale
+        return out
+    paths = {kohya_module_key(prefix, name): name for name, _ in network.named_modules() if name}
     for key, tensor in lora.items():
         if not key.endswith(".lora_down.weight"):
             continue
@@ -92,7 +115,11 @@ def export_student_lora(family, path: str | os.PathLike, info: TDMInfo, dtype=No
     if base_hash is None and not info.base_hash and getattr(family, "source_path", ""):
         base_hash = base_model_hash(family.source_path)
     info.base_hash = base_hash or info.base_hash
-    tensors = adapter_to_kohya(adapter_state_dict(family.network, STUDENT), family.kohya_prefix, config.lora_alpha, dtype)
+    adapter = adapter_state_dict(family.network, STUDENT)
+    if getattr(family, "lora_layout", "kohya") == "peft":
+        tensors = adapter_to_peft_layout(adapter, family.kohya_prefix, config.lora_alpha, config.r, dtype)
+    else:
+        tensors = adapter_to_kohya(adapter, family.kohya_prefix, config.lora_alpha, dtype)
     metadata = info.to_safetensors_metadata()
     # kohya's own fields, shown by A1111/Forge and LoRA managers
     metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(info.lora_rank),

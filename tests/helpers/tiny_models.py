@@ -118,8 +118,11 @@ def _scheduler(family: str, prediction_type: str, zero_snr: bool):
 
 
 def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
-                        prediction_type: str = "epsilon", zero_snr: bool = False):
-    """A random-weight diffusers pipeline of ``family`` (see FAMILIES), deterministic in ``seed``."""
+                        prediction_type: str = "epsilon", zero_snr: bool = False, pixart_sample_size: int = 8):
+    """A random-weight diffusers pipeline of ``family`` (see FAMILIES), deterministic in ``seed``.
+
+    ``pixart_sample_size``: ComfyUI's PixArt derives its position embedding from the latent size and
+    needs latents of at least 64; 8 keeps every other test fast."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -139,7 +142,7 @@ def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
         )
     if family == "pixart":
         transformer = diffusers.PixArtTransformer2DModel(
-            sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+            sample_size=pixart_sample_size, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
             patch_size=2, cross_attention_dim=16, caption_channels=32, norm_type="ada_norm_single",
             use_additional_conditions=False, norm_elementwise_affine=False, norm_eps=1e-6,
         )
@@ -148,9 +151,10 @@ def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
             scheduler=_scheduler(family, prediction_type, zero_snr),
         )
     if family == "sd3":
+        # ComfyUI's MMDiT ties the width to the depth (64 * depth, heads of 64): 2 blocks of width 128
         transformer = diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
             pos_embed_max_size=16,
         )
         return diffusers.StableDiffusion3Pipeline(
@@ -233,6 +237,60 @@ def comfy_model_from_diffusers_unet(unet, family: str):
     if missing or len(ldm_state) != len(state):
         raise RuntimeError(f"tiny UNet does not map onto ComfyUI's UNet: missing {missing[:5]}, unmapped {sorted(set(state) - set(diffusers_to_ldm))[:5]}")
     return model.to(torch.float32).eval()
+
+
+def _assemble_ldm(state: dict[str, torch.Tensor], key_map: dict) -> dict[str, torch.Tensor]:
+    """Apply one of ComfyUI's ``*_to_diffusers`` key maps in reverse: entries are ``ldm_key`` or
+    ``(ldm_key, (dim, offset, size) | None[, transform])``; fused tensors (qkv) are put together from slices."""
+    out: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list] = {}
+    for diffusers_key, target in key_map.items():
+        if diffusers_key not in state:
+            continue
+        tensor = state[diffusers_key].detach().clone()
+        if isinstance(target, str):
+            out[target] = tensor
+            continue
+        ldm_key, span = target[0], target[1]
+        if len(target) > 2:
+            tensor = target[2](tensor)
+        if span is None:
+            out[ldm_key] = tensor
+        else:
+            pieces.setdefault(ldm_key, []).append((span, tensor))
+    for ldm_key, parts in pieces.items():
+        parts.sort(key=lambda item: item[0][1])
+        out[ldm_key] = torch.cat([tensor for _, tensor in parts], dim=parts[0][0][0])
+    return out
+
+
+def comfy_model_from_diffusers_transformer(transformer, family: str):
+    """A ComfyUI ``BaseModel`` ("sd3" MMDiT or "pixart" PixArtMS) holding exactly ``transformer``'s weights."""
+    comfy = import_comfy()
+    import comfy.model_detection
+
+    config = dict(transformer.config)
+    if family == "sd3":
+        key_map = comfy.utils.mmdit_to_diffusers({"depth": config["num_layers"]})
+        ldm_state = _assemble_ldm(transformer.state_dict(), key_map)
+        model_config = comfy.supported_models.SD3(comfy.model_detection.detect_unet_config(ldm_state, ""))
+    elif family == "pixart":
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        key_map = comfy.utils.pixart_to_diffusers({"depth": config["num_layers"], "hidden_size": hidden})
+        ldm_state = _assemble_ldm(transformer.state_dict(), key_map)
+        model_config = comfy.supported_models.PixArtAlpha({
+            "image_model": "pixart_alpha", "depth": config["num_layers"], "hidden_size": hidden,
+            "num_heads": config["num_attention_heads"], "patch_size": config["patch_size"], "in_channels": config["in_channels"],
+            "input_size": config["sample_size"], "caption_channels": config["caption_channels"], "model_max_length": 120,
+            "micro_condition": bool(config["use_additional_conditions"]), "pe_interpolation": 1,
+        })
+    else:
+        raise ValueError(f"no ComfyUI transformer twin for family {family!r}")
+    model = model_config.get_model({})
+    missing, unexpected = model.diffusion_model.load_state_dict(ldm_state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"ComfyUI's {family} model has no place for {unexpected[:5]}")
+    return model.to(torch.float32).eval(), missing
 
 
 def _ldm_unet_state(unet, family: str) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ class PipelineFamily:
 
     name = "base"
     kohya_prefix = "lora_unet"
+    lora_layout = "kohya"  # or "peft" (training.lora_io): how the exported file names its tensors
     network_attribute = "unet"
     # attention and feed-forward projections of every transformer block: the usual LoRA targets
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]

@@ -11,7 +11,9 @@ class SD3Family(PipelineFamily):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     network_attribute = "transformer"
-    kohya_prefix = "lora_transformer"  # OneTrainer-style keys, mapped by ComfyUI for SD3
+    # diffusers' own SD3 layout: ComfyUI maps "transformer.<path>" for SD3 and diffusers has no kohya SD3 converter
+    kohya_prefix = "transformer."
+    lora_layout = "peft"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
     max_sequence_length = 256
