@@ -305,3 +305,15 @@ def test_comfyui_sd15_checkpoint_loads_with_shipped_config():
     assert torch.equal(loaded, stored.to(loaded.dtype))
     assert family.pipeline.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]  # the real CLIP vocabulary
     assert family.encode_prompts(["a cat"])["encoder_hidden_states"].shape == (1, 77, 768)
+
+
+def test_sdxl_size_conditions_follow_the_latent_size(tiny_folders):
+    family = load(tiny_folders["sdxl"])
+    cond = family.encode_prompts(["p"])
+    x_t = torch.randn(family.latent_shape(1, resolution=32))
+    ids = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
+    direct = family.network(x_t, torch.tensor([400]), encoder_hidden_states=cond["encoder_hidden_states"],
+                            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": ids}).sample
+    assert torch.allclose(family.denoise(x_t, torch.tensor([400.0]), cond), direct, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        family.latent_shape(1, resolution=33)

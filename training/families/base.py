@@ -20,7 +20,8 @@ class ModelFamily(Protocol):
     prediction_type: str  # a tdm_core.PREDICTION_TYPES value
     num_timesteps: int  # T of the discrete schedule (1000 for every supported family)
     lora_target_modules: list[str]  # module names PEFT targets
-    kohya_prefix: str  # "lora_unet" or "lora_transformer": the exported key prefix
+    kohya_prefix: str  # exported key prefix: "lora_unet" (UNets), "transformer." (PixArt, SD3); see training.lora_io
+    # optional: lora_layout = "kohya" (default) or "peft" (diffusers' lora_A/lora_B names, used for SD3)
 
     def encode_prompts(self, prompts: list[str]) -> Cond: ...
 

@@ -110,6 +110,8 @@ class PipelineFamily:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.pipeline.vae
+        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)  # the SD/SDXL VAE overflows in fp16 (diffusers' own pipelines upcast it too)
         scaling = vae.config.scaling_factor
         shift = vae.config.get("shift_factor", None) or 0.0
         images = vae.decode((latents / scaling + shift).to(vae.dtype)).sample

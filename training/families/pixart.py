@@ -29,6 +29,10 @@ class PixArtFamily(PipelineFamily):
 
     def _network_output(self, x_t: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
         added = {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")}
+        if added["resolution"] is not None:  # micro-conditions follow the latents' actual size
+            height, width = x_t.shape[-2] * self.vae_scale_factor, x_t.shape[-1] * self.vae_scale_factor
+            added["resolution"] = torch.tensor([[height, width]], dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0], -1)
+            added["aspect_ratio"] = torch.full((x_t.shape[0], 1), height / width, dtype=x_t.dtype, device=x_t.device)
         out = self.network(x_t, encoder_hidden_states=cond["encoder_hidden_states"], timestep=timestep,
                            encoder_attention_mask=cond["encoder_attention_mask"], added_cond_kwargs=added).sample
         if out.shape[1] == 2 * x_t.shape[1]:  # learned variance channels: keep the mean prediction

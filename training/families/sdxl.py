@@ -12,9 +12,9 @@ class SDXLFamily(PipelineFamily):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
 
-    def _time_ids(self, batch_size: int) -> Tensor:
-        # SDXL micro-conditioning: original size, crop top-left (0, 0), target size, at the training resolution
-        size = (self.resolution, self.resolution)
+    def _time_ids(self, batch_size: int, size: tuple[int, int] | None = None) -> Tensor:
+        # SDXL micro-conditioning: original size, crop top-left (0, 0), target size (pixels)
+        size = size or (self.resolution, self.resolution)
         projection_dim = self.pipeline.text_encoder_2.config.projection_dim
         ids = self.pipeline._get_add_time_ids(size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=projection_dim)
         return ids.to(self.device).expand(batch_size, -1)
@@ -33,5 +33,10 @@ class SDXLFamily(PipelineFamily):
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in zeros.items()}
 
     def _network_output(self, x_t: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
-        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        # conditions carry the native-resolution sizes; training at another resolution must say that size
+        size = (x_t.shape[-2] * self.vae_scale_factor, x_t.shape[-1] * self.vae_scale_factor)
+        time_ids = cond["time_ids"]
+        if size != (self.resolution, self.resolution):
+            time_ids = self._time_ids(x_t.shape[0], size).to(device=x_t.device, dtype=time_ids.dtype)
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
         return self.network(x_t, timestep, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
