@@ -6,9 +6,9 @@ from comfy_api.latest import io
 
 from .comfy_sigmas import tdm_sigmas
 from .grid_choice import DEFAULT_CUSTOM_TIMESTEPS, GRID_CHOICES
-from .lora_apply import apply_lora
 from .lora_keys import read_lora_file
 from .sampling import tdm_ksample
+from .steps_aware import apply_tdm_lora
 from .tdm_sampler import NOISE_STARTS, SOLVERS, TDMSamplerObject
 
 CATEGORY = "sampling/tdm"
@@ -160,7 +160,8 @@ class TDMLoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength_model, use_recommended_strength, strength_clip, clip=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         lora_sd, metadata = read_lora_file(path)
-        new_model, new_clip, _ = apply_lora(model, clip, lora_sd, metadata, strength_model, strength_clip, use_recommended_strength, lora_name)
+        # plain and steps-aware (unify) LoRAs: apply_tdm_lora also installs a unify file's K-embedding
+        new_model, new_clip, _ = apply_tdm_lora(model, clip, lora_sd, metadata, strength_model, strength_clip, use_recommended_strength, lora_name)
         return io.NodeOutput(new_model, new_clip)
 
 

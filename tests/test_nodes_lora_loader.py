@@ -214,3 +214,27 @@ def test_text_encoder_weights_patch_the_connected_clip(tiny_model, pack, lora_fo
     after = clip.encode_from_tokens(tokens)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(base_clip.encode_from_tokens(tokens), before)  # the input CLIP is untouched
+
+
+def test_loader_node_installs_a_unify_loras_k_embedding(tiny_model, pack, lora_folder):
+    """A steps-aware (TDM-unify) file goes through the node too: LoRA weights patched, the K table
+    installed on the returned clone only (nodes.steps_aware), and it changes the sample."""
+    from comfyui_tdm_pack.nodes.node_defs import TDMKSampler
+    from comfyui_tdm_pack.nodes.steps_aware import k_embedding_wrapper
+    from tdm_core.steps_aware import K_EMBEDDING_KEY
+
+    base = tiny_model("sd15_eps")
+    width = 4 * h.TINY_SD15_UNET["model_channels"]  # the ldm UNet's timestep-embedding width
+    table = torch.randn(4, width, generator=torch.Generator().manual_seed(5))
+    info = TDMInfo(num_steps=4, base_family="sd15", k_choices=[1, 2, 4])
+    h.write_safetensors(lora_folder, "unify.safetensors", {**kohya_unet_lora(), K_EMBEDDING_KEY: table}, info.to_safetensors_metadata())
+    h.write_safetensors(lora_folder, "plain.safetensors", kohya_unet_lora(), info.to_safetensors_metadata())
+    unify = loader().execute(base, "unify.safetensors", 1.0, True, 1.0).result[0]
+    plain = loader().execute(base, "plain.safetensors", 1.0, True, 1.0).result[0]
+    assert len(unify.patches) == 4
+    assert k_embedding_wrapper(unify) is not None and k_embedding_wrapper(plain) is None and k_embedding_wrapper(base) is None
+    cond = h.conditioning("sd15_eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    a = TDMKSampler.execute(unify, 0, 4, "auto", 1.0, cond, latent, 1.0).result[0]["samples"]
+    b = TDMKSampler.execute(plain, 0, 4, "auto", 1.0, cond, latent, 1.0).result[0]["samples"]
+    assert (a - b).abs().max() > 1e-3
