@@ -317,3 +317,11 @@ def test_sdxl_size_conditions_follow_the_latent_size(tiny_folders):
     assert torch.allclose(family.denoise(x_t, torch.tensor([400.0]), cond), direct, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 2"):
         family.latent_shape(1, resolution=33)
+
+
+def test_family_option_must_match_the_folder(tiny_folders):
+    from training.models import TrainingInputError
+
+    with pytest.raises(TrainingInputError, match="holds a sd15 model, not sdxl"):
+        load(tiny_folders["sd15"], family="sdxl")
+    assert load(tiny_folders["sd15"], family="sd15").name == "sd15"

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -232,7 +233,10 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
     if not os.access(path, os.R_OK):
         raise TrainingInputError(f"model path {path} is not readable: check its permissions.")
     if path.is_dir():
-        name = family or detect_folder_family(path)
+        detected = detect_folder_family(path) if family is None or (path / "model_index.json").is_file() else family
+        if family is not None and family != detected and detected in PIPELINE_FAMILIES.values():
+            raise TrainingInputError(f"{path} holds a {detected} model, not {family}: drop the family option or pass a {family} model.")
+        name = family or detected
         if name not in PIPELINE_FAMILIES.values():
             return _load_registered(name, path, device, dtype, config_path)
         pipeline = _load_pipeline_folder(path, name, dtype)
@@ -296,7 +300,9 @@ def add_tdm_adapters(family: ModelFamily, rank: int, alpha: float, target_module
         # B = 0 at init: student and fake score both start exactly at the teacher (METHOD.md)
         configs[name] = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
         try:  # peft directly: not every diffusers model class has diffusers' add_adapter (PixArt has not)
-            inject_adapter_in_model(configs[name], network, adapter_name=name)
+            with warnings.catch_warnings():  # a second adapter is the point here, not a mistake
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                inject_adapter_in_model(configs[name], network, adapter_name=name)
         except ValueError as err:
             raise TrainingInputError(f"cannot add LoRA adapters to {family.name}: {err}. Check target_modules {targets}.") from err
     network.peft_config = configs
