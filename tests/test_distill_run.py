@@ -185,3 +185,32 @@ def test_option_runs_finish_with_finite_losses(case, teacher, tmp_path):
     if case == "shared_randmid_l2":
         assert info.huber_c is None and info.teacher_cfg == 1.0
 
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    # the digits demo family (pixel space, class prompts) with random weights: same code path as the demo
+    from benchmarks.train_teacher import save_teacher
+    from training.families import digits
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("digits") / "teacher"
+    save_teacher(folder, digits.build_unet(), torch.nn.Embedding(digits.NUM_CLASSES + 1, digits.EMBED_DIM))
+    return folder
+
+
+def test_digits_family_runs_through_the_same_cli(digits_teacher, tmp_path, capsys):
+    prompts = tmp_path / "digits.txt"
+    prompts.write_text("0\n3\ndigit 7\n")
+    output = tmp_path / "digits_tdm.safetensors"
+    argv = ["--model", str(digits_teacher), "--prompts", str(prompts), "--output", str(output), "--lora-rank", "4",
+            "--max-train-steps", "2", "--validate-every", "2", "--validation-prompts", "2"]
+    assert main(argv) == EXIT_OK
+    tensors, info = read_lora(output)
+    assert info.base_family == "digits" and info.grid == [899, 674, 449, 224] and tensors
+    assert Image.open(tmp_path / "digits_tdm_run" / "validation" / "step-00000002.png").size == (4 * 16, 2 * 16)
+    prompts.write_text("0\na cat\n")
+    capsys.readouterr()
+    assert main(argv[:-4] + ["--output", str(tmp_path / "bad.safetensors"), "--seed", "1"]) == 2
+    assert "cannot use a prompt" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()

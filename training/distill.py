@@ -215,6 +215,14 @@ def draw_prompt_batch(prompts: list[str], batch_size: int, generator: torch.Gene
     return [prompts[i] for i in torch.randint(len(prompts), (batch_size,), generator=generator).tolist()]
 
 
+def encode(family, prompts: list[str]) -> dict:
+    # a family refuses prompts it cannot condition on (e.g. digits wants "0".."9") with a ValueError
+    try:
+        return family.encode_prompts(prompts)
+    except ValueError as err:
+        raise ConfigError(f"the {family.name} model cannot use a prompt of --prompts: {err}") from err
+
+
 def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int) -> None:
     from .validation import write_validation_grid
 
@@ -222,7 +230,7 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
         chosen = prompts[: cfg.validation_prompts]
         family = parts.family
         with parts.accelerator.autocast():  # the base may be in half precision
-            write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, family.encode_prompts(chosen),
+            write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, encode(family, chosen),
                                   family.null_condition(len(chosen)), len(chosen), cfg.resolution, parts.accelerator.device,
                                   cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
     parts.accelerator.wait_for_everyone()
@@ -282,7 +290,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     family, accelerator = parts.family, parts.accelerator
     if cfg.precompute_embeddings:
         for start in range(0, len(prompts), 32):
-            family.encode_prompts(prompts[start : start + 32])
+            encode(family, prompts[start : start + 32])
     log = RunLog(cfg.run_dir(), accelerator.is_main_process)
     null_cond = family.null_condition(cfg.batch_size)
     stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
@@ -290,7 +298,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     saved_at = step
     while step < stop_at:
         for _ in range(cfg.gradient_accumulation_steps):
-            cond = family.encode_prompts(draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
+            cond = encode(family, draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
             metrics = tdm_iteration(parts, cond, null_cond, latent_shape)
         step += 1
         log.write(step, metrics)

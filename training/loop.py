@@ -56,22 +56,24 @@ class LoopParts:
     schedulers: dict = field(default_factory=dict)  # adapter name -> LR scheduler
 
 
-def predict_x0_eps(parts: LoopParts, adapter: Optional[str], x_t: Tensor, t: Tensor, cond: dict) -> tuple[Tensor, Tensor]:
-    """``(x0_hat, eps_hat)`` of the base with one adapter on (``None``: adapters off, the teacher)."""
+def predict_x0_eps(parts: LoopParts, adapter: Optional[str], x_t: Tensor, t: Tensor, *conds: dict) -> list[tuple[Tensor, Tensor]]:
+    """``(x0_hat, eps_hat)`` for each condition, of the base with one adapter on (``None``: adapters
+    off, the teacher)."""
     family = parts.family
-    with use_adapter(family.network, adapter), parts.accelerator.autocast():
-        output = family.denoise(x_t, t, cond)
     a, s = family.schedule.alpha_sigma(t)
-    return x0_eps_from_output(output.float(), x_t, a, s, family.prediction_type)
+    with use_adapter(family.network, adapter), parts.accelerator.autocast():
+        outputs = [family.denoise(x_t, t, cond) for cond in conds]
+    return [x0_eps_from_output(output.float(), x_t, a, s, family.prediction_type) for output in outputs]
 
 
 def roll_out_student(parts: LoopParts, noise: Tensor, cond: dict) -> list[Tensor]:
     # METHOD.md step 1: the student's whole trajectory from pure noise, without gradient
     def student(x: Tensor, t: Tensor) -> Tensor:
-        with use_adapter(parts.family.network, STUDENT), parts.accelerator.autocast():
+        with parts.accelerator.autocast():
             return parts.family.denoise(x, t, cond).float()
 
-    with torch.no_grad():
+    # one adapter switch for all K steps: switching walks every layer of the network
+    with torch.no_grad(), use_adapter(parts.family.network, STUDENT):
         return rollout_tdm(student, noise, parts.grid, parts.family.schedule, parts.family.prediction_type)
 
 
@@ -99,7 +101,7 @@ def noised_at_t(parts: LoopParts, x0_hat: Tensor, eps_hat: Tensor, u: Tensor, t:
 def student_step_from_trajectory(parts: LoopParts, trajectory: list[Tensor], i: Tensor, t_i: Tensor, cond: dict) -> tuple[Tensor, Tensor]:
     # METHOD.md step 2: one student step from the detached trajectory point x_{t_i} of each sample
     x_ti = torch.stack(trajectory[:-1])[i, torch.arange(i.shape[0], device=i.device)].detach()
-    return predict_x0_eps(parts, STUDENT, x_ti, t_i, cond)
+    return predict_x0_eps(parts, STUDENT, x_ti, t_i, cond)[0]
 
 
 def fake_score_update(parts: LoopParts, trajectory: list[Tensor], cond: dict) -> Tensor:
@@ -108,7 +110,7 @@ def fake_score_update(parts: LoopParts, trajectory: list[Tensor], cond: dict) ->
     with torch.no_grad():
         x0_hat, eps_hat = student_step_from_trajectory(parts, trajectory, i, t_i, cond)
         x_t, weight = noised_at_t(parts, x0_hat, eps_hat, u, t)
-    x0_fake, _ = predict_x0_eps(parts, FAKE_SCORE, x_t, t, cond)
+    x0_fake, _ = predict_x0_eps(parts, FAKE_SCORE, x_t, t, cond)[0]
     return fake_score_loss(x0_fake, x0_hat, weight)
 
 
@@ -118,10 +120,10 @@ def student_update(parts: LoopParts, trajectory: list[Tensor], cond: dict, null_
     x0_hat, eps_hat = student_step_from_trajectory(parts, trajectory, i, t_i, cond)
     with torch.no_grad():
         x_t, _ = noised_at_t(parts, x0_hat.detach(), eps_hat.detach(), u, t)
-        x0_teacher, _ = predict_x0_eps(parts, None, x_t, t, cond)
-        # w = 1 needs no unconditional pass: the guidance term vanishes
-        x0_uncond = x0_teacher if parts.cfg_scale == 1.0 else predict_x0_eps(parts, None, x_t, t, null_cond)[0]
-        x0_fake, _ = predict_x0_eps(parts, FAKE_SCORE, x_t, t, cond)
+        conds = [cond] if parts.cfg_scale == 1.0 else [cond, null_cond]  # w = 1: no guidance term, no uncond pass
+        teacher = predict_x0_eps(parts, None, x_t, t, *conds)
+        x0_teacher, x0_uncond = teacher[0][0], teacher[-1][0]
+        x0_fake, _ = predict_x0_eps(parts, FAKE_SCORE, x_t, t, cond)[0]
     x_tilde = generator_target_x_tilde(x0_hat, x0_teacher, x0_uncond, x0_fake, parts.cfg_scale)
     nrm = generator_normaliser(x0_hat, teacher_cfg_x0(x0_teacher, x0_uncond, parts.cfg_scale))
     return generator_loss(x0_hat, x_tilde, nrm, parts.distance, parts.huber_c)

@@ -18,14 +18,13 @@ STUDENT_STEPS = (1, 2, 4)
 VALIDATION_SEED = 1234  # its own generator: validating never changes the training draws
 
 
-def _denoiser(family, adapter, cond, null_cond=None, cfg_scale: float = 1.0):
+def _denoiser(family, cond, null_cond=None, cfg_scale: float = 1.0):
     def denoise(x, t):
-        with use_adapter(family.network, adapter):
-            out = family.denoise(x, t, cond).float()
-            if null_cond is None or cfg_scale == 1.0:
-                return out
-            # guidance is linear in the model output, so the x0-space CFG kernel applies as is
-            return teacher_cfg_x0(out, family.denoise(x, t, null_cond).float(), cfg_scale)
+        out = family.denoise(x, t, cond).float()
+        if null_cond is None or cfg_scale == 1.0:
+            return out
+        # guidance is linear in the model output, so the x0-space CFG kernel applies as is
+        return teacher_cfg_x0(out, family.denoise(x, t, null_cond).float(), cfg_scale)
 
     return denoise
 
@@ -38,10 +37,11 @@ def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, res
     noise = torch.randn(family.latent_shape(batch_size, resolution), generator=gen).to(device)
     schedule, prediction = family.schedule, family.prediction_type
     teacher_grid = diffusers_grid(teacher_steps, "trailing", family.num_timesteps, solver="dpmsolver")
-    columns = [sample_dpmpp_2m(_denoiser(family, None, cond, null_cond, cfg_scale), noise, teacher_grid, schedule, prediction)]
-    for k in STUDENT_STEPS:
-        student_grid = reference_grid(k, total_steps)
-        columns.append(sample_tdm(_denoiser(family, STUDENT, cond), noise, student_grid, schedule, prediction))
+    with use_adapter(family.network, None):  # adapters off: the teacher
+        columns = [sample_dpmpp_2m(_denoiser(family, cond, null_cond, cfg_scale), noise, teacher_grid, schedule, prediction)]
+    with use_adapter(family.network, STUDENT):
+        for k in STUDENT_STEPS:
+            columns.append(sample_tdm(_denoiser(family, cond), noise, reference_grid(k, total_steps), schedule, prediction))
     return [family.decode(latents).float().clamp(0, 1).cpu() for latents in columns]
 
 
