@@ -34,7 +34,8 @@ def test_help_explains_every_option_and_its_default(capsys):
     for name in OPTION_NAMES:
         assert "--" + name.replace("_", "-") in text
     assert "(default: 900)" in text and "(default: 2.0)" in text and "(default: 4)" in text
-    assert text.count("(default:") == len(OPTION_NAMES)
+    required = ("model", "prompts", "output")
+    assert text.count("(default:") == len(OPTION_NAMES) - len(required) and text.count("(required)") == len(required)
 
 
 def test_config_file_then_flags_override(paths, tmp_path):

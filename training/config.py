@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(DistillConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"] if f.default == "" else f"{f.metadata['help']} (default: {f.default})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
