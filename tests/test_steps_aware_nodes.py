@@ -46,14 +46,10 @@ def setup(comfy, pack, tmp_path_factory):
 
 
 def load(model, name):
-    """The TDM LoRA Loader's path for a unify file (read safely, LoRA weights + K-embedding)."""
-    import folder_paths
+    """The TDM LoRA Loader node: LoRA weights patched, K-embedding installed on its output model."""
+    from comfyui_tdm_pack.nodes.node_defs import TDMLoraLoader
 
-    from comfyui_tdm_pack.nodes.lora_keys import read_lora_file
-    from comfyui_tdm_pack.nodes.steps_aware import apply_tdm_lora
-
-    lora_sd, metadata = read_lora_file(folder_paths.get_full_path_or_raise("loras", name))
-    return apply_tdm_lora(model, None, lora_sd, metadata, 1.0, 1.0, True, name)[0]
+    return TDMLoraLoader.execute(model, name, 1.0, True, 1.0).result[0]
 
 
 def ksample(model, k, grid="auto", denoise=1.0, latent=None):

@@ -21,7 +21,7 @@ from torch import nn
 
 from tdm_core.steps_aware import K_EMBEDDING_KEY, MAX_K, add_k_embedding, draw_num_steps, grid_for_num_steps, new_k_table, parse_k_choices
 
-from .models import STUDENT, TDM_ADAPTERS, TrainingInputError, active_adapter
+from .models import STUDENT, TDM_ADAPTERS, TrainingInputError
 
 MODULE_NAME = "tdm_k_embedding"
 TABLE_NAME = "lora_k_table"  # the ".lora_" marker makes training.models count it as adapter weight
@@ -69,6 +69,12 @@ def _embedding_width(network: nn.Module) -> int:
     return linears[-1].out_features
 
 
+def _first_tuner_layer(network: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return next((m for m in network.modules() if isinstance(m, BaseTunerLayer)), None)
+
+
 def k_embedding_of(network: nn.Module) -> Optional[KEmbeddings]:
     module = getattr(network, MODULE_NAME, None)
     return module if isinstance(module, KEmbeddings) else None
@@ -86,9 +92,13 @@ def install_k_embedding(network: nn.Module, k_choices, adapters: Sequence[str] =
     setattr(network, MODULE_NAME, k_module)
     for param in k_module.parameters():
         param.requires_grad_(True)
+    # every PEFT layer switches together (training.models.use_adapter), so one layer tells the active
+    # adapter; found once here, as walking the whole network on every forward is slow on big models
+    probe = _first_tuner_layer(network)
 
     def add_condition(_module, _inputs, output):
-        table = k_module.table(active_adapter(network) or "")
+        active = None if probe is None or probe.disable_adapters else probe.active_adapters[0]
+        table = k_module.table(active or "")
         if table is None:  # the teacher, or an adapter trained without the K condition
             return output
         if k_module.num_steps is None:
