@@ -325,3 +325,16 @@ def test_family_option_must_match_the_folder(tiny_folders):
     with pytest.raises(TrainingInputError, match="holds a sd15 model, not sdxl"):
         load(tiny_folders["sd15"], family="sdxl")
     assert load(tiny_folders["sd15"], family="sd15").name == "sd15"
+
+
+def test_prompt_cache_survives_offloading_and_bad_prompt_lists_are_refused(tiny_folders):
+    family = load(tiny_folders["sd3"])
+    before = family.encode_prompts(["kept", "new one"])
+    family.offload_text_encoders("cpu")
+    assert family.pipeline.text_encoder_3.device.type == "cpu" and family.text_device.type == "cpu"
+    after = family.encode_prompts(["kept", "new one", "third"])
+    assert torch.equal(after["encoder_hidden_states"][:2], before["encoder_hidden_states"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        family.encode_prompts([])
+    with pytest.raises(ValueError, match="wrap a single prompt"):
+        family.encode_prompts("a bare string")

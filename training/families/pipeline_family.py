@@ -42,6 +42,7 @@ class PipelineFamily:
     def __init__(self, pipeline, device="cpu", dtype=torch.float32, source_path: str = ""):
         self.pipeline = pipeline.to(device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
+        self.text_device = self.device  # where the text encoders run (see offload_text_encoders)
         self.source_path = source_path
         self.network = getattr(pipeline, self.network_attribute)
         for module in pipeline.components.values():
@@ -67,17 +68,27 @@ class PipelineFamily:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Network conditions for ``prompts``; each distinct prompt runs the text encoders once, ever."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"encode_prompts takes a non-empty list of prompts, got {prompts!r}: wrap a single prompt in a list")
         missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
         if missing:
             encoded = self._encode_batch(missing)
             for row, prompt in enumerate(missing):
-                self.prompt_cache[prompt] = {k: v[row : row + 1] for k, v in encoded.items()}
+                self.prompt_cache[prompt] = {k: v[row : row + 1].to(self.device) for k, v in encoded.items()}
         return cat_conditions([self.prompt_cache[p] for p in prompts])
 
     def precompute_prompts(self, prompts: list[str], batch_size: int = 32) -> None:
         """Fill the prompt cache up front (then the text encoders may be moved off the GPU)."""
         for start in range(0, len(prompts), batch_size):
             self.encode_prompts(prompts[start : start + batch_size])
+
+    def offload_text_encoders(self, device="cpu") -> None:
+        """Move the text encoders off the accelerator (e.g. after :meth:`precompute_prompts`); prompts not yet
+        cached are still encoded, on ``device``, and their embeddings moved back to the family's device."""
+        for name, module in self.pipeline.components.items():
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
+                module.to(device)
+        self.text_device = torch.device(device)
 
     def null_condition(self, batch_size: int) -> Cond:
         """The unconditional (empty-prompt) condition CFG needs, repeated ``batch_size`` times."""

@@ -17,7 +17,7 @@ class PixArtFamily(PipelineFamily):
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
         embeds, mask, _, _ = self.pipeline.encode_prompt(
-            prompts, do_classifier_free_guidance=False, device=self.device, clean_caption=False,
+            prompts, do_classifier_free_guidance=False, device=self.text_device, clean_caption=False,
             max_sequence_length=self.max_sequence_length,
         )
         cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}

@@ -12,7 +12,7 @@ class SD15Family(PipelineFamily):
     pipeline_class = "StableDiffusionPipeline"
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
-        embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
+        embeds, _ = self.pipeline.encode_prompt(prompts, self.text_device, 1, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds}
 
     def _network_output(self, x_t: Tensor, timestep: Tensor, cond: Cond) -> Tensor:

@@ -23,7 +23,7 @@ class SD3Family(PipelineFamily):
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False,
+            prompts, prompts, prompts, device=self.text_device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}

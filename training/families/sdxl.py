@@ -20,7 +20,7 @@ class SDXLFamily(PipelineFamily):
         return ids.to(self.device).expand(batch_size, -1)
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.text_device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": self._time_ids(len(prompts))}
 
     def null_condition(self, batch_size: int) -> Cond:
