@@ -69,7 +69,7 @@ class DistillConfig:
     teacher_validation_steps: int = _opt(25, "DPM-Solver++ steps of the teacher column of the validation grid")
     stop_at_step: Optional[int] = _opt(None, "checkpoint and stop at this step of the max-train-steps schedule (split a run into sessions; continue with --resume)")
     resume: bool = _opt(False, "continue from the latest checkpoint in output_dir (starts fresh when there is none)")
-    precompute_embeddings: bool = _opt(False, "encode every prompt once before training (otherwise encoded on first use and cached)")
+    precompute_embeddings: bool = _opt(False, "encode every prompt once before training, then move the text encoders off the GPU (otherwise each prompt is encoded on first use and cached)")
     config: Optional[str] = _opt(None, "YAML (.yaml/.yml) or TOML (.toml) file of these options; flags given on the command line win")
 
     # --- derived, filled by validate() ---

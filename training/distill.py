@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -24,7 +23,7 @@ from tdm_core.training import pseudo_huber_c_for
 
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_interrupted_writes, save_checkpoint
 from .config import ConfigError, DistillConfig, parse_config, read_prompts
-from .loop import ADAPTERS, STUDENT, LoopParts, NonFiniteLoss, tdm_iteration
+from .loop import ADAPTERS, FAKE_SCORE, STUDENT, LoopParts, NonFiniteLoss, tdm_iteration
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 2, 3
 # test hook: sleep this many seconds after the LoRA's temporary file is complete, before the rename
@@ -86,7 +85,7 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
         adamw = bnb.optim.AdamW8bit
     else:
         adamw = torch.optim.AdamW
-    rates = {"fake_score": cfg.learning_rate, "student": cfg.student_lr()}
+    rates = {FAKE_SCORE: cfg.learning_rate, STUDENT: cfg.student_lr()}
     optimizers, schedulers = {}, {}
     for name in ADAPTERS:
         # METHOD.md step 8: AdamW betas (0, 0.95), fake lr 2e-5, student lr / 5, cosine with restarts
@@ -112,6 +111,8 @@ def training_state(parts: LoopParts) -> tuple[dict, dict]:
         "rng": rng,
         "num_processes": parts.accelerator.num_processes,
     }
+    if parts.accelerator.scaler is not None:  # fp16 loss scale
+        state["grad_scaler"] = parts.accelerator.scaler.state_dict()
     return adapters, state
 
 
@@ -126,6 +127,8 @@ def restore_state(parts: LoopParts, checkpoint: Path) -> int:
         load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
         parts.optimizers[name].load_state_dict(state["optimizers"][name])
         parts.schedulers[name].load_state_dict(state["schedulers"][name])
+    if accelerator.scaler is not None and "grad_scaler" in state:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
     rng = state["rng"][accelerator.process_index]
     parts.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
@@ -288,11 +291,13 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     from tqdm.auto import tqdm
 
     family, accelerator = parts.family, parts.accelerator
+    null_cond = family.null_condition(cfg.batch_size)
     if cfg.precompute_embeddings:
         for start in range(0, len(prompts), 32):
             encode(family, prompts[start : start + 32])
+        if hasattr(family, "offload_text_encoders"):  # every embedding is cached: free the GPU memory
+            family.offload_text_encoders()
     log = RunLog(cfg.run_dir(), accelerator.is_main_process)
-    null_cond = family.null_condition(cfg.batch_size)
     stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="TDM", unit="step")
     saved_at = step
