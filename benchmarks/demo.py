@@ -125,8 +125,8 @@ def run_demo(output: Path, iterations: int, k1_iterations: int, batch_size: int,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--iterations", type=int, default=300, help="TDM iterations of the K=4 student")
-    parser.add_argument("--k1-iterations", type=int, default=200, help="TDM iterations of the K=1 student")
+    parser.add_argument("--iterations", type=int, default=200, help="TDM iterations of the K=4 student")
+    parser.add_argument("--k1-iterations", type=int, default=150, help="TDM iterations of the K=1 student")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cfg", type=float, default=2.0, help="teacher guidance distilled into the students")
     parser.add_argument("--num-eval", type=int, default=300, help="samples per row of the quality table")

@@ -34,18 +34,19 @@ WORK = ROOT / "outputs" / "benchmarks"
 
 @dataclass
 class Plan:
-    num_eval: int = 1000  # samples per row and seed
-    eval_seeds: tuple = (0, 1, 2)  # sampling seeds (noise); the spread column is over these
-    iterations: int = 500  # TDM iterations of every distilled row
-    checkpoints: tuple = (100, 250)  # convergence rows, read from the main K=4 run
+    num_eval: int = 500  # samples per row and seed
+    eval_seeds: tuple = (0, 1)  # sampling seeds (noise); the spread column is over these
+    iterations: int = 200  # TDM iterations of every distilled row
+    checkpoints: tuple = (50, 100)  # convergence rows, read from the main K=4 run
     batch_size: int = 8
     cfgs: tuple = (1.0, 2.0)
     teacher_steps: tuple = (50, 25, 4, 1)
     ablations: tuple = ("l2", "shared")
     speed_batch: int = 2
     speed_iterations: int = 3
-    scaling_batches: tuple = (1, 2, 4, 8)
+    scaling_batches: tuple = (1, 4, 16)
     scaling_ks: tuple = (1, 2, 4)
+    sampling_models: tuple = ("digits", "mid")
     mid_unet: dict = field(default_factory=lambda: dict(speed.MID_UNET_CONFIG))
 
 
@@ -97,22 +98,27 @@ class Evaluator:
     def noise(self, seed: int) -> torch.Tensor:
         return sampling.noise_for(self.teacher, self.plan.num_eval, 1000 + seed)
 
+    def teacher_samples(self, steps: int, cfg: float, noise: torch.Tensor, seed: int) -> torch.Tensor:
+        # the 50-step samples are the reference of every row: sample them once per CFG and seed
+        if steps != 50:
+            return sampling.sample_teacher(self.teacher, steps, self.classes, noise, cfg)
+        if (cfg, seed) not in self._reference:
+            self._reference[(cfg, seed)] = sampling.sample_teacher(self.teacher, 50, self.classes, noise, cfg)
+        return self._reference[(cfg, seed)]
+
     def reference_feats(self, cfg: float, seed: int) -> torch.Tensor:
-        key = (cfg, seed)
-        if key not in self._reference:
-            samples = sampling.sample_teacher(self.teacher, 50, self.classes, self.noise(seed), cfg)
-            self._reference[key] = metrics.classifier_outputs(self.classifier, samples)[0]
-        return self._reference[key]
+        samples = self.teacher_samples(50, cfg, self.noise(seed), seed)
+        return metrics.classifier_outputs(self.classifier, samples)[0]
 
     def score(self, make_samples, cfg: float) -> dict:
         per_seed = []
         for seed in self.plan.eval_seeds:
-            samples = make_samples(self.noise(seed))
+            samples = make_samples(self.noise(seed), seed)
             per_seed.append(metrics.quality(self.classifier, samples, self.classes, self.real_feats, self.reference_feats(cfg, seed)))
         return summarise(per_seed)
 
     def teacher_row(self, steps: int, cfg: float) -> dict:
-        return self.score(lambda noise: sampling.sample_teacher(self.teacher, steps, self.classes, noise, cfg), cfg)
+        return self.score(lambda noise, seed: self.teacher_samples(steps, cfg, noise, seed), cfg)
 
     def student_row(self, lora: Path | None, cfg: float, adapter_state=None, rank=None, alpha=None, grid=None) -> dict:
         family = load_teacher(self.teacher_dir)
@@ -120,7 +126,7 @@ class Evaluator:
             grid = sampling.load_student_lora(family, lora).grid
         else:
             sampling.load_student_state(family, adapter_state, rank, alpha)
-        return self.score(lambda noise: sampling.sample_student(family, grid, self.classes, noise), cfg)
+        return self.score(lambda noise, seed: sampling.sample_student(family, grid, self.classes, noise), cfg)
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -198,7 +204,7 @@ def speed_rows(plan: Plan, results: Results, log, teacher_dir: Path = TEACHER_DI
         if results.get(key) is None:
             log(f"training speed/memory: {config} design")
             results.put(key, speed.measure_in_subprocess(config, mid, plan.speed_batch, 4, 1, plan.speed_iterations))
-    for label, model in (("digits", teacher_dir), ("mid", mid)):
+    for label, model in [(m, teacher_dir if m == "digits" else mid) for m in plan.sampling_models]:
         key = f"speed/sampling/{label}"
         if results.get(key) is None:
             log(f"sampling speed: {label} UNet")
@@ -248,7 +254,7 @@ def noise_margin(a: dict, b: dict, key: str) -> float:
 def compare(a: dict | None, b: dict | None, key: str = "fd_real") -> tuple[str, str]:
     """("a better" | "b better" | "tie within noise", numbers) for lower-is-better ``key``."""
     if a is None or b is None:
-        return "not measured", ""
+        return "not measured", "the run stopped before one of the two rows"
     diff, margin = a[key] - b[key], noise_margin(a, b, key)
     text = f"{a[key]:.1f} vs {b[key]:.1f} (noise margin ±{margin:.1f})"
     if abs(diff) <= margin:

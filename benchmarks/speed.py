@@ -3,9 +3,10 @@
 Training compares the project's design (one frozen base + ``student`` and ``fake_score`` LoRA
 adapters, run through ``training.distill``'s own loop) with the reference design (three full model
 copies: frozen teacher, fully fine-tuned student and fake score, each with its own AdamW), on the
-same mid-size UNet2DConditionModel and batch. Peak memory is the subprocess's max RSS
-(``resource.getrusage``), minus nothing: both designs pay the same interpreter and torch baseline,
-which is reported separately.
+same mid-size UNet2DConditionModel and batch. Peak memory is the subprocess's own high-water RSS
+(``VmHWM`` of /proc/self/status; ``resource.getrusage``'s max RSS would inherit the parent's
+high-water mark across fork + exec on Linux). Both designs pay the same interpreter and torch
+baseline, which is measured and reported separately.
 
     python -m benchmarks.speed --config lora|reference|sampling|baseline [--json OUT]  (one measurement)
 """
@@ -56,7 +57,13 @@ MID_UNET_CONFIG = dict(
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """High-water resident memory of this process's address space, in MiB."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # elsewhere: KiB on Linux-likes
 
 
 def write_model_folder(folder: Path, unet_config: dict, seed: int = 0) -> Path:

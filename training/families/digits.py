@@ -51,8 +51,12 @@ SCHEDULER_CONFIG = {
     "clip_sample": False,
 }
 
-# the attention and linear layers of the UNet (cross-attention, feed-forward, projections, time MLP)
+# the attention and linear layers of the UNet (cross-attention, feed-forward, projections, time MLP),
+# plus the ResNet convolutions: attention only exists at 8x8 here, so without the convolutions the
+# adapters could not change what the 16x16 level draws
 LORA_TARGET_MODULES = [
+    "conv1",
+    "conv2",
     "to_q",
     "to_k",
     "to_v",
