@@ -20,13 +20,16 @@ from training.models import (
     use_adapter,
 )
 from training.steps_aware import (
+    TABLE_STATE_KEY,
     begin_batch,
     install_k_embedding,
     k_embedding_of,
     k_embedding_tensors,
     num_steps,
     remove_k_embedding,
+    load_k_table,
     set_num_steps,
+    without_k_table,
 )
 
 
@@ -139,11 +142,12 @@ def test_tables_belong_to_their_adapters_optimiser_and_checkpoint(family):
     assert rows_moved.tolist() == [False, True] + [False] * 6
     # checkpoint round trip through the trainer's own adapter state functions
     state = adapter_state_dict(net, STUDENT)
-    assert "tdm_k_embedding.tables.lora_k_table" in state
+    assert TABLE_STATE_KEY in state and TABLE_STATE_KEY not in without_k_table(state)
+    assert len(without_k_table(state)) == len(state) - 1
     with torch.no_grad():
         k_module.table(STUDENT).zero_()
     load_adapter_state_dict(net, STUDENT, state)
-    assert torch.equal(k_module.table(STUDENT), state["tdm_k_embedding.tables.lora_k_table"])
+    assert torch.equal(k_module.table(STUDENT), state[TABLE_STATE_KEY])
 
 
 def test_begin_batch_sets_k_grid_and_is_reproducible(family):
@@ -160,6 +164,10 @@ def test_export_tensors_and_errors(family):
     tensors = k_embedding_tensors(family.network)
     assert list(tensors) == [K_EMBEDDING_KEY]
     assert torch.equal(tensors[K_EMBEDDING_KEY], k_embedding_of(family.network).table(STUDENT).detach())
+    load_k_table(family.network, tensors[K_EMBEDDING_KEY] + 1)
+    assert torch.equal(k_embedding_of(family.network).table(STUDENT).detach(), tensors[K_EMBEDDING_KEY] + 1)
+    with pytest.raises(TrainingInputError, match=r"shape \(4, 128\) does not fit this network's \(8, 128\)"):
+        load_k_table(family.network, torch.zeros(4, 128))
     with pytest.raises(TrainingInputError, match="already carries"):
         install_k_embedding(family.network, [1, 2])
     with pytest.raises(ValueError, match="outside"):

@@ -25,6 +25,7 @@ from .models import STUDENT, TDM_ADAPTERS, TrainingInputError
 
 MODULE_NAME = "tdm_k_embedding"
 TABLE_NAME = "lora_k_table"  # the ".lora_" marker makes training.models count it as adapter weight
+TABLE_STATE_KEY = f"{MODULE_NAME}.tables.{TABLE_NAME}"  # an adapter's table in training.models.adapter_state_dict
 # where each network class computes its timestep embedding (the output E[K] is added to)
 TIME_EMBEDDING_MODULES = {
     "UNet2DConditionModel": "time_embedding",  # SD1.5, SDXL, the digits teacher
@@ -155,6 +156,23 @@ def k_embedding_tensors(network: nn.Module, adapter: str = STUDENT) -> dict[str,
     k_module = k_embedding_of(network)
     table = k_module.table(adapter) if k_module is not None else None
     return {} if table is None else {K_EMBEDDING_KEY: table.detach().float().cpu().clone()}
+
+
+def without_k_table(adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter state (training.models.adapter_state_dict) with only its LoRA weights, for LoRA layouts."""
+    return {k: v for k, v in adapter_state.items() if k != TABLE_STATE_KEY}
+
+
+def load_k_table(network: nn.Module, table: torch.Tensor, adapter: str = STUDENT) -> None:
+    """Put a LoRA file's K table (``K_EMBEDDING_KEY``) on ``adapter`` of a network with a K-embedding."""
+    k_module = k_embedding_of(network)
+    target = k_module.table(adapter) if k_module is not None else None
+    if target is None:
+        raise TrainingInputError(f"the network has no K table for {adapter!r}: call install_k_embedding first")
+    if tuple(table.shape) != tuple(target.shape):
+        raise TrainingInputError(f"K table of shape {tuple(table.shape)} does not fit this network's {tuple(target.shape)}: load a LoRA trained on the same architecture")
+    with torch.no_grad():
+        target.copy_(table.to(target))
 
 
 def k_choices_of(network: nn.Module) -> list[int]:
