@@ -29,7 +29,7 @@ def tiny_folders(tmp_path_factory):
 @pytest.fixture(scope="session")
 def single_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_single_files")
-    return {family: save_tiny_single_file(family, root / family) for family in ("sd15", "sdxl")}
+    return {family: save_tiny_single_file(family, root / family) for family in ("sd15", "sdxl", "sd3")}
 
 
 def load(path, **kwargs):
@@ -120,13 +120,13 @@ def test_schedule_follows_scheduler_config(tmp_path):
     assert family.schedule.alphas_cumprod[-1] < 1e-12  # zero terminal SNR
 
 
-@pytest.mark.parametrize("family_name", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family_name", ["sd15", "sdxl", "sd3"])
 def test_single_file_checkpoint_loads_same_weights(single_files, family_name):
     checkpoint, config_folder = single_files[family_name]
     from_file = load(checkpoint, config_path=config_folder)
     from_folder = load(config_folder)
     assert from_file.name == family_name
-    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         a, b = getattr(from_file.pipeline, component, None), getattr(from_folder.pipeline, component, None)
         if b is None:
             continue

@@ -151,18 +151,23 @@ def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
             scheduler=_scheduler(family, prediction_type, zero_snr),
         )
     if family == "sd3":
-        # ComfyUI's MMDiT ties the width to the depth (64 * depth, heads of 64): 2 blocks of width 128
+        # ComfyUI's MMDiT ties the width to the depth (64 * depth, heads of 64): 2 blocks of width 128.
+        # The two CLIPs differ in width (32, 40) as CLIP-L and CLIP-G do, so single-file detection can tell
+        # them apart; their hidden states (72 wide) are zero-padded to the T5 width (80) by the pipeline.
         transformer = diffusers.SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
-            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+            num_attention_heads=2, joint_attention_dim=80, caption_projection_dim=128, pooled_projection_dim=64,
             pos_embed_max_size=16,
         )
+        clip_l = CLIPTextModelWithProjection(_clip_config())
+        with torch.no_grad():  # single-file SD3 checkpoints carry no CLIP-L projection; loaders use the identity
+            clip_l.text_projection.weight.copy_(torch.eye(32))
         return diffusers.StableDiffusion3Pipeline(
             transformer=transformer, scheduler=_scheduler(family, prediction_type, zero_snr),
             vae=_vae(shift_factor=0.1, scaling_factor=1.5),
-            text_encoder=CLIPTextModelWithProjection(_clip_config()), tokenizer=_tokenizer(tmp_root),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_config()), tokenizer_2=_tokenizer(tmp_root),
-            text_encoder_3=_t5(64), tokenizer_3=_tokenizer(tmp_root),
+            text_encoder=clip_l, tokenizer=_tokenizer(tmp_root),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_config(hidden_size=40)), tokenizer_2=_tokenizer(tmp_root),
+            text_encoder_3=_t5(80), tokenizer_3=_tokenizer(tmp_root),
         )
     raise ValueError(f"unknown tiny family {family!r}: use one of {FAMILIES}")
 
@@ -310,9 +315,16 @@ def single_file_state_dict(pipe, family: str) -> dict[str, torch.Tensor]:
     comfy = import_comfy()
     from comfy import diffusers_convert
 
-    if family not in ("sd15", "sdxl"):
-        raise ValueError(f"single-file tiny checkpoints exist for sd15 and sdxl, not {family!r}")
-    state = _ldm_unet_state(pipe.unet, family)
+    if family not in ("sd15", "sdxl", "sd3"):
+        raise ValueError(f"single-file tiny checkpoints exist for sd15, sdxl and sd3, not {family!r}")
+    if family == "sd3":  # ComfyUI's SD3 "incl. clips" layout
+        state = {f"model.diffusion_model.{k}": v for k, v in
+                 _assemble_ldm(pipe.transformer.state_dict(), comfy.utils.mmdit_to_diffusers({"depth": pipe.transformer.config.num_layers})).items()}
+        for name, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+            state.update({f"text_encoders.{name}.transformer.{k}": v for k, v in _clip_checkpoint_keys(encoder).items()})
+        state.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in pipe.text_encoder_3.state_dict().items()})
+    else:
+        state = _ldm_unet_state(pipe.unet, family)
     vae = diffusers_convert.convert_vae_state_dict(pipe.vae.state_dict())
     # that converter numbers decoder levels as for SD's 4-level VAE (up.3 = first up block); renumber for ours
     levels = len(pipe.vae.config.block_out_channels)
@@ -320,13 +332,13 @@ def single_file_state_dict(pipe, family: str) -> dict[str, torch.Tensor]:
     state.update({f"first_stage_model.{k}": v for k, v in vae.items()})
     if family == "sd15":
         state.update({f"cond_stage_model.transformer.{k}": v for k, v in _clip_checkpoint_keys(pipe.text_encoder).items()})
-    else:
+    elif family == "sdxl":
         state.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in _clip_checkpoint_keys(pipe.text_encoder).items()})
         # the second (OpenCLIP-G) encoder is stored in open_clip's layout
         hf = {f"transformer.{k}": v for k, v in _clip_checkpoint_keys(pipe.text_encoder_2).items()}
         openclip = diffusers_convert.convert_text_enc_state_dict_v20(hf)
         state.update({f"conditioner.embedders.1.model.{k}": v for k, v in openclip.items()})
-    return {k: v.contiguous() for k, v in state.items()}
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}  # T5 ties shared/embed_tokens: unshare
 
 
 def save_tiny_single_file(family: str, folder: str | os.PathLike, seed: int = 0, **options) -> tuple[Path, Path]:
@@ -341,7 +353,8 @@ def save_tiny_single_file(family: str, folder: str | os.PathLike, seed: int = 0,
     config_folder = save_tiny_pipeline(family, folder / f"{family}_diffusers", seed=seed, **options)
     import diffusers
 
-    pipe = getattr(diffusers, {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]).from_pretrained(str(config_folder))
+    pipe = getattr(diffusers, {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                               "sd3": "StableDiffusion3Pipeline"}[family]).from_pretrained(str(config_folder))
     checkpoint = folder / f"{family}_tiny.safetensors"
     save_file(single_file_state_dict(pipe, family), str(checkpoint))
     return checkpoint, config_folder
