@@ -11,7 +11,7 @@ from tests.helpers.tiny_models import save_tiny_pipeline
 from training.config import DistillConfig, validate
 from training.distill import build_parts
 from training.loop import FAKE_SCORE, STUDENT, fake_score_update, optimiser_step, roll_out_student, student_update, tdm_iteration
-from training.validation import validation_columns
+from training.validation import student_grids, validation_columns
 
 FAMILY_CASES = {  # case -> (tiny family, build options)
     "sd15_eps": ("sd15", {}),
@@ -68,10 +68,15 @@ def test_iterations_train_both_adapters_and_never_the_teacher(case, model_folder
     assert changed(student, network), "the student adapter did not move"
     assert changed(fake, network), "the fake-score adapter did not move"
     assert not changed(base, network), "a base (teacher) weight changed"
-    columns = validation_columns(parts.family, cond, null_cond, 2, None, "cpu", 900, 2.0, teacher_steps=3)
+    columns = validation_columns(parts.family, cond, null_cond, 2, None, "cpu", parts.grid, 900, 2.0, teacher_steps=3)
     assert len(columns) == 4 and all(c.shape == columns[0].shape and c.shape[:2] == (2, 3) for c in columns)
     assert all(torch.isfinite(c).all() and 0 <= c.min() and c.max() <= 1 for c in columns)
     assert not torch.equal(columns[0], columns[1]), "teacher and 1-step student columns are the same image"
+
+
+def test_validation_uses_the_trained_grid_for_its_own_k():
+    assert student_grids([999, 856, 665, 399], 900) == [[899], [899, 449], [999, 856, 665, 399]]
+    assert student_grids([899, 449], 900) == [[899], [899, 449], [899, 674, 449, 224]]
 
 
 def test_each_optimiser_step_moves_its_own_adapter_only(model_folders, tmp_path):

@@ -235,7 +235,7 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
         with parts.accelerator.autocast():  # the base may be in half precision
             write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, encode(family, chosen),
                                   family.null_condition(len(chosen)), len(chosen), cfg.resolution, parts.accelerator.device,
-                                  cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
+                                  parts.grid, cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
     parts.accelerator.wait_for_everyone()
 
 

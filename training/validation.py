@@ -29,9 +29,14 @@ def _denoiser(family, cond, null_cond=None, cfg_scale: float = 1.0):
     return denoise
 
 
+def student_grids(trained_grid: list[int], total_steps: int) -> list[list[int]]:
+    # the trained grid for its own K (it may be a custom one), the reference rule for the others
+    return [list(trained_grid) if k == len(trained_grid) else reference_grid(k, total_steps) for k in STUDENT_STEPS]
+
+
 @torch.no_grad()
 def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
-                       total_steps: int, cfg_scale: float, teacher_steps: int) -> list[torch.Tensor]:
+                       trained_grid: list[int], total_steps: int, cfg_scale: float, teacher_steps: int) -> list[torch.Tensor]:
     """Decoded images ``[teacher, student@1, student@2, student@4]``, each ``(B, 3, H, W)`` in [0, 1]."""
     gen = torch.Generator().manual_seed(VALIDATION_SEED)
     noise = torch.randn(family.latent_shape(batch_size, resolution), generator=gen).to(device)
@@ -40,8 +45,8 @@ def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, res
     with use_adapter(family.network, None):  # adapters off: the teacher
         columns = [sample_dpmpp_2m(_denoiser(family, cond, null_cond, cfg_scale), noise, teacher_grid, schedule, prediction)]
     with use_adapter(family.network, STUDENT):
-        for k in STUDENT_STEPS:
-            columns.append(sample_tdm(_denoiser(family, cond), noise, reference_grid(k, total_steps), schedule, prediction))
+        for grid in student_grids(trained_grid, total_steps):
+            columns.append(sample_tdm(_denoiser(family, cond), noise, grid, schedule, prediction))
     return [family.decode(latents).float().clamp(0, 1).cpu() for latents in columns]
 
 
@@ -63,6 +68,7 @@ def save_png_atomic(image: Image.Image, path: Path) -> Path:
 
 
 def write_validation_grid(path: Path, family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
-                          total_steps: int, cfg_scale: float, teacher_steps: int) -> Path:
-    columns = validation_columns(family, cond, null_cond, batch_size, resolution, device, total_steps, cfg_scale, teacher_steps)
+                          trained_grid: list[int], total_steps: int, cfg_scale: float, teacher_steps: int) -> Path:
+    columns = validation_columns(family, cond, null_cond, batch_size, resolution, device, trained_grid, total_steps,
+                                 cfg_scale, teacher_steps)
     return save_png_atomic(grid_image(columns), path)
