@@ -265,3 +265,17 @@ def test_diffusers_load_lora_weights_reproduces_the_sd3_student(folders, tmp_pat
                               encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
     assert (student - teacher).abs().max() > 1e-2
     assert torch.allclose(loaded, student, atol=1e-5)
+
+
+def test_half_precision_export_loads_in_comfyui(folders, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from training.lora_io import export_student_lora, read_lora
+
+    family = trained_family(folders["sd15"])
+    path = export_student_lora(family, tmp_path / "half.safetensors", TDMInfo(), dtype=torch.float16)
+    tensors, _ = read_lora(path)
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    comfy_model = comfy_model_from_diffusers_unet(UNet2DConditionModel.from_pretrained(str(folders["sd15"] / "unet")), "sd15")
+    _, skipped, consumed, lora = comfy_apply_lora(comfy_model, path)
+    assert skipped == [] and len(consumed) * 3 == len(lora)

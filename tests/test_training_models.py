@@ -338,3 +338,18 @@ def test_prompt_cache_survives_offloading_and_bad_prompt_lists_are_refused(tiny_
         family.encode_prompts([])
     with pytest.raises(ValueError, match="wrap a single prompt"):
         family.encode_prompts("a bare string")
+
+
+def test_dtype_and_unknown_adapter_name(tiny_folders):
+    from training.models import add_tdm_adapters, use_adapter
+
+    family = load(tiny_folders["sd15"], dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in family.network.parameters())
+    cond = family.encode_prompts(["p"])
+    assert cond["encoder_hidden_states"].dtype == torch.bfloat16
+    x_t = torch.randn(family.latent_shape(1), dtype=torch.bfloat16)
+    assert family.denoise(x_t, torch.tensor([10.0]), cond).dtype == torch.bfloat16
+    add_tdm_adapters(family, rank=2, alpha=2)
+    with pytest.raises(ValueError, match="no adapter named 'teacher'"):
+        with use_adapter(family.network, "teacher"):
+            pass
