@@ -28,7 +28,12 @@ def diffusers_grid(
     solver: str = "ddim",
 ) -> list[int]:
     """Timesteps diffusers' DDIMScheduler (``solver="ddim"``) or DPMSolverMultistepScheduler
-    (``solver="dpmsolver"``) would pick, to reproduce LoRAs released with those samplers."""
+    (``solver="dpmsolver"``) would pick, to reproduce LoRAs released with those samplers
+    (METHOD.md "Released inference settings": SD1.5 uses leading spacing with ``steps_offset=1``).
+
+    diffusers' DDIM steps from ``t`` to ``t - T // K``: that is the next grid point for leading
+    spacing, and for trailing spacing only when K divides T (trailing K=3 is 999, 666, 332 but
+    diffusers steps 666 -> 333), so only then does ``sample_tdm`` on this grid equal DDIMScheduler."""
     check_num_steps(num_steps, num_train_timesteps)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")

@@ -26,6 +26,7 @@ def tdm_step(x0_hat: Tensor, eps_hat: Tensor, a_next: Tensor, s_next: Tensor, ga
 
 
 def predict_x0_eps(denoise: Denoiser, x: Tensor, t: Tensor, schedule, prediction_type: str) -> tuple[Tensor, Tensor]:
+    # METHOD.md "The student": one network call at t -> (x0_hat, eps_hat)
     a, s = schedule.alpha_sigma(t)
     return x0_eps_from_output(denoise(x, t), x, a, s, prediction_type)
 
@@ -109,7 +110,11 @@ def sample_dpmpp_2m(
     callback: Optional[StepCallback] = None,
 ) -> Tensor:
     """DPM-Solver++(2M) from ``timesteps[0]`` to the clean sample, the sampler the released SD1.5 and
-    SD3 TDM LoRAs were shown with (diffusers' DPMSolverMultistepScheduler, lower order at the end)."""
+    SD3 TDM LoRAs were shown with (METHOD.md "Released inference settings"; equals diffusers'
+    DPMSolverMultistepScheduler, dpmsolver++, order 2, final sigma zero, lower order at the end).
+    For SD1.5 pass ``diffusers_grid(K, "leading", steps_offset=1, solver="dpmsolver")`` on a
+    VPSchedule; for SD3 (``use_flow_sigmas``, flow shift 6) pass ``(T - 1) * (1 - i / K)``, i < K,
+    on ``FlowSchedule(shift=6)`` with prediction type "flow"."""
     x = noise
     timesteps = [float(t) for t in timesteps]
     x0_prev, h_prev = None, None

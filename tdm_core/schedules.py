@@ -179,6 +179,7 @@ class FlowSigmaSchedule:
 
 
 def snr(a: Tensor, s: Tensor) -> Tensor:
+    # METHOD.md step 5: SNR(t) = (a / s)^2, weighted by min(SNR, 5) in the fake-score loss
     return (a / s) ** 2
 
 
@@ -194,6 +195,7 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
 
 
 def sigma_k_min_max(schedule: VPSchedule) -> tuple[float, float]:
+    # METHOD.md "Notation": ComfyUI's sigma range s/a of a VP table (finite entries; zero-SNR tables end at inf)
     s = schedule.log_sigmas_k
     s = s[torch.isfinite(s)]
     return math.exp(s[0].item()), math.exp(s[-1].item())

@@ -86,7 +86,7 @@ def fake_score_loss(x0_fake: Tensor, x0_hat: Tensor, weight: Tensor) -> Tensor:
 
 
 def teacher_cfg_x0(x0_cond: Tensor, x0_uncond: Tensor, cfg: float) -> Tensor:
-    # classifier-free guidance in x0 space: x0_uncond + w (x0_cond - x0_uncond)
+    # METHOD.md step 6: the teacher's CFG in x0 space, x0_uncond + w (x0_cond - x0_uncond)
     return x0_cond + (cfg - 1.0) * (x0_cond - x0_uncond)
 
 
@@ -138,6 +138,7 @@ DISTANCES = {"l2": squared_l2, "huber": pseudo_huber_elementwise, "huber_norm": 
 
 
 def distance_d(name: str, x: Tensor, y: Tensor, c: Optional[float] = None) -> Tensor:
+    # METHOD.md step 7: d by name; default c is 1e-3 for "huber" (reference script), 0.00054 sqrt(dim) for "huber_norm" (paper)
     if name not in DISTANCES:
         raise ValueError(f"unknown distance {name!r}: use one of {', '.join(DISTANCES)}")
     if name != "l2" and c is not None and not c > 0:
