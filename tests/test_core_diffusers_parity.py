@@ -10,6 +10,8 @@ from tdm_core import FlowSchedule, VPSchedule, diffusers_grid, rollout_tdm, samp
 from tests.helpers.gaussian import GaussianMixture
 
 torch.set_num_threads(1)
+# diffusers' own numpy-2 deprecation notice inside DPMSolverMultistepScheduler.set_timesteps
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 SD15 = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 MIXTURE = GaussianMixture(
