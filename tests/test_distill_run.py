@@ -75,9 +75,11 @@ def test_exported_lora_is_the_final_student_adapter(teacher, tmp_path):
     assert all(torch.equal(lora_tensors(output)[k], expected[k]) for k in expected)
 
 
-def test_resume_gives_the_same_lora_as_a_straight_run(teacher, tmp_path):
+@pytest.mark.parametrize("mode", ["plain", "steps_aware"])
+def test_resume_gives_the_same_lora_as_a_straight_run(mode, teacher, tmp_path):
     straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
     common = ("--max-train-steps", 4, "--checkpoint-every", 1, "--randmid")
+    common += ("--steps-aware", "--k-choices", "1,2,4") if mode == "steps_aware" else ()
     assert main(args(teacher, straight, *common)) == EXIT_OK
     assert main(args(teacher, split, *common, "--stop-at-step", 2)) == EXIT_OK
     assert not split.exists(), "a stopped run must not export"
@@ -146,11 +148,13 @@ def test_sigkill_during_checkpoint_and_lora_writes_keeps_previous_files(teacher,
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_keeps_ranks_identical(teacher, tmp_path):
+@pytest.mark.parametrize("mode", ["plain", "steps_aware"])
+def test_two_process_data_parallel_keeps_ranks_identical(mode, teacher, tmp_path):
     output = tmp_path / "tdm.safetensors"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
-    process = spawn(args(teacher, output, "--max-train-steps", 3, "--checkpoint-every", 2), {}, launcher)
+    extra = ("--steps-aware", "--k-choices", "1,4") if mode == "steps_aware" else ()
+    process = spawn(args(teacher, output, "--max-train-steps", 3, "--checkpoint-every", 2, *extra), {}, launcher)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out
     assert "adapters identical on 2 process(es)" in out, out
@@ -159,6 +163,11 @@ def test_two_process_data_parallel_keeps_ranks_identical(teacher, tmp_path):
     assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"]), "ranks drew the same samples"
     expected = adapter_to_kohya(adapters["student"], "lora_unet", 4.0)
     saved = lora_tensors(output)
+    if mode == "steps_aware":  # the K table rides beside the LoRA weights, equal to rank 0's too
+        from tdm_core.steps_aware import K_EMBEDDING_KEY
+        from training.steps_aware import TABLE_STATE_KEY
+
+        assert torch.equal(saved.pop(K_EMBEDDING_KEY), adapters["student"][TABLE_STATE_KEY])
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
@@ -214,3 +223,29 @@ def test_digits_family_runs_through_the_same_cli(digits_teacher, tmp_path, capsy
     assert main(argv[:-4] + ["--output", str(tmp_path / "bad.safetensors"), "--seed", "1"]) == 2
     assert "cannot use a prompt" in capsys.readouterr().err
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_steps_aware_lora_carries_the_trained_k_table(teacher, tmp_path):
+    from tdm_core.steps_aware import K_EMBEDDING_KEY, MAX_K
+
+    output = tmp_path / "unify.safetensors"
+    argv = args(teacher, output, "--max-train-steps", 4, "--steps-aware", "--k-choices", "1,4", "--validate-every", 4)
+    assert main(argv) == EXIT_OK
+    tensors, info = read_lora(output)
+    assert info.k_choices == [1, 4] and info.num_steps == 4 and info.grid == [899, 674, 449, 224]
+    table = tensors[K_EMBEDDING_KEY]
+    assert table.shape[0] == MAX_K
+    trained_rows = {k for k in range(1, MAX_K + 1) if table[k - 1].abs().sum() > 0}
+    assert trained_rows and trained_rows <= {1, 4}, trained_rows  # only the drawn K's rows learn
+    assert not [k for k in tensors if "k_table" in k], "the table leaked into the LoRA weights"
+    assert sum(k.endswith(".lora_down.weight") for k in tensors) > 0
+    assert (tmp_path / "unify_run" / "validation" / "step-00000004.png").exists()
+
+
+def test_steps_aware_bad_options_are_refused(teacher, tmp_path, capsys):
+    output = tmp_path / "unify.safetensors"
+    for extra, message in [(("--k-choices", "1,9"), "between 1 and 8"), (("--k-choices", "x"), "not integers"),
+                           (("--grid", "999,500"), "exclude each other")]:
+        assert main(args(teacher, output, "--steps-aware", *extra)) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

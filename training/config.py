@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from tdm_core.grids import parse_grid, reference_grid
+from tdm_core.steps_aware import parse_k_choices
 from tdm_core.training import DISTANCES, INTERVAL_MODES
 
 MAX_STUDENT_STEPS = 8  # TDM students are few-step samplers; the grid rule is tested for 1..8
@@ -48,6 +49,9 @@ class DistillConfig:
     huber_c: Optional[float] = _opt(None, "pseudo-Huber c; default 1e-3 for huber, 0.00054*sqrt(dim) for huber_norm")
     interval_mode: str = _opt("separate", "diffusion-time intervals: separate (per step, no overlap) or shared ([u, T-10])")
     randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
+    steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
+    k_choices: str = _opt("1,2,4", "step counts K drawn per batch with --steps-aware")
+    k_on_fake_score: bool = _opt(True, "with --steps-aware, condition the fake score on K too (--no-k-on-fake-score: the paper's biased ablation)")
     lora_rank: int = _opt(32, "rank of the student and fake-score LoRA adapters")
     lora_alpha: Optional[float] = _opt(None, "LoRA alpha; default: equal to the rank (scale 1)")
     learning_rate: float = _opt(2e-5, "fake-score learning rate (AdamW betas 0, 0.95)")
@@ -81,6 +85,9 @@ class DistillConfig:
 
     def trajectory_grid(self) -> list[int]:
         return parse_grid(self.grid) if self.grid else reference_grid(self.num_steps, self.total_steps)
+
+    def k_choice_list(self) -> list[int]:
+        return parse_k_choices(self.k_choices)
 
     def run_dir(self) -> Path:
         if self.output_dir:
@@ -174,6 +181,15 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         cfg.num_steps = len(grid)
     _check(1 <= cfg.num_steps <= MAX_STUDENT_STEPS, f"--num-steps K={cfg.num_steps} is outside 1..{MAX_STUDENT_STEPS}: pick K between 1 and {MAX_STUDENT_STEPS} (4 is usual)")
     _check(cfg.grid is not None or cfg.total_steps // cfg.num_steps >= 30, f"--total-steps {cfg.total_steps} is too small for K={cfg.num_steps}: each step needs at least 30 timesteps for its training interval")
+    if cfg.steps_aware:
+        try:
+            choices = parse_k_choices(cfg.k_choices)
+        except ValueError as err:
+            raise ConfigError(f"--k-choices: {err}") from err
+        _check(cfg.grid is None, "--grid and --steps-aware exclude each other: the steps-aware grid follows each batch's K")
+        _check(choices[-1] <= MAX_STUDENT_STEPS, f"--k-choices {choices} must stay within 1..{MAX_STUDENT_STEPS}")
+        _check(cfg.total_steps // choices[-1] >= 30, f"--total-steps {cfg.total_steps} is too small for K={choices[-1]}: each step needs at least 30 timesteps")
+        cfg.num_steps = choices[-1]  # the largest K is the file's default step count
     _check(cfg.max_train_steps >= 1, f"--max-train-steps {cfg.max_train_steps} must be at least 1")
     _check(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1")
     _check(cfg.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be at least 1")

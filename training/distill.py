@@ -167,22 +167,40 @@ def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape) -
     only when complete so a kill never leaves a half-written file at ``--output``."""
     from .lora_io import export_student_lora
 
-    family = parts.family
+    family, grid = parts.family, cfg.trajectory_grid()  # steps-aware: the grid of the largest K
     info = TDMInfo(
-        num_steps=len(parts.grid), grid=list(parts.grid), total_steps=cfg.total_steps, num_timesteps=family.num_timesteps,
+        num_steps=len(grid), grid=grid, total_steps=cfg.total_steps, num_timesteps=family.num_timesteps,
         prediction_type=family.prediction_type, base_family=family.name, teacher_cfg=cfg.cfg, distance=cfg.distance,
         huber_c=resolved_huber_c(cfg, latent_shape), recommended_strength=1.0, training_steps=step,
+        k_choices=cfg.k_choice_list() if cfg.steps_aware else [],
     )
     output = Path(cfg.output)
     # a private folder beside the output (same file system, so the rename is atomic)
     staging = output.with_name(f".{output.name}.{os.getpid()}{STAGING_SUFFIX}")
     shutil.rmtree(staging, ignore_errors=True)
     staged = export_student_lora(family, staging / output.name, info)
+    if cfg.steps_aware:
+        add_k_table(staged, family.network)
     if os.environ.get(PAUSE_LORA_ENV):
         time.sleep(float(os.environ[PAUSE_LORA_ENV]))
     os.replace(staged, output)
     shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def add_k_table(lora_path: Path, network) -> None:
+    """Steps-aware: the student's K table goes into the LoRA file under its own key
+    (tdm_core.steps_aware.K_EMBEDDING_KEY), and nowhere else."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .lora_io import save_safetensors_atomic
+    from .steps_aware import TABLE_STATE_KEY, k_embedding_tensors
+
+    with safe_open(str(lora_path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = {k: v for k, v in load_file(str(lora_path)).items() if not k.endswith(TABLE_STATE_KEY)}
+    save_safetensors_atomic({**tensors, **k_embedding_tensors(network, STUDENT)}, lora_path, metadata)
 
 
 def remove_interrupted_exports(output: Path) -> None:
@@ -248,6 +266,10 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
         latent_shape = family.latent_shape(cfg.batch_size, cfg.resolution)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if cfg.steps_aware:  # before collecting parameters: each K table trains with its adapter
+        from .steps_aware import install_k_embedding
+
+        install_k_embedding(family.network, cfg.k_choice_list(), (STUDENT, FAKE_SCORE) if cfg.k_on_fake_score else (STUDENT,))
     params = {name: adapter_parameters(family.network, name) for name in ADAPTERS}
     optimizers, schedulers = build_optimisers(cfg, params, accelerator)
     parts = LoopParts(
@@ -290,6 +312,8 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step."""
     from tqdm.auto import tqdm
 
+    from .steps_aware import begin_batch
+
     family, accelerator = parts.family, parts.accelerator
     null_cond = family.null_condition(cfg.batch_size)
     if cfg.precompute_embeddings:
@@ -303,6 +327,8 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     saved_at = step
     while step < stop_at:
         for _ in range(cfg.gradient_accumulation_steps):
+            if cfg.steps_aware:  # this batch's K, its grid and the network's K condition
+                begin_batch(parts, cfg.k_choice_list())
             cond = encode(family, draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
             metrics = tdm_iteration(parts, cond, null_cond, latent_shape)
         step += 1

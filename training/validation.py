@@ -13,6 +13,7 @@ from tdm_core.grids import diffusers_grid
 from tdm_core.training import teacher_cfg_x0
 
 from .models import STUDENT, use_adapter
+from .steps_aware import num_steps
 
 STUDENT_STEPS = (1, 2, 4)
 VALIDATION_SEED = 1234  # its own generator: validating never changes the training draws
@@ -46,7 +47,8 @@ def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, res
         columns = [sample_dpmpp_2m(_denoiser(family, cond, null_cond, cfg_scale), noise, teacher_grid, schedule, prediction)]
     with use_adapter(family.network, STUDENT):
         for grid in student_grids(trained_grid, total_steps):
-            columns.append(sample_tdm(_denoiser(family, cond), noise, grid, schedule, prediction))
+            with num_steps(family.network, len(grid)):  # a steps-aware student runs as a len(grid)-step model
+                columns.append(sample_tdm(_denoiser(family, cond), noise, grid, schedule, prediction))
     return [family.decode(latents).float().clamp(0, 1).cpu() for latents in columns]
 
 
