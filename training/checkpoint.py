@@ -12,6 +12,7 @@ previous checkpoint whole.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -20,6 +21,9 @@ from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
+from .loop import ADAPTERS, LoopParts
 
 CHECKPOINTS = "checkpoints"
 ADAPTERS_FILE = "adapters.tdmckpt"
@@ -113,3 +117,70 @@ def _pause_for_tests(step: int) -> None:
         at_step, seconds = wanted.split(":")
         if int(at_step) == step:
             time.sleep(float(seconds))
+
+
+# --- the run's state: what a checkpoint holds and how a run resumes from it ---------------------
+def training_state(parts: LoopParts) -> tuple[dict, dict]:
+    """``(adapters, state)`` of a checkpoint; RNG states come from every process."""
+    from accelerate.utils import gather_object
+
+    from .models import adapter_state_dict
+
+    adapters = {name: adapter_state_dict(parts.family.network, name) for name in ADAPTERS}
+    rng = gather_object([{"generator": parts.generator.get_state(), "torch": torch.get_rng_state()}])
+    state = {
+        "optimizers": {name: parts.optimizers[name].state_dict() for name in ADAPTERS},
+        "schedulers": {name: parts.schedulers[name].state_dict() for name in ADAPTERS},
+        "rng": rng,
+        "num_processes": parts.accelerator.num_processes,
+    }
+    if parts.accelerator.scaler is not None:  # fp16 loss scale
+        state["grad_scaler"] = parts.accelerator.scaler.state_dict()
+    return adapters, state
+
+
+def restore_state(parts: LoopParts, checkpoint: Path) -> int:
+    from .models import load_adapter_state_dict
+
+    adapters, state = load_checkpoint(checkpoint)
+    accelerator = parts.accelerator
+    if state["num_processes"] != accelerator.num_processes:
+        raise ConfigError(f"checkpoint {checkpoint} was written by {state['num_processes']} processes: resume with as many")
+    for name in ADAPTERS:
+        load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
+        parts.optimizers[name].load_state_dict(state["optimizers"][name])
+        parts.schedulers[name].load_state_dict(state["schedulers"][name])
+    if accelerator.scaler is not None and "grad_scaler" in state:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    rng = state["rng"][accelerator.process_index]
+    parts.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    return int(state["step"])
+
+
+def adapters_digest(parts: LoopParts) -> str:
+    """sha256 of both adapters, the same on every process when data parallel works."""
+    digest = hashlib.sha256()
+    for name in ADAPTERS:
+        for p in parts.params[name]:
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_processes_agree(parts: LoopParts) -> str:
+    # collective: a silent divergence of data-parallel processes would make the checkpoint a lie
+    from accelerate.utils import gather_object
+
+    digests = gather_object([adapters_digest(parts)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"data-parallel processes hold different adapters ({digests}): report this as a bug")
+    return digests[0]
+
+
+def write_checkpoint(parts: LoopParts, run_dir: Path, step: int, keep: int) -> None:
+    """Collective: every process takes part; the main process writes."""
+    check_processes_agree(parts)
+    adapters, state = training_state(parts)
+    if parts.accelerator.is_main_process:
+        save_checkpoint(run_dir, step, adapters, state, keep=keep)
+    parts.accelerator.wait_for_everyone()

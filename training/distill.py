@@ -7,7 +7,6 @@ Exit codes: 0 done, 2 bad input (nothing written), 3 NaN/inf loss (last good che
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from tdm_core.grids import check_grid
 from tdm_core.metadata import TDMInfo
 from tdm_core.training import pseudo_huber_c_for
 
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_interrupted_writes, save_checkpoint
+from .checkpoint import check_processes_agree, latest_checkpoint, remove_interrupted_writes, restore_state, write_checkpoint
 from .config import ConfigError, DistillConfig, parse_config, read_prompts
 from .loop import ADAPTERS, FAKE_SCORE, STUDENT, LoopParts, NonFiniteLoss, tdm_iteration
 
@@ -95,71 +94,6 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
                                          num_training_steps=cfg.max_train_steps, **extra)
         optimizers[name] = accelerator.prepare_optimizer(optimizer)
     return optimizers, schedulers
-
-
-def training_state(parts: LoopParts) -> tuple[dict, dict]:
-    """``(adapters, state)`` of a checkpoint; RNG states come from every process."""
-    from accelerate.utils import gather_object
-
-    from .models import adapter_state_dict
-
-    adapters = {name: adapter_state_dict(parts.family.network, name) for name in ADAPTERS}
-    rng = gather_object([{"generator": parts.generator.get_state(), "torch": torch.get_rng_state()}])
-    state = {
-        "optimizers": {name: parts.optimizers[name].state_dict() for name in ADAPTERS},
-        "schedulers": {name: parts.schedulers[name].state_dict() for name in ADAPTERS},
-        "rng": rng,
-        "num_processes": parts.accelerator.num_processes,
-    }
-    if parts.accelerator.scaler is not None:  # fp16 loss scale
-        state["grad_scaler"] = parts.accelerator.scaler.state_dict()
-    return adapters, state
-
-
-def restore_state(parts: LoopParts, checkpoint: Path) -> int:
-    from .models import load_adapter_state_dict
-
-    adapters, state = load_checkpoint(checkpoint)
-    accelerator = parts.accelerator
-    if state["num_processes"] != accelerator.num_processes:
-        raise ConfigError(f"checkpoint {checkpoint} was written by {state['num_processes']} processes: resume with as many")
-    for name in ADAPTERS:
-        load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
-        parts.optimizers[name].load_state_dict(state["optimizers"][name])
-        parts.schedulers[name].load_state_dict(state["schedulers"][name])
-    if accelerator.scaler is not None and "grad_scaler" in state:
-        accelerator.scaler.load_state_dict(state["grad_scaler"])
-    rng = state["rng"][accelerator.process_index]
-    parts.generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    return int(state["step"])
-
-
-def adapters_digest(parts: LoopParts) -> str:
-    """sha256 of both adapters, the same on every process when data parallel works."""
-    digest = hashlib.sha256()
-    for name in ADAPTERS:
-        for p in parts.params[name]:
-            digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_processes_agree(parts: LoopParts) -> str:
-    # collective: a silent divergence of data-parallel processes would make the checkpoint a lie
-    from accelerate.utils import gather_object
-
-    digests = gather_object([adapters_digest(parts)])
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"data-parallel processes hold different adapters ({digests}): report this as a bug")
-    return digests[0]
-
-
-def write_checkpoint(parts: LoopParts, cfg: DistillConfig, step: int) -> None:
-    check_processes_agree(parts)
-    adapters, state = training_state(parts)  # collective: every process takes part
-    if parts.accelerator.is_main_process:
-        save_checkpoint(cfg.run_dir(), step, adapters, state, keep=cfg.keep_checkpoints)
-    parts.accelerator.wait_for_everyone()
 
 
 def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape) -> Path:
@@ -336,13 +270,13 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
         bar.update(1)
         bar.set_postfix(fake=f"{metrics['loss_fake']:.4g}", student=f"{metrics['loss_student']:.4g}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            write_checkpoint(parts, cfg, step)
+            write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
             saved_at = step
         if cfg.validate_every and step % cfg.validate_every == 0:
             validate_now(parts, cfg, prompts, step)
     bar.close()
     if saved_at != step:
-        write_checkpoint(parts, cfg, step)
+        write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
     return step
 
 
