@@ -111,7 +111,8 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     cov_a, cov_b = torch.cov(feats_a.T), torch.cov(feats_b.T)
     root_a = _psd_sqrt(cov_a)
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+    fd = float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+    return max(fd, 0.0)  # a set against itself can come out at -1e-5 from eigenvalue round-off
 
 
 def _knn_radii(feats: Tensor, k: int) -> Tensor:

@@ -5,7 +5,7 @@
 
 Every finished row is cached in ``<work>/results.json`` and RESULTS.md is rewritten after each
 one, so an interrupted run keeps what it finished and a rerun resumes (``--fresh`` starts over).
-Rows run in order of importance: quality at CFG 1, speed and memory, quality at CFG > 1, ablations.
+Rows run in order of importance: quality and ablations at CFG 1, speed and memory, then CFG > 1.
 """
 from __future__ import annotations
 
@@ -380,10 +380,17 @@ def render(results: Results, plan: Plan, command: str, status: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teacher_dir: Path = TEACHER_DIR) -> Results:
+def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teacher_dir: Path = TEACHER_DIR,
+        only: set | None = None, merge_from: list | None = None) -> Results:
+    """Runs the stages (all, or those named in ``only``: main1, ablations1, speed, main2, ablations2)
+    and rewrites ``output_md`` after each; ``merge_from`` adds rows cached by other runs first."""
     global WORK
     WORK = work
     results = Results(work / "results.json", fresh)
+    for other in merge_from or []:
+        for key, value in json.loads(Path(other).read_text()).items():
+            if results.get(key) is None:
+                results.put(key, value)
     started = time.time()
 
     def log(message: str) -> None:
@@ -393,10 +400,15 @@ def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teac
         write_text_atomic(output_md, render(results, plan, command, status))
 
     evaluator = Evaluator(plan, teacher_dir)
-    stages = [("quality, CFG 1", lambda: quality_rows(plan, results, evaluator, plan.cfgs[0], "main", log)),
-              ("speed and memory", lambda: speed_rows(plan, results, log, teacher_dir))]
-    stages += [(f"quality, CFG {c:g}", (lambda c=c: quality_rows(plan, results, evaluator, c, "main", log))) for c in plan.cfgs[1:]]
-    stages += [(f"ablations, CFG {c:g}", (lambda c=c: quality_rows(plan, results, evaluator, c, "ablations", log))) for c in plan.cfgs]
+    # most informative first: the clean w=1 table with its ablations, then speed, then w>1
+    first = plan.cfgs[0]
+    stages = [("main1", lambda: quality_rows(plan, results, evaluator, first, "main", log)),
+              ("ablations1", lambda: quality_rows(plan, results, evaluator, first, "ablations", log)),
+              ("speed", lambda: speed_rows(plan, results, log, teacher_dir))]
+    for n, c in enumerate(plan.cfgs[1:], start=2):
+        stages += [(f"main{n}", (lambda c=c: quality_rows(plan, results, evaluator, c, "main", log))),
+                   (f"ablations{n}", (lambda c=c: quality_rows(plan, results, evaluator, c, "ablations", log)))]
+    stages = [(name, stage) for name, stage in stages if only is None or name in only]
     for name, stage in stages:
         log(f"stage: {name}")
         stage()
@@ -415,6 +427,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, help="TDM iterations per distilled row")
     parser.add_argument("--num-eval", type=int, help="samples per row and seed")
     parser.add_argument("--seeds", type=int, help="number of sampling seeds")
+    parser.add_argument("--stages", help="comma list of stages to run: main1, ablations1, speed, main2, ablations2 (default all)")
+    parser.add_argument("--merge-from", action="append", default=[], help="results.json of another run whose rows to include")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.iterations:
@@ -427,7 +441,8 @@ def main(argv=None) -> int:
         parser.error("--num-eval must be at least 20, --seeds and --iterations at least 1")
     torch.set_num_threads(1)
     command = " ".join(["python -m benchmarks.run_all", *(sys.argv[1:] if argv is None else argv)])
-    run(plan, args.output, args.work, args.fresh, command.strip())
+    only = set(args.stages.split(",")) if args.stages else None
+    run(plan, args.output, args.work, args.fresh, command.strip(), only=only, merge_from=args.merge_from)
     return 0
 
 

