@@ -47,6 +47,7 @@ class Plan:
     scaling_batches: tuple = (1, 4, 16)
     scaling_ks: tuple = (1, 2, 4)
     sampling_models: tuple = ("digits", "mid")
+    clipped_teacher_steps: tuple = (50, 4)
     mid_unet: dict = field(default_factory=lambda: dict(speed.MID_UNET_CONFIG))
 
 
@@ -117,7 +118,9 @@ class Evaluator:
             per_seed.append(metrics.quality(self.classifier, samples, self.classes, self.real_feats, self.reference_feats(cfg, seed)))
         return summarise(per_seed)
 
-    def teacher_row(self, steps: int, cfg: float) -> dict:
+    def teacher_row(self, steps: int, cfg: float, clip_x0: bool = False) -> dict:
+        if clip_x0:
+            return self.score(lambda noise, seed: sampling.sample_teacher(self.teacher, steps, self.classes, noise, cfg, clip_x0=True), cfg)
         return self.score(lambda noise, seed: self.teacher_samples(steps, cfg, noise, seed), cfg)
 
     def student_row(self, lora: Path | None, cfg: float, adapter_state=None, rank=None, alpha=None, grid=None) -> dict:
@@ -163,6 +166,14 @@ def quality_rows(plan: Plan, results: Results, evaluator: Evaluator, cfg: float,
     """part "main": teacher rows, K=4 (with convergence checkpoints) and K=1; part "ablations"."""
     from training.lora_io import read_lora
 
+    if part == "clipped":  # the teacher with diffusers' clip_sample: its best standard DDIM
+        for steps in plan.clipped_teacher_steps:
+            key = f"q/{cfg:g}/teacher{steps}_clip"
+            if results.get(key) is None:
+                log(f"teacher DDIM {steps} steps with x0 clipping, CFG {cfg:g}")
+                results.put(key, {"name": f"teacher DDIM {steps} steps, x0 clipped", "nfe": steps * (2 if cfg != 1 else 1),
+                                  **evaluator.teacher_row(steps, cfg, clip_x0=True)})
+        return
     if part == "main":
         for steps in plan.teacher_steps:
             key = f"q/{cfg:g}/teacher{steps}"
@@ -227,7 +238,7 @@ def pm(row: dict, key: str, digits: int = 1) -> str:
 
 
 def quality_table(results: Results, plan: Plan, cfg: float) -> list[str]:
-    keys = [f"teacher{s}" for s in plan.teacher_steps] + ["k4"] + [f"k4@{s}" for s in plan.checkpoints if s < plan.iterations]
+    keys = [f"teacher{s}" for s in plan.teacher_steps] + [f"teacher{s}_clip" for s in plan.clipped_teacher_steps] + ["k4"] + [f"k4@{s}" for s in plan.checkpoints if s < plan.iterations]
     keys += ["k1"] + [f"k4_{a}" for a in plan.ablations]
     lines = [f"### Teacher CFG w = {cfg:g} (students sample at CFG 1, guidance distilled in)", "",
              "| row | NFE | FD to real held-out ↓ | FD to teacher 50 steps ↓ | class accuracy ↑ | precision ↑ | recall ↑ |",
@@ -267,10 +278,10 @@ def claims_section(results: Results, plan: Plan) -> list[str]:
     for cfg in plan.cfgs:
         q = lambda k: results.get(f"q/{cfg:g}/{k}")  # noqa: E731
         lines.append(f"At teacher CFG w = {cfg:g} (FD to real held-out digits, lower is better):")
-        for ref in ("teacher50", "teacher25"):
+        for ref, label in (("teacher50", "50 DDIM steps"), ("teacher25", "25 DDIM steps"), ("teacher50_clip", "50 DDIM steps with x0 clipping")):
             verdict, text = compare(q("k4"), q(ref))
             holds = {"first better": "holds", "tie within noise": "holds (as good, within noise)", "second better": "does not hold"}.get(verdict, verdict)
-            lines.append(f"- 4-step TDM student at least as good as the teacher at {ref[7:]} DDIM steps: **{holds}**; {text}.")
+            lines.append(f"- 4-step TDM student at least as good as the teacher at {label}: **{holds}**; {text}.")
         verdict, text = compare(q("k4"), q("k1"))
         holds = {"first better": "holds", "tie within noise": "not shown (tie within noise)", "second better": "does not hold"}.get(verdict, verdict)
         lines.append(f"- Trajectory matching K=4 (4 NFE) beats distribution matching K=1 (1 NFE): **{holds}**; {text}.")
@@ -408,6 +419,8 @@ def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teac
     for n, c in enumerate(plan.cfgs[1:], start=2):
         stages += [(f"main{n}", (lambda c=c: quality_rows(plan, results, evaluator, c, "main", log))),
                    (f"ablations{n}", (lambda c=c: quality_rows(plan, results, evaluator, c, "ablations", log)))]
+    stages += [(f"clipped{n}", (lambda c=c: quality_rows(plan, results, evaluator, c, "clipped", log)))
+               for n, c in enumerate(plan.cfgs, start=1)]
     stages = [(name, stage) for name, stage in stages if only is None or name in only]
     for name, stage in stages:
         log(f"stage: {name}")
@@ -427,7 +440,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, help="TDM iterations per distilled row")
     parser.add_argument("--num-eval", type=int, help="samples per row and seed")
     parser.add_argument("--seeds", type=int, help="number of sampling seeds")
-    parser.add_argument("--stages", help="comma list of stages to run: main1, ablations1, speed, main2, ablations2 (default all)")
+    parser.add_argument("--stages", help="comma list of stages to run: main1, ablations1, speed, main2, ablations2, clipped1, clipped2 (default all)")
     parser.add_argument("--merge-from", action="append", default=[], help="results.json of another run whose rows to include")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()

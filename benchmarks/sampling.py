@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tdm_core import sample_tdm
+from tdm_core import output_from_x0_eps, sample_tdm, x0_eps_from_output
 from tdm_core.grids import diffusers_grid
 from tdm_core.training import teacher_cfg_x0
 from training.families.base import cat_conditions
@@ -42,28 +42,46 @@ def guided_denoiser(family, classes: Tensor, cfg: float):
     return denoise
 
 
+def x0_clipped(denoise, schedule, prediction_type: str):
+    """The same denoiser with its x0 prediction clipped to the data range [-1, 1] (diffusers' DDIM
+    ``clip_sample``, its default for pixel-space models); eps is re-derived from the clipped x0."""
+
+    def clipped(x, t):
+        a, s = schedule.alpha_sigma(t)
+        x0, _ = x0_eps_from_output(denoise(x, t), x, a, s, prediction_type)
+        x0 = x0.clamp(-1, 1)
+        _, eps = x0_eps_from_output(x0, x, a, s, "sample")
+        return output_from_x0_eps(x0, eps, a, s, prediction_type)
+
+    return clipped
+
+
 def teacher_grid(num_steps: int, num_timesteps: int = 1000) -> list[int]:
     return diffusers_grid(num_steps, "trailing", num_timesteps)
 
 
 @torch.no_grad()
-def sample_in_batches(family, grid: list[int], classes: Tensor, noise: Tensor, cfg: float, batch_size: int = 250) -> Tensor:
+def sample_in_batches(family, grid: list[int], classes: Tensor, noise: Tensor, cfg: float, batch_size: int = 250,
+                      clip_x0: bool = False) -> Tensor:
     out = []
     for start in range(0, classes.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         denoise = guided_denoiser(family, classes[sl], cfg)
+        if clip_x0:
+            denoise = x0_clipped(denoise, family.schedule, family.prediction_type)
         out.append(sample_tdm(denoise, noise[sl], grid, family.schedule, family.prediction_type).float())
     return torch.cat(out).clamp(-1, 1)
 
 
-def sample_teacher(family, num_steps: int, classes: Tensor, noise: Tensor, cfg: float) -> Tensor:
+def sample_teacher(family, num_steps: int, classes: Tensor, noise: Tensor, cfg: float, clip_x0: bool = False) -> Tensor:
     from training.models import use_adapter
 
     network = family.network
+    grid = teacher_grid(num_steps, family.num_timesteps)
     if hasattr(network, "peft_config"):  # a family carrying adapters: run it as the teacher
         with use_adapter(network, None):
-            return sample_in_batches(family, teacher_grid(num_steps, family.num_timesteps), classes, noise, cfg)
-    return sample_in_batches(family, teacher_grid(num_steps, family.num_timesteps), classes, noise, cfg)
+            return sample_in_batches(family, grid, classes, noise, cfg, clip_x0=clip_x0)
+    return sample_in_batches(family, grid, classes, noise, cfg, clip_x0=clip_x0)
 
 
 def sample_student(family, grid: list[int], classes: Tensor, noise: Tensor) -> Tensor:
