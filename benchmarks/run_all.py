@@ -388,7 +388,31 @@ def render(results: Results, plan: Plan, command: str, status: str) -> str:
         lines += quality_table(results, plan, cfg)
     lines += claims_section(results, plan)
     lines += speed_section(results, plan)
+    lines += notes(plan)
     return "\n".join(lines) + "\n"
+
+
+def notes(plan: Plan) -> list[str]:
+    return [
+        "## Reading these numbers",
+        "",
+        "- The teacher is small and briefly trained (1000 iterations of batch 64 on a shared CPU). Its plain DDIM "
+        "samples often keep residual noise where its x0 prediction at high noise overshoots (see "
+        "`benchmarks/digits_demo.png`); the `x0 clipped` rows (diffusers' `clip_sample`, its DDIM default for pixel "
+        "models) are its best standard sampler and the fairer baseline. TDM trains the student against the teacher's "
+        "x0 predictions at the student's own (intermediate) noise levels, never against the teacher's samples, so a "
+        "student can beat this teacher's sampler: read \"student beats teacher\" here as \"beats this teacher's sampler\".",
+        "- FD to the teacher's 50-step samples measures how closely a row reproduces the teacher's sampler, including "
+        "its artefacts; FD to real digits measures quality. Both are reported, as METHOD.md asks.",
+        f"- Convergence is read at {', '.join(str(c) for c in plan.checkpoints)} and {plan.iterations} iterations "
+        "(checkpoints of the main K=4 run with a constant learning rate) instead of 100/250/500/1000: the 2-core machine "
+        "was shared with other jobs during the run and the full schedule did not fit the time available.",
+        "- Sampling times are measured with the tdm_core samplers that the ComfyUI TDM sampler node calls "
+        "(`nodes/tdm_sampler.py` wraps `tdm_core.sample_tdm`), on the diffusers UNets, not through a ComfyUI graph.",
+        "- Every distilled row is one training run; the ± is over sampling seeds only, so differences between "
+        "distilled rows smaller than a few FD points should not be trusted.",
+        "",
+    ]
 
 
 def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teacher_dir: Path = TEACHER_DIR,
