@@ -256,6 +256,19 @@ def quality_table(results: Results, plan: Plan, cfg: float) -> list[str]:
     return lines + [""]
 
 
+def expected_keys(plan: Plan) -> list[str]:
+    per_cfg = [f"teacher{s}" for s in plan.teacher_steps] + [f"teacher{s}_clip" for s in plan.clipped_teacher_steps]
+    per_cfg += ["k4", "k1"] + [f"k4@{s}" for s in plan.checkpoints if s < plan.iterations] + [f"k4_{a}" for a in plan.ablations]
+    keys = [f"q/{c:g}/{k}" for c in plan.cfgs for k in per_cfg]
+    keys += [f"speed/train/{c}" for c in ("baseline", "lora", "reference")] + [f"speed/sampling/{m}" for m in plan.sampling_models]
+    keys += [f"speed/scale/batch{b}" for b in plan.scaling_batches] + [f"speed/scale/k{k}" for k in plan.scaling_ks]
+    return keys
+
+
+def missing_rows(results: Results, plan: Plan) -> list[str]:
+    return [k for k in expected_keys(plan) if results.get(k) is None]
+
+
 def noise_margin(a: dict, b: dict, key: str) -> float:
     # two standard errors of the difference over sampling seeds
     n = max(1, a.get("seeds", 1))
@@ -450,7 +463,8 @@ def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teac
         log(f"stage: {name}")
         stage()
         checkpoint(f"in progress: finished up to '{name}'")
-    checkpoint(f"complete, {time.time() - started:.0f} s for the stages not cached")
+    done = "complete" if not missing_rows(results, plan) else "partial: the rows listed as not measured are missing"
+    checkpoint(f"{done}; {time.time() - started:.0f} s for the stages not cached")
     log(f"wrote {output_md}")
     return results
 
@@ -466,6 +480,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, help="number of sampling seeds")
     parser.add_argument("--stages", help="comma list of stages to run: main1, ablations1, speed, main2, ablations2, clipped1, clipped2 (default all)")
     parser.add_argument("--merge-from", action="append", default=[], help="results.json of another run whose rows to include")
+    parser.add_argument("--produced-by", help="how the rows were produced, for the file's header (default: this command)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.iterations:
@@ -479,7 +494,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     command = " ".join(["python -m benchmarks.run_all", *(sys.argv[1:] if argv is None else argv)])
     only = set(args.stages.split(",")) if args.stages else None
-    run(plan, args.output, args.work, args.fresh, command.strip(), only=only, merge_from=args.merge_from)
+    run(plan, args.output, args.work, args.fresh, args.produced_by or command.strip(), only=only, merge_from=args.merge_from)
     return 0
 
 
