@@ -422,6 +422,10 @@ def notes(plan: Plan) -> list[str]:
         "was shared with other jobs during the run and the full schedule did not fit the time available.",
         "- Sampling times are measured with the tdm_core samplers that the ComfyUI TDM sampler node calls "
         "(`nodes/tdm_sampler.py` wraps `tdm_core.sample_tdm`), on the diffusers UNets, not through a ComfyUI graph.",
+        "- Timings: the machine's load from other jobs changed between measurements, so single timings carry tens of "
+        "percent of noise (best-of-repeats for sampling, a mean of a few iterations for training). Entries that "
+        "contradict the work done (a larger K not slower, a sampler overhead below 1.0) show that noise; the memory "
+        "numbers do not depend on load.",
         "- Every distilled row is one training run; the ± is over sampling seeds only, so differences between "
         "distilled rows smaller than a few FD points should not be trusted.",
         "",
