@@ -279,3 +279,18 @@ def test_half_precision_export_loads_in_comfyui(folders, tmp_path):
     comfy_model = comfy_model_from_diffusers_unet(UNet2DConditionModel.from_pretrained(str(folders["sd15"] / "unet")), "sd15")
     _, skipped, consumed, lora = comfy_apply_lora(comfy_model, path)
     assert skipped == [] and len(consumed) * 3 == len(lora)
+
+
+def test_exported_lora_is_readable_like_a_normally_created_file(tmp_path):
+    # ComfyUI often runs as another user than the trainer: the LoRA must not keep mkstemp's 0600 mode
+    import os
+
+    from training.lora_io import save_safetensors_atomic
+
+    umask = os.umask(0o022)
+    try:
+        path = save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]

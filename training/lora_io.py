@@ -15,12 +15,12 @@ diffusers' own layout instead, ``transformer.<path>.lora_A.weight`` / ``.lora_B.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tdm_core.metadata import TDMInfo
+from training.atomic import atomic_write
 from training.models import STUDENT, TrainingInputError, adapter_state_dict, base_model_hash
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -93,16 +93,8 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
         raise TrainingInputError(f"output {path} must end in .safetensors: e.g. ComfyUI/models/loras/my_tdm.safetensors")
     if path.is_dir():
         raise TrainingInputError(f"output {path} is a folder: give a file name ending in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+    with atomic_write(path) as temp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temp), metadata=metadata)
     return path
 
 

@@ -2,7 +2,6 @@
 1, 2 and 4 steps, all from the same noise; written as PNG (atomic) with tdm_core samplers."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from tdm_core import reference_grid, sample_dpmpp_2m, sample_tdm
 from tdm_core.grids import diffusers_grid
 from tdm_core.training import teacher_cfg_x0
 
+from .atomic import save_png_atomic
 from .models import STUDENT, use_adapter
 from .steps_aware import num_steps
 
@@ -58,15 +58,6 @@ def grid_image(columns: list[torch.Tensor]) -> Image.Image:
     image = torch.cat(tiles, dim=1)
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     return Image.fromarray(array)
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    image.save(temp, format="PNG")
-    os.replace(temp, path)
-    return path
 
 
 def write_validation_grid(path: Path, family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
