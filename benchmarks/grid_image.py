@@ -1,9 +1,6 @@
 """A labelled PNG grid: one row per sampler, one column per sample (same seeds and classes)."""
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -33,18 +30,3 @@ def labelled_grid(rows: list[tuple[str, torch.Tensor]], column_labels: list[str]
         for j in range(n):
             canvas.paste(to_pil(images[j], scale), (label_width + pad + j * (w + pad), top))
     return canvas
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path

@@ -6,8 +6,6 @@ The classifier is trained deterministically on the digits training split and cac
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.digits_data import NUM_CLASSES, load_digits_split
+from training.atomic import atomic_write
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "digits_classifier.safetensors"
 FEATURE_DIM = 64
@@ -67,11 +66,8 @@ def train_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 64) -> D
 def save_classifier(model: DigitsClassifier, path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as temp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(temp))
 
 
 def load_classifier(path: Path = CLASSIFIER_PATH, train_if_missing: bool = True) -> DigitsClassifier:

@@ -16,9 +16,8 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from benchmarks import metrics, sampling, speed
 from benchmarks.demo import TEACHER_DIR, distil, load_teacher
 from benchmarks.digits_data import load_digits_split
+from training.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -68,19 +68,7 @@ class Results:
 
     def put(self, key, value) -> None:
         self.data[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=".results.", dir=self.path.parent)
-        with os.fdopen(handle, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1))
 
 
 # --- quality ------------------------------------------------------------------------------------

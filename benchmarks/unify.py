@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 from benchmarks import metrics, sampling
 from benchmarks.demo import TEACHER_DIR, distil, load_teacher
 from benchmarks.digits_data import load_digits_split
+from training.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS_unify.md"
@@ -130,14 +129,6 @@ def table(rows: list[dict], cfg: float) -> str:
         lines.append(f"| {r['label']} | {r['steps']} ({nfe}) | {r['fd_real']:.1f} ± {r['fd_real_sd']:.1f} | "
                      f"{max(r['fd_teacher'], 0.0):.1f} ± {r['fd_teacher_sd']:.1f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
     return "\n".join(lines)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
