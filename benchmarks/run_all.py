@@ -305,13 +305,6 @@ def claims_section(results: Results, plan: Plan) -> list[str]:
         lines.append("")
     lines.append("- One steps-aware model serving 1 and 4 steps (TDM-unify): see `benchmarks/RESULTS_unify.md` "
                  "(`python -m benchmarks.unify`).")
-    lines += ["", "How much these verdicts are worth: the digits teacher is weak. Its own 50-step samples are far "
-              "from real digits (see its FD to real data and class accuracy above; the top row of "
-              "`benchmarks/digits_demo.png` is visibly noisy). A student that is 'better than the teacher' on FD to "
-              "real data here is mostly a student whose mode-seeking distribution-matching objective gives cleaner, "
-              "less diverse digits than the teacher it imitates (compare its FD to the teacher's own samples and its "
-              "recall). The claims are tested against this teacher, not against a good one; with a stronger teacher "
-              "the comparison could come out differently."]
     return lines + [""]
 
 
