@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers.tiny_models import save_tiny_pipeline
+from tests.helpers.distill_runs import distill_args, tiny_teacher
 from training.checkpoint import ADAPTERS_FILE, PAUSE_ENV, list_checkpoints, load_checkpoint
 from training.distill import EXIT_NON_FINITE, EXIT_OK, PAUSE_LORA_ENV, main
 from training.lora_io import adapter_to_kohya, read_lora
@@ -26,15 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("distill_run")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a red cat\na blue dog\nthe sea at night\n")
-    return {"model": save_tiny_pipeline("sd15", root / "sd15"), "prompts": prompts}
+    return tiny_teacher(tmp_path_factory.mktemp("distill_run"))
 
 
 def args(teacher, output: Path, *extra) -> list[str]:
-    return ["--model", str(teacher["model"]), "--prompts", str(teacher["prompts"]), "--output", str(output),
-            "--lora-rank", "4", "--batch-size", "2", "--num-steps", "2", "--validate-every", "0", *map(str, extra)]
+    return distill_args(teacher, output, "--num-steps", "2", *extra)
 
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:

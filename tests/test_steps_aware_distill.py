@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tdm_core.steps_aware import K_EMBEDDING_KEY, MAX_K
+from tests.helpers.distill_runs import distill_args, tiny_teacher
 from tests.helpers.tiny_models import save_tiny_pipeline
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.distill import EXIT_BAD_INPUT, EXIT_OK, main
@@ -25,16 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("steps_aware_run")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a red cat\na blue dog\nthe sea at night\n")
-    return {"model": save_tiny_pipeline("sd15", root / "sd15"), "prompts": prompts}
+    return tiny_teacher(tmp_path_factory.mktemp("steps_aware_run"))
 
 
 def args(teacher, output: Path, *extra) -> list[str]:
-    return ["--model", str(teacher["model"]), "--prompts", str(teacher["prompts"]), "--output", str(output),
-            "--lora-rank", "4", "--batch-size", "2", "--validate-every", "0", "--steps-aware", "--k-choices", "1,2,4",
-            "--learning-rate", "1e-2", *map(str, extra)]
+    return distill_args(teacher, output, "--steps-aware", "--k-choices", "1,2,4", "--learning-rate", "1e-2", *extra)
 
 
 def test_run_exports_the_student_k_table_and_k_choices(teacher, tmp_path):
