@@ -6,7 +6,7 @@ from pure Gaussian noise, not from the marginal at ``t_0``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +46,34 @@ def sample_tdm(
     return rollout_tdm(denoise, noise, timesteps, schedule, prediction_type, gamma, generator, callback)[-1]
 
 
+def tdm_steps(
+    denoise: Denoiser,
+    noise: Tensor,
+    timesteps,
+    schedule,
+    prediction_type: str,
+    gamma: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The K student steps one by one: ``(x_{t_i}, x0_hat, eps_hat, next point)``; the last step's
+    next point is ``x0_hat`` (METHOD.md "The student")."""
+    x = noise
+    timesteps = [float(t) for t in timesteps]
+    for i, t in enumerate(timesteps):
+        t_tensor = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+        x0_hat, eps_hat = predict_x0_eps(denoise, x, t_tensor, schedule, prediction_type)
+        if i == len(timesteps) - 1:
+            x_next = x0_hat
+        else:
+            a_next, s_next = schedule.alpha_sigma(torch.tensor(timesteps[i + 1], dtype=torch.float64))
+            z = None
+            if gamma > 0.0:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator else torch.randn_like(x)
+            x_next = tdm_step(x0_hat, eps_hat, a_next, s_next, gamma, z)
+        yield x, x0_hat, eps_hat, x_next
+        x = x_next
+
+
 def rollout_tdm(
     denoise: Denoiser,
     noise: Tensor,
@@ -57,23 +85,11 @@ def rollout_tdm(
     callback: Optional[StepCallback] = None,
 ) -> list[Tensor]:
     """The whole trajectory ``[x_{t_0}, ..., x_{t_{K-1}}, x0_hat]`` (METHOD.md training step 1)."""
-    x = noise
-    points = [x]
-    timesteps = [float(t) for t in timesteps]
-    for i, t in enumerate(timesteps):
-        t_tensor = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-        x0_hat, eps_hat = predict_x0_eps(denoise, x, t_tensor, schedule, prediction_type)
+    points = [noise]
+    for i, (x, x0_hat, _eps_hat, x_next) in enumerate(tdm_steps(denoise, noise, timesteps, schedule, prediction_type, gamma, generator)):
         if callback is not None:
             callback(i, x, x0_hat)
-        if i == len(timesteps) - 1:
-            x = x0_hat
-        else:
-            a_next, s_next = schedule.alpha_sigma(torch.tensor(timesteps[i + 1], dtype=torch.float64))
-            z = None
-            if gamma > 0.0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator else torch.randn_like(x)
-            x = tdm_step(x0_hat, eps_hat, a_next, s_next, gamma, z)
-        points.append(x)
+        points.append(x_next)
     return points
 
 

@@ -91,13 +91,22 @@ class VPSchedule:
         abar = self.alphas_cumprod.double()
         return 0.5 * (torch.log1p(-abar) - torch.log(abar))
 
+    def log_sigmas_k_on(self, device) -> Tensor:
+        """:attr:`log_sigmas_k` on ``device``, computed and copied once per device (training calls
+        ``alpha_sigma`` several times an iteration)."""
+        cache = self.__dict__.setdefault("_log_sigmas_by_device", {})
+        device = torch.device(device)
+        if device not in cache:
+            cache[device] = self.log_sigmas_k.to(device)
+        return cache[device]
+
     def sigma_k(self, t: Tensor) -> Tensor:
         """k-diffusion sigma ``s/a`` at (possibly fractional) timestep ``t``."""
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
         low = t.floor().long()
         high = (low + 1).clamp(max=self.num_timesteps - 1)
         w = t - low
-        log_sigmas = self.log_sigmas_k.to(t.device)
+        log_sigmas = self.log_sigmas_k_on(t.device)
         exact = w == 0  # keeps integer timesteps exact, also where log sigma is infinite (zero SNR)
         mixed = torch.where(exact, log_sigmas[low], (1 - w) * log_sigmas[low] + w * log_sigmas[high])
         return mixed.exp()
@@ -108,7 +117,7 @@ class VPSchedule:
     def timestep_from_sigma_k(self, sigma_k: Tensor) -> Tensor:
         """Inverse of :meth:`sigma_k`: the (fractional) timestep whose ``s/a`` is ``sigma_k``."""
         log_sigma = torch.as_tensor(sigma_k, dtype=torch.float64).log()
-        log_sigmas = self.log_sigmas_k.to(log_sigma.device)
+        log_sigmas = self.log_sigmas_k_on(log_sigma.device)
         finite = log_sigmas[torch.isfinite(log_sigmas)]
         low = torch.searchsorted(finite, log_sigma.clamp(finite[0], finite[-1]).contiguous(), right=True) - 1
         low = low.clamp(0, finite.shape[0] - 2)

@@ -10,7 +10,8 @@ import torch
 from tests.helpers.tiny_models import save_tiny_pipeline
 from training.config import DistillConfig, validate
 from training.distill import build_parts
-from training.loop import FAKE_SCORE, STUDENT, fake_score_update, optimiser_step, roll_out_student, student_update, tdm_iteration
+from tdm_core.iteration import fake_score_objective, roll_out, student_objective
+from training.loop import FAKE_SCORE, STUDENT, denoisers, optimiser_step, tdm_iteration
 from training.validation import student_grids, validation_columns
 
 FAMILY_CASES = {  # case -> (tiny family, build options)
@@ -38,6 +39,15 @@ def make_parts(model, tmp_path, **options):
                                  lora_rank=4, batch_size=2, **options))
     parts, latent_shape = build_parts(cfg, Accelerator())
     return parts, latent_shape
+
+
+def phases(parts, cond, null_cond, noise):
+    """The iteration's three phases on the trainer's own denoisers: roll-out, fake-score loss, student loss."""
+    d, settings, schedule = denoisers(parts, cond, null_cond), parts.settings(), parts.family.schedule
+    rollout = roll_out(d.student, noise, settings, schedule)
+    return (rollout,
+            lambda: fake_score_objective(d, rollout, settings, schedule, parts.generator),
+            lambda: student_objective(d, rollout, settings, schedule, parts.generator))
 
 
 def snapshot(network, which: str) -> dict[str, torch.Tensor]:
@@ -85,12 +95,12 @@ def test_each_optimiser_step_moves_its_own_adapter_only(model_folders, tmp_path)
     network, family = parts.family.network, parts.family
     cond, null_cond = family.encode_prompts(["a red cat", "a blue dog"]), family.null_condition(2)
     for _ in range(2):  # the second round runs with non-zero LoRA B in both adapters
-        trajectory = roll_out_student(parts, torch.randn(latent_shape), cond)
+        _, fake_loss, student_loss = phases(parts, cond, null_cond, torch.randn(latent_shape))
         student, fake = snapshot(network, STUDENT), snapshot(network, FAKE_SCORE)
-        optimiser_step(parts, FAKE_SCORE, fake_score_update(parts, trajectory, cond))
+        optimiser_step(parts, FAKE_SCORE, fake_loss())
         assert changed(fake, network) and not changed(student, network)
         student, fake = snapshot(network, STUDENT), snapshot(network, FAKE_SCORE)
-        optimiser_step(parts, STUDENT, student_update(parts, trajectory, cond, null_cond))
+        optimiser_step(parts, STUDENT, student_loss())
         assert changed(student, network) and not changed(fake, network)
     assert all(p.requires_grad for name in (STUDENT, FAKE_SCORE) for p in parts.params[name])
 
@@ -98,10 +108,9 @@ def test_each_optimiser_step_moves_its_own_adapter_only(model_folders, tmp_path)
 def test_student_loss_vanishes_when_fake_score_equals_teacher_at_cfg_1(model_folders, tmp_path):
     # at init both adapters are the teacher (LoRA B = 0): with w = 1 the target is x0_hat itself
     parts, latent_shape = make_parts(model_folders["sd15_eps"], tmp_path, cfg=1.0, distance="l2")
-    cond = parts.family.encode_prompts(["a red cat", "a blue dog"])
-    trajectory = roll_out_student(parts, torch.randn(latent_shape), cond)
-    loss = student_update(parts, trajectory, cond, parts.family.null_condition(2))
+    cond, null_cond = parts.family.encode_prompts(["a red cat", "a blue dog"]), parts.family.null_condition(2)
+    noise = torch.randn(latent_shape)
+    loss = phases(parts, cond, null_cond, noise)[2]()
     assert float(loss.detach()) < 1e-10
-    loss_w2 = student_update(make_parts(model_folders["sd15_eps"], tmp_path, cfg=2.0, distance="l2")[0], trajectory, cond,
-                             parts.family.null_condition(2))
-    assert float(loss_w2) > 1e-6
+    loss_w2 = phases(make_parts(model_folders["sd15_eps"], tmp_path, cfg=2.0, distance="l2")[0], cond, null_cond, noise)[2]()
+    assert float(loss_w2.detach()) > 1e-6

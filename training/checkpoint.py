@@ -134,8 +134,8 @@ def training_state(parts: LoopParts) -> tuple[dict, dict]:
         "rng": rng,
         "num_processes": parts.accelerator.num_processes,
     }
-    if parts.accelerator.scaler is not None:  # fp16 loss scale
-        state["grad_scaler"] = parts.accelerator.scaler.state_dict()
+    if parts.scalers:  # fp16 loss scales, one per optimiser
+        state["grad_scalers"] = {name: scaler.state_dict() for name, scaler in parts.scalers.items()}
     return adapters, state
 
 
@@ -150,8 +150,9 @@ def restore_state(parts: LoopParts, checkpoint: Path) -> int:
         load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
         parts.optimizers[name].load_state_dict(state["optimizers"][name])
         parts.schedulers[name].load_state_dict(state["schedulers"][name])
-    if accelerator.scaler is not None and "grad_scaler" in state:
-        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    for name, scaler in parts.scalers.items():
+        if name in state.get("grad_scalers", {}):
+            scaler.load_state_dict(state["grad_scalers"][name])
     rng = state["rng"][accelerator.process_index]
     parts.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])

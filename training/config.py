@@ -17,8 +17,11 @@ from tdm_core.grids import parse_grid, reference_grid
 from tdm_core.steps_aware import parse_k_choices
 from tdm_core.training import DISTANCES, INTERVAL_MODES
 
+from .precision import SAVE_DTYPES, WEIGHT_DTYPES
+
 MAX_STUDENT_STEPS = 8  # TDM students are few-step samplers; the grid rule is tested for 1..8
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = tuple(WEIGHT_DTYPES)
+SAVE_PRECISION = ("auto", *SAVE_DTYPES)
 LR_SCHEDULERS = ("cosine_with_restarts", "cosine", "constant", "constant_with_warmup", "linear")
 
 
@@ -62,7 +65,9 @@ class DistillConfig:
     lr_warmup_steps: int = _opt(0, "warm-up steps of the learning-rate schedule")
     lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
     resolution: Optional[int] = _opt(None, "image size in pixels (the family maps it to its latent size); default: the model's native size")
-    mixed_precision: str = _opt("no", "accelerate mixed precision: no, fp16 or bf16")
+    mixed_precision: str = _opt("no", "mixed precision: no, fp16 or bf16 (the frozen base in that dtype, the LoRA weights and optimiser state in fp32, forwards under autocast)")
+    save_precision: str = _opt("auto", "dtype of the exported LoRA: auto (that of --mixed-precision), fp32, fp16 or bf16")
+    batch_cfg: bool = _opt(True, "run the teacher's conditional and unconditional passes as one batch (--no-batch-cfg: two passes, less memory)")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the base network")
     use_8bit_adam: bool = _opt(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes installed)")
     seed: int = _opt(0, "seed of every random draw (noise, prompts, times, LoRA init): runs are reproducible on CPU")
@@ -205,6 +210,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(cfg.lr_scheduler in LR_SCHEDULERS, f"unknown --lr-scheduler {cfg.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
     _check(cfg.resolution is None or (cfg.resolution >= 8 and cfg.resolution % 8 == 0), f"--resolution {cfg.resolution} must be a positive multiple of 8")
     _check(cfg.mixed_precision in MIXED_PRECISION, f"unknown --mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
+    _check(cfg.save_precision in SAVE_PRECISION, f"unknown --save-precision {cfg.save_precision!r}: use {', '.join(SAVE_PRECISION)}")
     _check(cfg.checkpoint_every >= 0 and cfg.validate_every >= 0, "--checkpoint-every and --validate-every must be 0 (off) or positive")
     _check(cfg.stop_at_step is None or cfg.stop_at_step >= 1, f"--stop-at-step {cfg.stop_at_step} must be at least 1")
     _check(cfg.keep_checkpoints >= 1, f"--keep-checkpoints {cfg.keep_checkpoints} must be at least 1")

@@ -23,6 +23,7 @@ from tdm_core.training import pseudo_huber_c_for
 from .checkpoint import check_processes_agree, latest_checkpoint, remove_interrupted_writes, restore_state, write_checkpoint
 from .config import ConfigError, DistillConfig, parse_config, read_prompts
 from .loop import ADAPTERS, FAKE_SCORE, STUDENT, LoopParts, NonFiniteLoss, tdm_iteration
+from .precision import Precision, save_dtype
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 2, 3
 # test hook: sleep this many seconds after the LoRA's temporary file is complete, before the rename
@@ -53,12 +54,11 @@ def resolved_huber_c(cfg: DistillConfig, latent_shape) -> float | None:
     return 1e-3 if cfg.distance == "huber" else pseudo_huber_c_for(torch.empty((1, *latent_shape[1:])))
 
 
-def load_teacher(cfg: DistillConfig, accelerator):
+def load_teacher(cfg: DistillConfig, accelerator, precision: Precision):
     from .models import add_tdm_adapters, load_family
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     family = load_family(cfg.model, None if cfg.family == "auto" else cfg.family, device=accelerator.device,
-                         dtype=weight_dtype, config_path=cfg.model_config)
+                         dtype=precision.weight_dtype, config_path=cfg.model_config)
     grid = cfg.trajectory_grid()
     try:
         check_grid(grid, family.num_timesteps)
@@ -112,7 +112,7 @@ def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape) -
     # a private folder beside the output (same file system, so the rename is atomic)
     staging = output.with_name(f".{output.name}.{os.getpid()}{STAGING_SUFFIX}")
     shutil.rmtree(staging, ignore_errors=True)
-    staged = export_student_lora(family, staging / output.name, info)
+    staged = export_student_lora(family, staging / output.name, info, dtype=save_dtype(cfg.save_precision, cfg.mixed_precision))
     if cfg.steps_aware:
         add_k_table(staged, family.network)
     if os.environ.get(PAUSE_LORA_ENV):
@@ -184,7 +184,7 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
     if parts.accelerator.is_main_process:
         chosen = prompts[: cfg.validation_prompts]
         family = parts.family
-        with parts.accelerator.autocast():  # the base may be in half precision
+        with parts.precision.autocast():  # the base may be in half precision
             write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, encode(family, chosen),
                                   family.null_condition(len(chosen)), len(chosen), cfg.resolution, parts.accelerator.device,
                                   parts.grid, cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
@@ -195,7 +195,8 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
     """Teacher with both adapters, optimisers, schedules and the run's generator; the latent shape."""
     from .models import adapter_parameters
 
-    family, grid = load_teacher(cfg, accelerator)
+    precision = Precision(cfg.mixed_precision, accelerator.device.type)
+    family, grid = load_teacher(cfg, accelerator, precision)
     try:
         latent_shape = family.latent_shape(cfg.batch_size, cfg.resolution)
     except ValueError as err:
@@ -206,8 +207,9 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
         install_k_embedding(family.network, cfg.k_choice_list(), (STUDENT, FAKE_SCORE) if cfg.k_on_fake_score else (STUDENT,))
     params = {name: adapter_parameters(family.network, name) for name in ADAPTERS}
     optimizers, schedulers = build_optimisers(cfg, params, accelerator)
+    scalers = {name: precision.new_scaler() for name in ADAPTERS} if cfg.mixed_precision == "fp16" else {}
     parts = LoopParts(
-        family=family, accelerator=accelerator, grid=grid, total_steps=cfg.total_steps, cfg_scale=cfg.cfg,
+        family=family, accelerator=accelerator, precision=precision, grid=grid, batch_cfg=cfg.batch_cfg, scalers=scalers, total_steps=cfg.total_steps, cfg_scale=cfg.cfg,
         distance=cfg.distance, huber_c=resolved_huber_c(cfg, latent_shape), interval_mode=cfg.interval_mode,
         randmid=cfg.randmid, max_grad_norm=cfg.max_grad_norm,
         # each process draws its own prompts, noise and times; the seed makes every draw reproducible
@@ -288,10 +290,9 @@ def run(cfg: DistillConfig) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # main() may run several times in one Python process (tests, notebooks) with other settings
         AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    # mixed precision is training.precision's (per-optimiser fp16 scalers), so accelerate's stays off
+    accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=cpu_only_distributed())
-    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("--mixed-precision fp16 needs a GPU (accelerate has no fp16 autocast on CPU): use bf16 or no")
     parts, latent_shape, step = start_run(cfg, accelerator)
     step = train(parts, cfg, prompts, latent_shape, step)
     if step < cfg.max_train_steps:

@@ -1,33 +1,24 @@
-"""One TDM iteration (METHOD.md "One training iteration", steps 1-8) composed from tdm_core kernels.
+"""The trainer's side of one TDM iteration: ``tdm_core.iteration`` over PEFT-backed denoisers.
 
 The student and the fake score are two LoRA adapters on one frozen base; the teacher is the base
-with adapters off. Every optimiser owns exactly one adapter; the forwards that must not train an
-adapter run under ``torch.no_grad`` so no gradient can leak into the other one.
+with adapters off (``training.models.use_adapter``, O(1) per switch). This module supplies the three
+denoisers, the optimiser steps (data parallel averaging, clipping, fp16 loss scaling) and the metrics;
+the method itself (roll-out, draws, losses) lives in ``tdm_core.iteration``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from tdm_core import rollout_tdm, x0_eps_from_output
-from tdm_core.training import (
-    diffuse_u_to_t,
-    draw_training_times,
-    effective_noise_m,
-    fake_score_loss,
-    generator_loss,
-    generator_normaliser,
-    generator_target_x_tilde,
-    importance_weight,
-    min_snr_weight,
-    ode_point,
-    teacher_cfg_x0,
-)
+from tdm_core.iteration import TDMDenoisers, TDMSettings, randn_on, tdm_iteration as core_iteration
 
+from .families.base import cat_conditions
 from .models import FAKE_SCORE, STUDENT, use_adapter
+from .precision import Precision
 
 ADAPTERS = (FAKE_SCORE, STUDENT)
 
@@ -41,7 +32,8 @@ class LoopParts:
     """What one iteration needs; built once by ``training.distill``."""
 
     family: object  # a training.families.base.ModelFamily
-    accelerator: object  # accelerate.Accelerator
+    accelerator: object  # accelerate.Accelerator (mixed_precision "no": training.precision owns it)
+    precision: Precision
     grid: list[int]
     total_steps: int
     cfg_scale: float
@@ -51,101 +43,67 @@ class LoopParts:
     randmid: bool
     max_grad_norm: float
     generator: torch.Generator  # every random draw of the run; its state is checkpointed
+    batch_cfg: bool = True  # teacher cond + uncond in one forward at 2B (False: two at B, less memory)
     params: dict = field(default_factory=dict)  # adapter name -> list of its trainable parameters
     optimizers: dict = field(default_factory=dict)  # adapter name -> (accelerate-wrapped) optimiser
     schedulers: dict = field(default_factory=dict)  # adapter name -> LR scheduler
+    scalers: dict = field(default_factory=dict)  # adapter name -> fp16 GradScaler (empty otherwise)
+
+    def settings(self) -> TDMSettings:
+        # the grid may change per batch (steps-aware), so the settings are made per iteration
+        return TDMSettings(grid=tuple(self.grid), prediction_type=self.family.prediction_type, total_steps=self.total_steps,
+                           cfg_scale=self.cfg_scale, distance=self.distance, huber_c=self.huber_c,
+                           interval_mode=self.interval_mode, randmid=self.randmid)
 
 
-def predict_x0_eps(parts: LoopParts, adapter: Optional[str], x_t: Tensor, t: Tensor, *conds: dict) -> list[tuple[Tensor, Tensor]]:
-    """``(x0_hat, eps_hat)`` for each condition, of the base with one adapter on (``None``: adapters
-    off, the teacher)."""
-    family = parts.family
-    a, s = family.schedule.alpha_sigma(t)
-    with use_adapter(family.network, adapter), parts.accelerator.autocast():
-        outputs = [family.denoise(x_t, t, cond) for cond in conds]
-    return [x0_eps_from_output(output.float(), x_t, a, s, family.prediction_type) for output in outputs]
+def network_output(parts: LoopParts, adapter: Optional[str], x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
+    """The base's output with one adapter on (``None``: adapters off, the teacher), in float32."""
+    with use_adapter(parts.family.network, adapter), parts.precision.autocast():
+        return parts.family.denoise(x_t, t, cond).float()
 
 
-def roll_out_student(parts: LoopParts, noise: Tensor, cond: dict) -> list[Tensor]:
-    # METHOD.md step 1: the student's whole trajectory from pure noise, without gradient
-    def student(x: Tensor, t: Tensor) -> Tensor:
-        with parts.accelerator.autocast():
-            return parts.family.denoise(x, t, cond).float()
+def denoisers(parts: LoopParts, cond: dict, null_cond: dict) -> TDMDenoisers:
+    """Student, fake score and teacher of ``tdm_core.iteration`` for one batch of conditions."""
 
-    # one adapter switch for all K steps: switching walks every layer of the network
-    with torch.no_grad(), use_adapter(parts.family.network, STUDENT):
-        return rollout_tdm(student, noise, parts.grid, parts.family.schedule, parts.family.prediction_type)
+    def teacher(x_t: Tensor, t: Tensor):
+        if parts.cfg_scale == 1.0:  # no guidance: no unconditional pass
+            return network_output(parts, None, x_t, t, cond), None
+        if parts.batch_cfg:
+            both = network_output(parts, None, torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions([cond, null_cond]))
+            return both.chunk(2)
+        return network_output(parts, None, x_t, t, cond), network_output(parts, None, x_t, t, null_cond)
+
+    return TDMDenoisers(
+        student=lambda x_t, t: network_output(parts, STUDENT, x_t, t, cond),
+        fake_score=lambda x_t, t: network_output(parts, FAKE_SCORE, x_t, t, cond),
+        teacher=teacher,
+    )
 
 
 def draw_noise(parts: LoopParts, shape) -> Tensor:
-    # drawn on CPU from the run's generator so a run is the same on every device and resumable
-    return torch.randn(shape, generator=parts.generator).to(parts.accelerator.device)
+    return randn_on(shape, parts.generator, parts.accelerator.device)
 
 
-def draw_times(parts: LoopParts, batch_size: int) -> tuple[Tensor, ...]:
-    times = draw_training_times(parts.grid, batch_size, parts.interval_mode, parts.randmid, parts.total_steps, parts.generator)
-    return tuple(x.to(parts.accelerator.device) for x in times)
-
-
-def noised_at_t(parts: LoopParts, x0_hat: Tensor, eps_hat: Tensor, u: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """METHOD.md steps 3-4: the ODE point ``x_u`` diffused forward to ``x_t``; returns ``(x_t, weight)``
-    with ``weight`` = min-SNR times the importance weight of step 5 (from the effective noise m)."""
-    schedule = parts.family.schedule
-    (a_u, s_u), (a_t, s_t) = schedule.alpha_sigma(u), schedule.alpha_sigma(t)
-    n = draw_noise(parts, x0_hat.shape)
-    x_t = diffuse_u_to_t(ode_point(x0_hat, eps_hat, a_u, s_u), n, a_u, s_u, a_t, s_t)
-    weight = importance_weight(effective_noise_m(eps_hat, n, a_u, s_u, a_t, s_t), n) * min_snr_weight(a_t, s_t)
-    return x_t, weight
-
-
-def student_step_from_trajectory(parts: LoopParts, trajectory: list[Tensor], i: Tensor, t_i: Tensor, cond: dict) -> tuple[Tensor, Tensor]:
-    # METHOD.md step 2: one student step from the detached trajectory point x_{t_i} of each sample
-    x_ti = torch.stack(trajectory[:-1])[i, torch.arange(i.shape[0], device=i.device)].detach()
-    return predict_x0_eps(parts, STUDENT, x_ti, t_i, cond)[0]
-
-
-def fake_score_update(parts: LoopParts, trajectory: list[Tensor], cond: dict) -> Tensor:
-    # METHOD.md step 5: denoising score matching of the fake score on the student's samples
-    i, t_i, u, t = draw_times(parts, cond_batch_size(trajectory))
-    with torch.no_grad():
-        x0_hat, eps_hat = student_step_from_trajectory(parts, trajectory, i, t_i, cond)
-        x_t, weight = noised_at_t(parts, x0_hat, eps_hat, u, t)
-    x0_fake, _ = predict_x0_eps(parts, FAKE_SCORE, x_t, t, cond)[0]
-    return fake_score_loss(x0_fake, x0_hat, weight)
-
-
-def student_update(parts: LoopParts, trajectory: list[Tensor], cond: dict, null_cond: dict) -> Tensor:
-    # METHOD.md step 6: distribution matching at the student's own trajectory points, new draws
-    i, t_i, u, t = draw_times(parts, cond_batch_size(trajectory))
-    x0_hat, eps_hat = student_step_from_trajectory(parts, trajectory, i, t_i, cond)
-    with torch.no_grad():
-        x_t, _ = noised_at_t(parts, x0_hat.detach(), eps_hat.detach(), u, t)
-        conds = [cond] if parts.cfg_scale == 1.0 else [cond, null_cond]  # w = 1: no guidance term, no uncond pass
-        teacher = predict_x0_eps(parts, None, x_t, t, *conds)
-        x0_teacher, x0_uncond = teacher[0][0], teacher[-1][0]
-        x0_fake, _ = predict_x0_eps(parts, FAKE_SCORE, x_t, t, cond)[0]
-    x_tilde = generator_target_x_tilde(x0_hat, x0_teacher, x0_uncond, x0_fake, parts.cfg_scale)
-    nrm = generator_normaliser(x0_hat, teacher_cfg_x0(x0_teacher, x0_uncond, parts.cfg_scale))
-    return generator_loss(x0_hat, x_tilde, nrm, parts.distance, parts.huber_c)
-
-
-def cond_batch_size(trajectory: list[Tensor]) -> int:
-    return trajectory[0].shape[0]
-
-
-def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Optional[float]:
-    """Backward, average over processes, clip, step the adapter's own optimiser and schedule.
-    Returns the gradient norm before clipping on the steps that update (None while accumulating)."""
-    accelerator = parts.accelerator
-    accelerator.backward(loss)
-    grad_norm = None
-    if accelerator.sync_gradients:
-        average_gradients(accelerator, parts.params[adapter])
-        grad_norm = float(accelerator.clip_grad_norm_(parts.params[adapter], parts.max_grad_norm))
-    parts.optimizers[adapter].step()
-    parts.optimizers[adapter].zero_grad(set_to_none=True)
-    if accelerator.sync_gradients:
-        parts.schedulers[adapter].step()
+def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Optional[Tensor]:
+    """Backward, average over processes, clip, step the adapter's own optimiser and schedule (through
+    its own loss scaler in fp16). Returns the gradient norm before clipping, as a tensor (no host
+    sync), on the steps that update; None while accumulating."""
+    accelerator, scaler = parts.accelerator, parts.scalers.get(adapter)
+    optimizer = parts.optimizers[adapter]
+    accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
+    if not accelerator.sync_gradients:
+        return None
+    average_gradients(accelerator, parts.params[adapter])
+    if scaler is not None:
+        scaler.unscale_(optimizer.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.params[adapter], parts.max_grad_norm)
+    if scaler is not None:  # skips the step on inf/NaN gradients and adapts the scale
+        scaler.step(optimizer.optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    parts.schedulers[adapter].step()
     return grad_norm
 
 
@@ -162,26 +120,36 @@ def average_gradients(accelerator, params: list[Tensor]) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
-def checked_loss(accelerator, name: str, loss: Tensor) -> float:
-    """The loss averaged over processes; every process stops together on a NaN/inf."""
-    value = float(accelerator.reduce(loss.detach().float().clone(), reduction="mean"))
-    if not torch.isfinite(torch.tensor(value)):
-        raise NonFiniteLoss(f"{name} loss became {value}: lower --learning-rate / --student-learning-rate (or use --mixed-precision no) "
-                            "and --resume from the last good checkpoint, which is kept")
-    return value
+def checked_metrics(accelerator, fake_loss: Tensor, student_loss: Tensor, fake_norm, student_norm) -> list[Optional[float]]:
+    """The iteration's one host sync: both losses averaged over processes (one collective) and both
+    gradient norms; every process stops together on a NaN/inf loss."""
+    nan = torch.tensor(float("nan"), device=fake_loss.device)
+    losses = accelerator.reduce(torch.stack([fake_loss.detach().float(), student_loss.detach().float()]), reduction="mean")
+    norms = [nan if n is None else n.detach().float().to(nan.device) for n in (fake_norm, student_norm)]
+    values = torch.cat([losses, torch.stack(norms)]).tolist()
+    for name, value in zip(("fake-score", "student"), values[:2]):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"{name} loss became {value}: lower --learning-rate / --student-learning-rate (or use --mixed-precision no) "
+                                "and --resume from the last good checkpoint, which is kept")
+    return values[:2] + [None if math.isnan(v) else v for v in values[2:]]
 
 
 def tdm_iteration(parts: LoopParts, cond: dict, null_cond: dict, latent_shape) -> dict:
-    """METHOD.md steps 1-8: roll-out, one fake-score update, one student update. Returns metrics."""
+    """METHOD.md steps 1-8 (``tdm_core.iteration``): roll-out, one fake-score update, one student
+    update. Returns metrics."""
     accelerator = parts.accelerator
+    norms = {}
+
+    def update_fake_score(loss: Tensor) -> None:
+        norms[FAKE_SCORE] = optimiser_step(parts, FAKE_SCORE, loss)
+
     with accelerator.accumulate():
-        trajectory = roll_out_student(parts, draw_noise(parts, latent_shape), cond)
-        fake_loss = fake_score_update(parts, trajectory, cond)
-        fake_value = checked_loss(accelerator, "fake-score", fake_loss)
-        fake_norm = optimiser_step(parts, FAKE_SCORE, fake_loss)
-        student_loss = student_update(parts, trajectory, cond, null_cond)
-        student_value = checked_loss(accelerator, "student", student_loss)
-        student_norm = optimiser_step(parts, STUDENT, student_loss)
+        noise = draw_noise(parts, latent_shape)
+        losses = core_iteration(denoisers(parts, cond, null_cond), parts.family.schedule, parts.settings(), noise,
+                                parts.generator, update_fake_score)
+        norms[STUDENT] = optimiser_step(parts, STUDENT, losses.student)
+    fake_value, student_value, fake_norm, student_norm = checked_metrics(accelerator, losses.fake_score, losses.student,
+                                                                         norms[FAKE_SCORE], norms[STUDENT])
     return {
         "loss_fake": fake_value,
         "loss_student": student_value,

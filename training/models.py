@@ -278,14 +278,50 @@ def base_model_hash(model_path: str | os.PathLike) -> str:
 
 
 # --- the two TDM adapters --------------------------------------------------------------------------
+SWITCH_ATTR = "_tdm_adapter_switch"  # the network's PEFT layers, found once (see _switch_of)
+
+
 def _tuner_layers(network: torch.nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
 
 
+class _AdapterSwitch:
+    """Every PEFT layer of one network, found once. Switching sets each layer's active adapter and its
+    disabled flag directly: peft's ``set_adapter`` / ``enable_adapters`` also rewrite ``requires_grad``
+    of the adapter weights (METHOD.md pitfall) and cost a walk over the whole network per switch."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.layers = _tuner_layers(network)
+
+    def active(self) -> str | None:
+        if not self.layers or self.layers[0].disable_adapters:
+            return None
+        return self.layers[0].active_adapters[0]
+
+    def activate(self, name: str | None) -> None:
+        for layer in self.layers:
+            layer._disable_adapters = name is None
+            if name is not None:
+                layer._active_adapter = [name]
+
+
+def _switch_of(network: torch.nn.Module) -> _AdapterSwitch:
+    switch = network.__dict__.get(SWITCH_ATTR)
+    if switch is None:  # adapters loaded some other way than add_tdm_adapters (e.g. benchmarks)
+        switch = _AdapterSwitch(network)
+        network.__dict__[SWITCH_ATTR] = switch
+    return switch
+
+
 def add_tdm_adapters(family: ModelFamily, rank: int, alpha: float, target_modules: list[str] | None = None) -> None:
-    """Put the ``student`` and ``fake_score`` LoRA adapters on ``family.network`` (both start as the teacher)."""
+    """Put the ``student`` and ``fake_score`` LoRA adapters on ``family.network`` (both start as the teacher).
+
+    The LoRA weights are float32 whatever the base's dtype (diffusers' LoRA scripts'
+    ``cast_training_params``): in bf16/fp16 most AdamW updates of a small learning rate would round away.
+    """
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
@@ -309,7 +345,9 @@ def add_tdm_adapters(family: ModelFamily, rank: int, alpha: float, target_module
     for name in TDM_ADAPTERS:
         for param in adapter_parameters(network, name):
             param.requires_grad_(True)
-    _activate(network, STUDENT)
+    cast_training_params(network, torch.float32)  # only the parameters that require grad: the adapters
+    network.__dict__[SWITCH_ATTR] = _AdapterSwitch(network)
+    _switch_of(network).activate(STUDENT)
 
 
 def adapter_parameters(network: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
@@ -318,41 +356,27 @@ def adapter_parameters(network: torch.nn.Module, name: str) -> list[torch.nn.Par
     return [p for n, p in network.named_parameters() if marker in n and ".lora_" in n]
 
 
-def _activate(network: torch.nn.Module, name: str | None) -> None:
-    # run peft's switch, then undo its side effect on requires_grad (METHOD.md pitfall)
-    saved = {id(p): p.requires_grad for p in network.parameters()}
-    for layer in _tuner_layers(network):
-        if name is None:
-            layer.enable_adapters(False)
-        else:
-            layer.enable_adapters(True)
-            layer.set_adapter(name)
-    for p in network.parameters():
-        p.requires_grad_(saved[id(p)])
-
-
 def active_adapter(network: torch.nn.Module) -> str | None:
     """The adapter the network currently runs with, or None for the teacher (adapters disabled)."""
-    layers = _tuner_layers(network)
-    if not layers or layers[0].disable_adapters:
-        return None
-    return layers[0].active_adapters[0]
+    return _switch_of(network).active()
 
 
 @contextlib.contextmanager
 def use_adapter(network: torch.nn.Module, name: str | None) -> Iterator[None]:
     """Run ``network`` as ``name`` ("student", "fake_score") or as the teacher (None), restoring afterwards.
 
-    requires_grad of every parameter is left exactly as it was, so both optimisers keep their gradients.
+    O(1) in the network's size beyond its PEFT layers; ``requires_grad`` is never touched, so both
+    optimisers keep their gradients.
     """
     if name is not None and name not in TDM_ADAPTERS and not adapter_parameters(network, name):
         raise ValueError(f"no adapter named {name!r} on this network: use one of {TDM_ADAPTERS} or None for the teacher")
-    previous = active_adapter(network)
-    _activate(network, name)
+    switch = _switch_of(network)
+    previous = switch.active()
+    switch.activate(name)
     try:
         yield
     finally:
-        _activate(network, previous)
+        switch.activate(previous)
 
 
 def adapter_state_dict(network: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
