@@ -3,7 +3,6 @@ heavy work with a message naming the fix and nothing written."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from training.config import OPTION_NAMES, DistillConfig, build_parser, parse_config
 from training.distill import EXIT_BAD_INPUT, main
@@ -49,7 +48,19 @@ def test_config_file_then_flags_override(paths, tmp_path):
     assert (cfg.distance, cfg.lora_rank, cfg.randmid) == ("l2", 8, False)
     assert cfg.trajectory_grid() == [999, 856, 665, 399] and cfg.num_steps == 4
     assert DistillConfig(num_steps=4).trajectory_grid() == [899, 674, 449, 224]
-    assert cfg.student_lr() == pytest.approx(cfg.learning_rate / 5)
+    assert cfg.student_lr() == pytest.approx(cfg.fake_lr() / 5)
+
+
+def test_default_learning_rates_follow_rank_and_alpha(paths):
+    # lr = 4e-3 sqrt(r) / alpha keeps the LoRA's relative step fixed; 1e-3 at rank = alpha = 16 (the defaults)
+    base = ["--model", str(paths["model"]), "--prompts", str(paths["prompts"]), "--output", str(paths["output"])]
+    cfg = parse_config(base)
+    assert (cfg.lora_rank, cfg.alpha(), cfg.batch_size) == (16, 16.0, 8)
+    assert cfg.fake_lr() == pytest.approx(1e-3) and cfg.student_lr() == pytest.approx(2e-4)
+    assert parse_config(base + ["--lora-rank", "64"]).fake_lr() == pytest.approx(5e-4)
+    assert parse_config(base + ["--lora-rank", "16", "--lora-alpha", "32"]).fake_lr() == pytest.approx(5e-4)
+    explicit = parse_config(base + ["--learning-rate", "3e-4", "--lora-rank", "64"])
+    assert explicit.fake_lr() == pytest.approx(3e-4) and explicit.student_lr() == pytest.approx(6e-5)
 
 
 def test_jsonl_prompts_are_read(paths, tmp_path):

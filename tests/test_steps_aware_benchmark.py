@@ -19,7 +19,9 @@ def test_unify_benchmark_writes_every_row(tmp_path):
     assert "python -m benchmarks.unify --iterations 1" in text
     rows = json.loads((tmp_path / "work" / "results.json").read_text())
     assert [(r["student"], r["steps"]) for r in rows] == [(name, steps) for _, name, steps in unify.ROWS]
-    assert all(r["fd_real"] >= 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    # every row was measured on its own samples: untrained students are far from real digits, and the rows differ
+    assert all(r["fd_real"] > 1.0 for r in rows)
+    assert len({round(r["fd_real"], 6) for r in rows}) == len(rows)
     assert text.count("\n| unify {1,2,4} |") == 3
 
     family, info = unify.load_student(unify.lora_path(tmp_path / "work", "unify"))

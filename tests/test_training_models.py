@@ -69,7 +69,8 @@ def test_family_from_diffusers_folder(tiny_folders, family_name):
     out = family.denoise(x_t, torch.tensor([999.0, 500.0, 1.0]), cond)
     assert out.shape == x_t.shape and torch.isfinite(out).all()
     images = family.decode(x_t)
-    assert images.shape == (3, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert images.shape == (3, 3, 16, 16)
+    assert ((images > 0) & (images < 1)).float().mean() > 0.5, "decoded images are saturated: wrong latent scaling"
 
 
 def test_text_encoders_run_once_per_distinct_prompt(tiny_folders):

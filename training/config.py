@@ -19,6 +19,13 @@ from tdm_core.training import DISTANCES, INTERVAL_MODES
 
 from .precision import SAVE_DTYPES, WEIGHT_DTYPES
 
+# Default learning rates (README "Choosing the learning rate"): AdamW moves each LoRA entry by about
+# lr per step, so the relative change of W = W0 + (alpha / r) B A grows like lr * alpha / sqrt(r);
+# lr = C * sqrt(r) / alpha keeps it fixed. C = 4e-3 gives the fake score 1e-3 at rank = alpha = 16, the
+# rate measured to distil (issue 9; benchmarks/RESULTS.md); the student runs at a fifth of it, the
+# reference script's ratio.
+LR_PER_SQRT_RANK_OVER_ALPHA = 4e-3
+FAKE_TO_STUDENT_LR = 5
 MAX_STUDENT_STEPS = 8  # TDM students are few-step samplers; the grid rule is tested for 1..8
 MIXED_PRECISION = tuple(WEIGHT_DTYPES)
 SAVE_PRECISION = ("auto", *SAVE_DTYPES)
@@ -45,7 +52,7 @@ class DistillConfig:
     grid: Optional[str] = _opt(None, "explicit trajectory timesteps t_0 > .. > t_{K-1}, e.g. '999,856,665,399' (overrides the reference grid; K = its length)")
     total_steps: int = _opt(900, "T of the reference grid t_i = T - 1 - i * (T // K) (900 as in the reference README)")
     max_train_steps: int = _opt(500, "number of student updates (one fake-score update each)")
-    batch_size: int = _opt(1, "prompts per process per iteration")
+    batch_size: int = _opt(8, "prompts per process per iteration (short of memory: lower it and raise --gradient-accumulation-steps, the product is what counts)")
     gradient_accumulation_steps: int = _opt(1, "iterations whose gradients are summed before each optimiser step")
     cfg: float = _opt(2.0, "teacher classifier-free guidance scale w distilled into the student (METHOD.md default 2; the README run used 4.5)")
     distance: str = _opt("huber", "generator distance: l2, huber (element-wise, reference script) or huber_norm (per-sample norm, paper)")
@@ -55,14 +62,14 @@ class DistillConfig:
     steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
     k_choices: str = _opt("1,2,4", "step counts K drawn per batch with --steps-aware")
     k_on_fake_score: bool = _opt(True, "with --steps-aware, condition the fake score on K too (--no-k-on-fake-score: the paper's biased ablation)")
-    lora_rank: int = _opt(32, "rank of the student and fake-score LoRA adapters")
+    lora_rank: int = _opt(16, "rank of the student and fake-score LoRA adapters")
     lora_alpha: Optional[float] = _opt(None, "LoRA alpha; default: equal to the rank (scale 1)")
-    learning_rate: float = _opt(2e-5, "fake-score learning rate (AdamW betas 0, 0.95)")
-    student_learning_rate: Optional[float] = _opt(None, "student learning rate; default: learning_rate / 5")
+    learning_rate: Optional[float] = _opt(None, f"fake-score learning rate (AdamW betas 0, 0.95); default: {LR_PER_SQRT_RANK_OVER_ALPHA:g} * sqrt(rank) / alpha, which keeps the LoRA's relative step the same at any rank and alpha ({LR_PER_SQRT_RANK_OVER_ALPHA * 4 / 16:g} at rank = alpha = 16)")
+    student_learning_rate: Optional[float] = _opt(None, f"student learning rate; default: the fake-score rate / {FAKE_TO_STUDENT_LR}")
     weight_decay: float = _opt(0.0, "AdamW weight decay of both optimisers")
     max_grad_norm: float = _opt(1.0, "gradient-norm clip of both optimisers")
-    lr_scheduler: str = _opt("cosine_with_restarts", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
-    lr_warmup_steps: int = _opt(0, "warm-up steps of the learning-rate schedule")
+    lr_scheduler: str = _opt("constant_with_warmup", f"learning-rate schedule of both adapters: {', '.join(LR_SCHEDULERS)}")
+    lr_warmup_steps: int = _opt(10, "warm-up steps of the learning-rate schedule")
     lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
     resolution: Optional[int] = _opt(None, "image size in pixels (the family maps it to its latent size); default: the model's native size")
     mixed_precision: str = _opt("no", "mixed precision: no, fp16 or bf16 (the frozen base in that dtype, the LoRA weights and optimiser state in fp32, forwards under autocast)")
@@ -74,6 +81,7 @@ class DistillConfig:
     checkpoint_every: int = _opt(100, "write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep (at least 1)")
     validate_every: int = _opt(100, "write a validation grid PNG every N steps (0: never)")
+    probe_every: int = _opt(25, "measure how far the student moved from the teacher every N steps (0: only at the end); logged as probe_change and lora_delta")
     validation_prompts: int = _opt(4, "number of prompts (from the top of the prompt file) in the validation grid")
     teacher_validation_steps: int = _opt(25, "DPM-Solver++ steps of the teacher column of the validation grid")
     stop_at_step: Optional[int] = _opt(None, "checkpoint and stop at this step of the max-train-steps schedule (split a run into sessions; continue with --resume)")
@@ -82,8 +90,13 @@ class DistillConfig:
     config: Optional[str] = _opt(None, "YAML (.yaml/.yml) or TOML (.toml) file of these options; flags given on the command line win")
 
     # --- derived, filled by validate() ---
+    def fake_lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return LR_PER_SQRT_RANK_OVER_ALPHA * self.lora_rank**0.5 / self.alpha()
+
     def student_lr(self) -> float:
-        return self.learning_rate / 5 if self.student_learning_rate is None else self.student_learning_rate
+        return self.fake_lr() / FAKE_TO_STUDENT_LR if self.student_learning_rate is None else self.student_learning_rate
 
     def alpha(self) -> float:
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
@@ -204,14 +217,15 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(cfg.interval_mode in INTERVAL_MODES, f"unknown --interval-mode {cfg.interval_mode!r}: use separate or shared")
     _check(cfg.lora_rank >= 1, f"--lora-rank {cfg.lora_rank} must be at least 1")
     _check(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha} must be positive")
-    _check(cfg.learning_rate > 0, f"--learning-rate {cfg.learning_rate} must be positive")
+    _check(cfg.learning_rate is None or cfg.learning_rate > 0, f"--learning-rate {cfg.learning_rate} must be positive")
     _check(cfg.student_learning_rate is None or cfg.student_learning_rate > 0, f"--student-learning-rate {cfg.student_learning_rate} must be positive")
     _check(cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm} must be positive")
     _check(cfg.lr_scheduler in LR_SCHEDULERS, f"unknown --lr-scheduler {cfg.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
     _check(cfg.resolution is None or (cfg.resolution >= 8 and cfg.resolution % 8 == 0), f"--resolution {cfg.resolution} must be a positive multiple of 8")
     _check(cfg.mixed_precision in MIXED_PRECISION, f"unknown --mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
     _check(cfg.save_precision in SAVE_PRECISION, f"unknown --save-precision {cfg.save_precision!r}: use {', '.join(SAVE_PRECISION)}")
-    _check(cfg.checkpoint_every >= 0 and cfg.validate_every >= 0, "--checkpoint-every and --validate-every must be 0 (off) or positive")
+    _check(cfg.checkpoint_every >= 0 and cfg.validate_every >= 0 and cfg.probe_every >= 0,
+           "--checkpoint-every, --validate-every and --probe-every must be 0 (off) or positive")
     _check(cfg.stop_at_step is None or cfg.stop_at_step >= 1, f"--stop-at-step {cfg.stop_at_step} must be at least 1")
     _check(cfg.keep_checkpoints >= 1, f"--keep-checkpoints {cfg.keep_checkpoints} must be at least 1")
     _check(cfg.validation_prompts >= 1 and cfg.teacher_validation_steps >= 1, "--validation-prompts and --teacher-validation-steps must be at least 1")

@@ -84,10 +84,10 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
         adamw = bnb.optim.AdamW8bit
     else:
         adamw = torch.optim.AdamW
-    rates = {FAKE_SCORE: cfg.learning_rate, STUDENT: cfg.student_lr()}
+    rates = {FAKE_SCORE: cfg.fake_lr(), STUDENT: cfg.student_lr()}
     optimizers, schedulers = {}, {}
     for name in ADAPTERS:
-        # METHOD.md step 8: AdamW betas (0, 0.95), fake lr 2e-5, student lr / 5, cosine with restarts
+        # METHOD.md step 8: AdamW betas (0, 0.95), student lr = fake lr / 5; rates and schedule: training.config
         optimizer = adamw(params[name], lr=rates[name], betas=(0.0, 0.95), weight_decay=cfg.weight_decay)
         extra = {"num_cycles": cfg.lr_num_cycles} if cfg.lr_scheduler == "cosine_with_restarts" else {}
         schedulers[name] = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -244,6 +244,15 @@ def start_run(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, ..
     return parts, latent_shape, 0
 
 
+def new_probe(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape):
+    """The fixed probe of training.progress (main process only: it only reports)."""
+    from .progress import PROBE_SIZE, Probe
+
+    if not parts.accelerator.is_main_process:
+        return None
+    return Probe.build(parts, encode(parts.family, prompts[:PROBE_SIZE]), latent_shape, cfg.trajectory_grid())
+
+
 def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape, step: int) -> int:
     """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step."""
     from tqdm.auto import tqdm
@@ -258,6 +267,8 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
         if hasattr(family, "offload_text_encoders"):  # every embedding is cached: free the GPU memory
             family.offload_text_encoders()
     log = RunLog(cfg.run_dir(), accelerator.is_main_process)
+    probe = new_probe(parts, cfg, prompts, latent_shape)
+    movement = {}
     stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="TDM", unit="step")
     saved_at = step
@@ -268,9 +279,13 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
             cond = encode(family, draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
             metrics = tdm_iteration(parts, cond, null_cond, latent_shape)
         step += 1
+        if probe is not None and cfg.probe_every and (step % cfg.probe_every == 0 or step == stop_at):
+            movement = probe.measure(parts)
+            metrics = {**metrics, **movement}
         log.write(step, metrics)
         bar.update(1)
-        bar.set_postfix(fake=f"{metrics['loss_fake']:.4g}", student=f"{metrics['loss_student']:.4g}")
+        bar.set_postfix(fake=f"{metrics['loss_fake']:.4g}", student=f"{metrics['loss_student']:.4g}",
+                        **({"moved": f"{100 * movement['probe_change']:.1f}%"} if movement else {}))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
             saved_at = step
@@ -301,8 +316,25 @@ def run(cfg: DistillConfig) -> int:
     accelerator.print(f"adapters identical on {accelerator.num_processes} process(es): sha256 {check_processes_agree(parts)}")
     if accelerator.is_main_process:
         accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape)}")
+        report_movement(parts, cfg, prompts, latent_shape)
     accelerator.wait_for_everyone()
     return EXIT_OK
+
+
+def report_movement(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape) -> None:
+    """The run's final word (training.progress): how far the student moved, the loss trends, and a
+    warning naming the flags to change when it barely moved; also written to summary.json."""
+    from .atomic import atomic_write
+    from .progress import final_word
+
+    movement = new_probe(parts, cfg, prompts, latent_shape).measure(parts)
+    log_path = cfg.run_dir() / "log.jsonl"
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    text, barely = final_word(movement, [e["loss_fake"] for e in entries], [e["loss_student"] for e in entries], cfg)
+    print(text, file=sys.stderr if barely else sys.stdout)
+    summary = {**movement, "barely_moved": barely, "steps": cfg.max_train_steps, "message": text}
+    with atomic_write(cfg.run_dir() / "summary.json") as temp:
+        temp.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
