@@ -245,3 +245,27 @@ def test_steps_aware_bad_options_are_refused(teacher, tmp_path, capsys):
         assert main(args(teacher, output, "--steps-aware", *extra)) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_that_learns_nothing_says_so(teacher, tmp_path, capsys):
+    output = tmp_path / "still.safetensors"
+    capsys.readouterr()
+    assert main(args(teacher, output, "--max-train-steps", 3, "--learning-rate", 1e-9, "--probe-every", 1)) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "barely moved" in captured.err and "--learning-rate" in captured.err and "--max-train-steps" in captured.err
+    summary = json.loads((tmp_path / "still_run" / "summary.json").read_text())
+    assert summary["barely_moved"] and summary["probe_change"] < 1e-3
+    log = [json.loads(line) for line in (tmp_path / "still_run" / "log.jsonl").read_text().splitlines()]
+    assert all("probe_change" in entry and "lora_delta" in entry for entry in log)
+
+
+def test_a_run_that_learns_reports_its_movement_without_a_warning(teacher, tmp_path, capsys):
+    output = tmp_path / "moved.safetensors"
+    capsys.readouterr()
+    assert main(args(teacher, output, "--max-train-steps", 6, "--learning-rate", 1e-1, "--lr-warmup-steps", 0)) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "barely moved" not in captured.err and "probe samples changed by" in captured.out
+    summary = json.loads((tmp_path / "moved_run" / "summary.json").read_text())
+    assert not summary["barely_moved"] and summary["probe_change"] > 0.02 and summary["lora_delta"] > 0
+    log = [json.loads(line) for line in (tmp_path / "moved_run" / "log.jsonl").read_text().splitlines()]
+    assert "probe_change" in log[-1]  # the last step is always probed
