@@ -1,0 +1,218 @@
+"""Does a bare ``training.distill`` run distil? The defaults, measured on every benchmark teacher.
+
+    python -m benchmarks.defaults [--teachers digits,shapes] [--seeds 0,1,2] [--iterations 100,250,500,1000]
+                                  [--ablations k1,l2,shared] [--num-eval 500] [--output benchmarks/RESULTS_defaults.md]
+
+Each student is one ``python -m training.distill --model T --prompts P --output O --cfg W --seed S`` run
+(plus ``--max-train-steps`` = the largest iteration count and checkpointing flags): nothing else is
+set, so every other option is its default. The default schedule is constant after a short warm-up,
+so the checkpoint at step n of a longer run is the n-step run. Ablations change one flag and run the
+default 500 iterations, seed 0. Rows are cached in ``<work>/results.json``; a rerun only adds what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.atomic import write_text_atomic
+from training.config import DistillConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "outputs" / "benchmarks_defaults"
+OUTPUT = ROOT / "benchmarks" / "RESULTS_defaults.md"
+ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "shared": ["--interval-mode", "shared"]}
+ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "shared": "shared intervals"}
+DEFAULT_ITERATIONS = DistillConfig().max_train_steps
+
+
+@dataclass(frozen=True)
+class Teacher:
+    name: str
+    cfg: float  # the teacher guidance distilled (the student samples at CFG 1)
+    about: str
+
+    def evaluator(self, num_eval: int, seeds: tuple):
+        if self.name == "digits":
+            from benchmarks.defaults_eval import DigitsEvaluator
+
+            return DigitsEvaluator(num_eval, seeds, self.cfg)
+        from benchmarks.defaults_eval import ShapesEvaluator
+
+        return ShapesEvaluator(num_eval, seeds, self.cfg)
+
+
+TEACHERS = {
+    "digits": Teacher("digits", 2.0, "class-conditional pixel UNet on 16x16 digits (benchmarks/assets/digits_teacher)"),
+    "shapes": Teacher("shapes", 3.0, "text-to-image StableDiffusionPipeline on coloured shapes (benchmarks/assets/shapes_teacher)"),
+}
+
+
+def distil(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int, every: int, extra: list[str]) -> Path:
+    """One training.distill run with the defaults; returns its run folder (checkpoints every ``every`` steps)."""
+    lora = folder / "student.safetensors"
+    run_dir = folder / "student_run"
+    if (folder / "done").is_file():
+        return run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "training.distill", "--model", str(evaluator.model_dir), "--prompts", str(evaluator.prompts_file(folder)),
+           "--output", str(lora), "--cfg", str(teacher.cfg), "--seed", str(seed), "--max-train-steps", str(max_steps),
+           "--checkpoint-every", str(every), "--keep-checkpoints", "1000", "--validate-every", str(max_steps), "--resume", *extra]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training.distill failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    (folder / "done").write_text(json.dumps({"seconds": time.time() - started, "stdout_tail": proc.stdout[-2000:]}))
+    return run_dir
+
+
+def checkpoint_student(run_dir: Path, step: int) -> dict:
+    from training.checkpoint import checkpoint_dir, load_checkpoint
+
+    adapters, _ = load_checkpoint(checkpoint_dir(run_dir, step))
+    return adapters["student"]
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation over training runs of each metric (each run's own sampling spread dropped)."""
+    out = {"runs": len(per_seed)}
+    for key in (k for k in per_seed[0] if not k.endswith("_sd") and k != "seeds"):
+        values = [r[key] for r in per_seed]
+        out[key] = statistics.fmean(values)
+        out[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def measure(teacher: Teacher, seeds: tuple, iterations: tuple, ablations: tuple, num_eval: int, work: Path, log,
+            ablation_iterations: int = DEFAULT_ITERATIONS) -> dict:
+    cache_path = work / teacher.name / "results.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def cached(key, compute):
+        if key not in cache:
+            cache[key] = compute()
+            write_text_atomic(cache_path, json.dumps(cache, indent=1))
+        return cache[key]
+
+    evaluator = teacher.evaluator(num_eval, (0, 1))
+    for steps in (50, 4):
+        cached(f"teacher{steps}", lambda: evaluator.teacher_row(steps))
+    every = gcd_all(iterations)
+    grid = evaluator.student_grid(4)
+    for seed in seeds:
+        log(f"{teacher.name}: distilling seed {seed}")
+        run_dir = distil(teacher, evaluator, work / teacher.name / f"seed{seed}", seed, max(iterations), every, [])
+        for n in iterations:
+            cached(f"seed{seed}/{n}", lambda: evaluator.student_row(checkpoint_student(run_dir, n), grid))
+        cached(f"seed{seed}/summary", lambda: json.loads((run_dir / "summary.json").read_text()))
+    for name in ablations:
+        log(f"{teacher.name}: ablation {name}")
+        run_dir = distil(teacher, evaluator, work / teacher.name / f"ablation_{name}", 0, ablation_iterations, ablation_iterations, ABLATIONS[name])
+        k = 1 if name == "k1" else 4
+        cached(f"ablation/{name}", lambda: evaluator.student_row(checkpoint_student(run_dir, ablation_iterations), evaluator.student_grid(k)))
+    return cache
+
+
+def gcd_all(values) -> int:
+    from math import gcd
+
+    out = 0
+    for v in values:
+        out = gcd(out, v)
+    return out
+
+
+def fmt(row: dict, key: str) -> str:
+    digits = 3 if key == "accuracy" else 1
+    return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}" if key in row else "-"
+
+
+def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablations: tuple, ablation_iterations: int) -> list[str]:
+    cols = ("fd_real", "fd_teacher", "accuracy")
+    lines = [f"### {teacher.name}: {teacher.about}, distilled at CFG {teacher.cfg:g}", "",
+             "| row | NFE | FD to real held-out ↓ | FD to teacher 50 steps ↓ | attribute/class accuracy ↑ | runs |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for steps in (50, 4):
+        row = cache[f"teacher{steps}"]
+        lines.append(f"| teacher {steps} steps, CFG {teacher.cfg:g} | {2 * steps} | " + " | ".join(fmt(row, c) for c in cols) + " | - |")
+    for n in iterations:
+        per_seed = [cache[f"seed{s}/{n}"] for s in seeds if f"seed{s}/{n}" in cache]
+        if not per_seed:
+            lines.append(f"| TDM K=4, defaults, {n} it. | 4 | not measured | | | 0 |")
+            continue
+        row = summarise(per_seed)
+        lines.append(f"| TDM K=4, defaults, {n} it. | 4 | " + " | ".join(fmt(row, c) for c in cols) + f" | {row['runs']} |")
+    for name in ablations:
+        row = cache.get(f"ablation/{name}")
+        nfe = 1 if name == "k1" else 4
+        if row is None:
+            lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | not measured | | | 0 |")
+            continue
+        lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | " + " | ".join(fmt(row, c) for c in cols) + " | 1 |")
+    moved = [cache[f"seed{s}/summary"]["probe_change"] for s in seeds if f"seed{s}/summary" in cache]
+    if moved:
+        lines += ["", f"The run's own final word (`summary.json`): probe samples moved {', '.join(f'{100 * m:.0f}%' for m in moved)} "
+                      "from the teacher's 4-step samples."]
+    target = cache["teacher50"]["fd_real"]
+    at_default = [cache[f"seed{s}/{DEFAULT_ITERATIONS}"]["fd_real"] for s in seeds if f"seed{s}/{DEFAULT_ITERATIONS}" in cache]
+    if at_default:
+        mean = statistics.fmean(at_default)
+        verdict = "within" if mean <= 1.1 * target else "NOT within"
+        lines += ["", f"At the default {DEFAULT_ITERATIONS} iterations the 4-step student's FD to real data is {mean:.1f} "
+                      f"against {target:.1f} for the teacher's 50-step sampler: {verdict} 10 % (teacher at 4 steps: "
+                      f"{cache['teacher4']['fd_real']:.1f})."]
+    return lines + [""]
+
+
+def render(command: str, teachers: list[Teacher], caches: dict, seeds, iterations, ablations, ablation_iterations: int) -> str:
+    lines = ["# Benchmarks: `training.distill` with its defaults", "",
+             f"Produced by `{command}`. Each student: `python -m training.distill --model T --prompts P --output O --cfg W --seed S` "
+             "with every other option at its default (rank 16, batch 8, fake-score lr 1e-3, student lr 2e-4, constant after "
+             "10 warm-up steps, pseudo-Huber, separate intervals, K=4); longer runs are checkpointed, and with a constant "
+             "schedule their step-n checkpoint is the n-step run. Students sample at CFG 1 on their own grid; the teacher "
+             "at the distilled CFG with DDIM (trailing grid from t=999). ± is the standard deviation over training seeds "
+             "(rows with one run: over 2 sampling seeds of that run).", ""]
+    for teacher in teachers:
+        lines += table(teacher, caches[teacher.name], seeds, iterations, ablations, ablation_iterations)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teachers", default="digits,shapes")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--iterations", default="100,250,500,1000")
+    parser.add_argument("--ablations", default="k1,l2,shared")
+    parser.add_argument("--ablation-iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--num-eval", type=int, default=500)
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    names = [n for n in args.teachers.split(",") if n]
+    unknown = [n for n in names if n not in TEACHERS]
+    if unknown:
+        parser.error(f"unknown teachers {unknown}: use {', '.join(TEACHERS)}")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    iterations = tuple(sorted(int(s) for s in args.iterations.split(",")))
+    ablations = tuple(a for a in args.ablations.split(",") if a)
+    if any(a not in ABLATIONS for a in ablations):
+        parser.error(f"--ablations takes {', '.join(ABLATIONS)}")
+    command = "python -m benchmarks.defaults " + " ".join(argv if argv is not None else sys.argv[1:])
+    teachers = [TEACHERS[n] for n in names]
+    caches = {}
+    for teacher in teachers:
+        caches[teacher.name] = measure(teacher, seeds, iterations, ablations, args.num_eval, args.work,
+                                       lambda m: print(f"[defaults] {m}", flush=True), args.ablation_iterations)
+        write_text_atomic(args.output, render(command.strip(), [t for t in teachers if t.name in caches], caches, seeds, iterations, ablations,
+                                                  args.ablation_iterations))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
