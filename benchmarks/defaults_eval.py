@@ -37,3 +37,67 @@ class DigitsEvaluator:
     def student_row(self, adapter_state: dict, grid: list[int]) -> dict:
         rank, alpha = _default_rank_alpha()
         return self.inner.student_row(None, self.cfg, adapter_state=adapter_state, rank=rank, alpha=alpha, grid=grid)
+
+
+class ShapesEvaluator:
+    """The text-to-image shapes teacher: FD in the shapes classifier's features to the held-out images and
+    to the teacher's own 50-step samples, and the share of prompts whose every named attribute is drawn."""
+
+    def __init__(self, num_eval: int, seeds: tuple, cfg: float):
+        from benchmarks import text_metrics
+        from benchmarks.text_sampling import balanced_prompts
+        from benchmarks.train_text_teacher import DEFAULT_OUTPUT
+        from training.models import load_family
+
+        self.model_dir, self.cfg, self.seeds, self.num_eval = DEFAULT_OUTPUT, cfg, seeds, num_eval
+        self.family = load_family(str(DEFAULT_OUTPUT))
+        self.classifier = text_metrics.load_classifier(train_if_missing=False)
+        self.real_feats = text_metrics.real_heldout_features(self.classifier)
+        self.prompts, self.labels = balanced_prompts(num_eval)
+        self._reference = {}
+
+    def prompts_file(self, folder: Path) -> Path:
+        from benchmarks.shapes_data import all_captions
+
+        path = folder / "prompts.txt"
+        path.write_text("".join(f"{c}\n" for c in all_captions()))
+        return path
+
+    def student_grid(self, k: int) -> list[int]:
+        return reference_grid(k, DistillConfig().total_steps)
+
+    def _noise(self, seed: int):
+        from benchmarks.text_sampling import noise_for
+
+        return noise_for(self.family, self.num_eval, 1000 + seed)
+
+    def _teacher_samples(self, steps: int, seed: int):
+        from benchmarks.text_sampling import sample_text_teacher
+
+        if steps != 50:
+            return sample_text_teacher(self.family, steps, self.prompts, self._noise(seed), self.cfg)
+        if seed not in self._reference:
+            self._reference[seed] = sample_text_teacher(self.family, 50, self.prompts, self._noise(seed), self.cfg)
+        return self._reference[seed]
+
+    def _score(self, make_samples) -> dict:
+        from benchmarks import text_metrics
+        from benchmarks.run_all import summarise
+
+        per_seed = []
+        for seed in self.seeds:
+            reference = text_metrics.classifier_outputs(self.classifier, self._teacher_samples(50, seed))[0]
+            row = text_metrics.quality(self.classifier, make_samples(seed), self.labels, self.real_feats, reference)
+            per_seed.append({"fd_real": row["fd_real"], "fd_teacher": row["fd_teacher"], "accuracy": row["acc_all"]})
+        return summarise(per_seed)
+
+    def teacher_row(self, steps: int) -> dict:
+        return self._score(lambda seed: self._teacher_samples(steps, seed))
+
+    def student_row(self, adapter_state: dict, grid: list[int]) -> dict:
+        from benchmarks.sampling import load_student_state
+        from benchmarks.text_sampling import sample_text_student
+
+        rank, alpha = _default_rank_alpha()
+        load_student_state(self.family, adapter_state, rank, alpha)
+        return self._score(lambda seed: sample_text_student(self.family, grid, self.prompts, self._noise(seed)))

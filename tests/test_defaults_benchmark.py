@@ -21,8 +21,10 @@ def test_defaults_benchmark_distils_with_defaults_and_writes_the_table(tmp_path)
                    "| squared L2, 2 it. | 4 |"):
         assert needle in text, needle
     # the student was trained by training.distill with nothing but the benchmark's own flags
-    done = json.loads((work / "digits" / "seed0" / "done").read_text())
-    assert "probe samples changed by" in done["stdout_tail"]
+    assert "wrote " in json.loads((work / "digits" / "seed0" / "done").read_text())["stdout_tail"]
+    summary = json.loads((work / "digits" / "seed0" / "student_run" / "summary.json").read_text())
+    assert "probe samples changed by" in summary["message"]
+    assert json.loads((work / "digits" / "results.json").read_text())["seed0/summary"] == summary
     cache = json.loads((work / "digits" / "results.json").read_text())
     assert cache["seed0/1"] != cache["seed0/2"]  # two checkpoints, two students
     assert cache["teacher50"]["fd_teacher"] == pytest.approx(0.0, abs=1e-3)
