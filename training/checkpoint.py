@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``<run_dir>/checkpoints/step-00000010`` holding ``adapters.tdmckpt``
 (both LoRA adapters, safetensors format) and ``training_state.tdmstate`` (torch.save: optimisers,
-LR schedules, every process's RNG states, the step). The extensions are the project's own because
+LR schedules, every process's RNG states, the step). An FSDP2 run (``training.sharding``) writes
+``shards/`` instead of ``adapters.tdmckpt`` (adapters and optimiser states, one file per process,
+torch.distributed.checkpoint) and keeps the rest in ``training_state.tdmstate``. The extensions are the project's own because
 the run folder sits next to ``--output``, often inside ComfyUI's ``models/loras``, and ComfyUI lists
 every ``.safetensors``/``.pt`` file there as a LoRA.
 
@@ -73,11 +75,27 @@ def unflatten_adapters(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
 
 def save_checkpoint(run_dir: Path, step: int, adapters: dict, state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically, then prune all but the newest ``keep``."""
+    temp = fresh_temp_dir(run_dir, step)
+    save_file(flatten_adapters(adapters), str(temp / ADAPTERS_FILE))
+    return commit_checkpoint(temp, run_dir, step, state, keep)
+
+
+def temp_dir(run_dir: Path, step: int) -> Path:
+    """The hidden folder checkpoint ``step`` is written into before :func:`commit_checkpoint`."""
     final = checkpoint_dir(run_dir, step)
-    temp = final.with_name(TEMP_PREFIX + final.name)
+    return final.with_name(TEMP_PREFIX + final.name)
+
+
+def fresh_temp_dir(run_dir: Path, step: int) -> Path:
+    temp = temp_dir(run_dir, step)
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir(parents=True)
-    save_file(flatten_adapters(adapters), str(temp / ADAPTERS_FILE))
+    return temp
+
+
+def commit_checkpoint(temp: Path, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """The state file into ``temp``, everything synced, ``temp`` renamed into place, older ones pruned."""
+    final = checkpoint_dir(run_dir, step)
     _pause_for_tests(step)
     torch.save({**state, "step": step}, temp / STATE_FILE)
     _fsync_folder(temp)
@@ -106,9 +124,10 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
 
 def _fsync_folder(folder: Path) -> None:
     # the rename must not reach the disk before the files' contents do
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _pause_for_tests(step: int) -> None:
@@ -120,35 +139,56 @@ def _pause_for_tests(step: int) -> None:
 
 
 # --- the run's state: what a checkpoint holds and how a run resumes from it ---------------------
-def training_state(parts: LoopParts) -> tuple[dict, dict]:
-    """``(adapters, state)`` of a checkpoint; RNG states come from every process."""
+def run_state(parts: LoopParts) -> dict:
+    """What every checkpoint holds beside adapters and optimisers: LR schedules, the RNG states of every
+    process (collective), the process count and the fp16 loss scales."""
     from accelerate.utils import gather_object
 
-    from .models import adapter_state_dict
-
-    adapters = {name: adapter_state_dict(parts.family.network, name) for name in ADAPTERS}
     rng = gather_object([{"generator": parts.generator.get_state(), "torch": torch.get_rng_state()}])
     state = {
-        "optimizers": {name: parts.optimizers[name].state_dict() for name in ADAPTERS},
         "schedulers": {name: parts.schedulers[name].state_dict() for name in ADAPTERS},
         "rng": rng,
         "num_processes": parts.accelerator.num_processes,
     }
     if parts.scalers:  # fp16 loss scales, one per optimiser
         state["grad_scalers"] = {name: scaler.state_dict() for name, scaler in parts.scalers.items()}
+    return state
+
+
+def training_state(parts: LoopParts) -> tuple[dict, dict]:
+    """``(adapters, state)`` of a data-parallel checkpoint; RNG states come from every process."""
+    from .models import adapter_state_dict
+
+    adapters = {name: adapter_state_dict(parts.family.network, name) for name in ADAPTERS}
+    state = {**run_state(parts), "optimizers": {name: parts.optimizers[name].state_dict() for name in ADAPTERS}}
     return adapters, state
 
 
 def restore_state(parts: LoopParts, checkpoint: Path) -> int:
+    from . import sharding
     from .models import load_adapter_state_dict
 
-    adapters, state = load_checkpoint(checkpoint)
     accelerator = parts.accelerator
+    sharded = sharding.has_shards(checkpoint)
+    if sharded != (parts.sharding is not None):
+        written, wanted = ("an FSDP2", "the FSDP2 accelerate config") if sharded else ("a data-parallel", "a launch without FSDP")
+        raise ConfigError(f"checkpoint {checkpoint} was written by {written} run: resume it with {wanted} "
+                          f"({sharding.FSDP_CONFIG_HINT}), or delete the run folder's checkpoints to start over")
+    if sharded:
+        try:
+            state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"checkpoint {checkpoint} is unreadable ({err}): delete it to resume from the one before") from err
+    else:
+        adapters, state = load_checkpoint(checkpoint)
     if state["num_processes"] != accelerator.num_processes:
         raise ConfigError(f"checkpoint {checkpoint} was written by {state['num_processes']} processes: resume with as many")
+    if sharded:
+        sharding.load_shards(parts, checkpoint)
     for name in ADAPTERS:
-        load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
-        parts.optimizers[name].load_state_dict(state["optimizers"][name])
+        if not sharded:
+            load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
+            parts.optimizers[name].load_state_dict(state["optimizers"][name])
         parts.schedulers[name].load_state_dict(state["schedulers"][name])
     for name, scaler in parts.scalers.items():
         if name in state.get("grad_scalers", {}):
@@ -160,10 +200,15 @@ def restore_state(parts: LoopParts, checkpoint: Path) -> int:
 
 
 def adapters_digest(parts: LoopParts) -> str:
-    """sha256 of both adapters, the same on every process when data parallel works."""
+    """sha256 of both adapters, the same on every process when data parallel works. Under FSDP2 each
+    shard has one owner, so the digest is of the gathered tensors (collective) and agrees by
+    construction; it is still the run's fingerprint that the log prints."""
+    from .sharding import full_tensors
+
     digest = hashlib.sha256()
     for name in ADAPTERS:
-        for p in parts.params[name]:
+        tensors = (t for _, t in full_tensors(parts.sharding, name)) if parts.sharding is not None else parts.params[name]
+        for p in tensors:
             digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
@@ -179,9 +224,23 @@ def check_processes_agree(parts: LoopParts) -> str:
 
 
 def write_checkpoint(parts: LoopParts, run_dir: Path, step: int, keep: int) -> None:
-    """Collective: every process takes part; the main process writes."""
+    """Collective: every process takes part; the main process writes (under FSDP2 every process
+    writes its shards into the main process's temporary folder, then the main process commits it)."""
     check_processes_agree(parts)
-    adapters, state = training_state(parts)
-    if parts.accelerator.is_main_process:
-        save_checkpoint(run_dir, step, adapters, state, keep=keep)
-    parts.accelerator.wait_for_everyone()
+    accelerator = parts.accelerator
+    if parts.sharding is not None:
+        from .sharding import save_shards
+
+        temp = temp_dir(run_dir, step)
+        if accelerator.is_main_process:
+            fresh_temp_dir(run_dir, step)
+        accelerator.wait_for_everyone()
+        save_shards(parts, temp)
+        state = run_state(parts)
+        if accelerator.is_main_process:
+            commit_checkpoint(temp, run_dir, step, state, keep)
+    else:
+        adapters, state = training_state(parts)
+        if accelerator.is_main_process:
+            save_checkpoint(run_dir, step, adapters, state, keep=keep)
+    accelerator.wait_for_everyone()

@@ -2,7 +2,8 @@
 
 Single process: ``python -m training.distill --model M --prompts P.txt --output L.safetensors``.
 Data parallel: ``accelerate launch --multi_gpu --num_processes N -m training.distill ...`` (same flags;
-on a machine without CUDA the processes form a gloo group on CPU).
+on a machine without CUDA the processes form a gloo group on CPU). Sharded (FSDP2, ``training.sharding``):
+``accelerate launch --config_file training/configs/accelerate_fsdp2.yaml -m training.distill ...``.
 Exit codes: 0 done, 2 bad input (nothing written), 3 NaN/inf loss (last good checkpoint kept).
 """
 from __future__ import annotations
@@ -54,10 +55,11 @@ def resolved_huber_c(cfg: DistillConfig, latent_shape) -> float | None:
     return 1e-3 if cfg.distance == "huber" else pseudo_huber_c_for(torch.empty((1, *latent_shape[1:])))
 
 
-def load_teacher(cfg: DistillConfig, accelerator, precision: Precision):
+def load_teacher(cfg: DistillConfig, accelerator, precision: Precision, device=None):
     from .models import add_tdm_adapters, load_family
 
-    family = load_family(cfg.model, None if cfg.family == "auto" else cfg.family, device=accelerator.device,
+    device = accelerator.device if device is None else device
+    family = load_family(cfg.model, None if cfg.family == "auto" else cfg.family, device=device,
                          dtype=precision.weight_dtype, config_path=cfg.model_config)
     grid = cfg.trajectory_grid()
     try:
@@ -96,12 +98,16 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
     return optimizers, schedulers
 
 
-def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape) -> Path:
+def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape, network=None) -> Path:
     """The final student LoRA (kohya layout, TDM metadata) via training.lora_io, renamed into place
-    only when complete so a kill never leaves a half-written file at ``--output``."""
+    only when complete so a kill never leaves a half-written file at ``--output``. ``network``: the
+    student gathered from its shards (``training.sharding.consolidated``) under FSDP2."""
     from .lora_io import export_student_lora
+    from .sharding import WithNetwork
 
     family, grid = parts.family, cfg.trajectory_grid()  # steps-aware: the grid of the largest K
+    if network is not None:
+        family = WithNetwork(family, network)
     info = TDMInfo(
         num_steps=len(grid), grid=grid, total_steps=cfg.total_steps, num_timesteps=family.num_timesteps,
         prediction_type=family.prediction_type, base_family=family.name, teacher_cfg=cfg.cfg, distance=cfg.distance,
@@ -114,7 +120,7 @@ def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape) -
     shutil.rmtree(staging, ignore_errors=True)
     staged = export_student_lora(family, staging / output.name, info, dtype=save_dtype(cfg.save_precision, cfg.mixed_precision))
     if cfg.steps_aware:
-        add_k_table(staged, family.network)
+        add_k_table(staged, student_k_table(family.network))
     if os.environ.get(PAUSE_LORA_ENV):
         time.sleep(float(os.environ[PAUSE_LORA_ENV]))
     os.replace(staged, output)
@@ -122,19 +128,35 @@ def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape) -
     return output
 
 
-def add_k_table(lora_path: Path, network) -> None:
-    """Steps-aware: the student's K table goes into the LoRA file under its own key
-    (tdm_core.steps_aware.K_EMBEDDING_KEY), and nowhere else."""
+def student_k_table(network) -> dict:
+    """``{K_EMBEDDING_KEY: E}`` of the student (training.steps_aware), from the network or from its
+    gathered adapter (FSDP2)."""
+    from .sharding import ConsolidatedNetwork
+    from .steps_aware import TABLE_STATE_KEY, k_embedding_tensors
+
+    if isinstance(network, ConsolidatedNetwork):
+        from tdm_core.steps_aware import K_EMBEDDING_KEY
+
+        from .models import adapter_state_dict
+
+        table = adapter_state_dict(network, STUDENT).get(TABLE_STATE_KEY)
+        return {} if table is None else {K_EMBEDDING_KEY: table.detach().float().cpu().clone()}
+    return k_embedding_tensors(network, STUDENT)
+
+
+def add_k_table(lora_path: Path, k_table: dict) -> None:
+    """Steps-aware: the student's K table (``student_k_table``) goes into the LoRA file under its own
+    key (tdm_core.steps_aware.K_EMBEDDING_KEY), and nowhere else."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .lora_io import save_safetensors_atomic
-    from .steps_aware import TABLE_STATE_KEY, k_embedding_tensors
+    from .steps_aware import TABLE_STATE_KEY
 
     with safe_open(str(lora_path), framework="pt") as handle:
         metadata = handle.metadata()
     tensors = {k: v for k, v in load_file(str(lora_path)).items() if not k.endswith(TABLE_STATE_KEY)}
-    save_safetensors_atomic({**tensors, **k_embedding_tensors(network, STUDENT)}, lora_path, metadata)
+    save_safetensors_atomic({**tensors, **k_table}, lora_path, metadata)
 
 
 def remove_interrupted_exports(output: Path) -> None:
@@ -179,24 +201,35 @@ def encode(family, prompts: list[str]) -> dict:
 
 
 def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int) -> None:
-    from .validation import write_validation_grid
+    """The main process writes the grid; under FSDP2 every process samples it (forwards are collective)."""
+    from .atomic import save_png_atomic
+    from .validation import grid_image, validation_columns
 
-    if parts.accelerator.is_main_process:
+    main = parts.accelerator.is_main_process
+    if main or parts.sharding is not None:
         chosen = prompts[: cfg.validation_prompts]
         family = parts.family
         with parts.precision.autocast():  # the base may be in half precision
-            write_validation_grid(cfg.run_dir() / "validation" / f"step-{step:08d}.png", family, encode(family, chosen),
-                                  family.null_condition(len(chosen)), len(chosen), cfg.resolution, parts.accelerator.device,
-                                  parts.grid, cfg.total_steps, cfg.cfg, cfg.teacher_validation_steps)
+            columns = validation_columns(family, encode(family, chosen), family.null_condition(len(chosen)), len(chosen),
+                                         cfg.resolution, parts.accelerator.device, parts.grid, cfg.total_steps, cfg.cfg,
+                                         cfg.teacher_validation_steps)
+        if main:
+            save_png_atomic(grid_image(columns), cfg.run_dir() / "validation" / f"step-{step:08d}.png")
     parts.accelerator.wait_for_everyone()
 
 
 def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, ...]]:
-    """Teacher with both adapters, optimisers, schedules and the run's generator; the latent shape."""
+    """Teacher with both adapters (sharded under FSDP2), optimisers, schedules and the run's generator;
+    the latent shape."""
     from .models import adapter_parameters
+    from .sharding import fsdp_plugin, load_device, place_family, shard_network
 
+    plugin = fsdp_plugin(cfg)
+    if plugin is not None and accelerator.num_processes == 1:
+        accelerator.print("FSDP2 with one process has nothing to shard: training without it")
+        plugin = None
     precision = Precision(cfg.mixed_precision, accelerator.device.type)
-    family, grid = load_teacher(cfg, accelerator, precision)
+    family, grid = load_teacher(cfg, accelerator, precision, load_device(accelerator, plugin))
     try:
         latent_shape = family.latent_shape(cfg.batch_size, cfg.resolution)
     except ValueError as err:
@@ -205,6 +238,10 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
         from .steps_aware import install_k_embedding
 
         install_k_embedding(family.network, cfg.k_choice_list(), (STUDENT, FAKE_SCORE) if cfg.k_on_fake_score else (STUDENT,))
+    sharding = None
+    if plugin is not None:  # the optimisers are built over the sharded parameters
+        sharding = shard_network(family.network, accelerator, plugin, ADAPTERS)
+        place_family(family, accelerator.device)
     params = {name: adapter_parameters(family.network, name) for name in ADAPTERS}
     optimizers, schedulers = build_optimisers(cfg, params, accelerator)
     scalers = {name: precision.new_scaler() for name in ADAPTERS} if cfg.mixed_precision == "fp16" else {}
@@ -214,7 +251,7 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
         randmid=cfg.randmid, max_grad_norm=cfg.max_grad_norm,
         # each process draws its own prompts, noise and times; the seed makes every draw reproducible
         generator=torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index),
-        params=params, optimizers=optimizers, schedulers=schedulers,
+        params=params, optimizers=optimizers, schedulers=schedulers, sharding=sharding,
     )
     return parts, latent_shape
 
@@ -245,18 +282,28 @@ def start_run(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, ..
 
 
 def new_probe(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape):
-    """The fixed probe of training.progress (main process only: it only reports)."""
+    """The fixed probe of training.progress (main process only: it only reports; under FSDP2 on every
+    process, as its forwards are collective)."""
     from .progress import PROBE_SIZE, Probe
 
-    if not parts.accelerator.is_main_process:
+    if not parts.accelerator.is_main_process and parts.sharding is None:
         return None
     return Probe.build(parts, encode(parts.family, prompts[:PROBE_SIZE]), latent_shape, cfg.trajectory_grid())
+
+
+def measure_movement(parts: LoopParts, probe) -> dict:
+    if parts.sharding is None:
+        return probe.measure(parts)
+    from .sharding import lora_delta
+
+    return {"probe_change": probe.change(parts), "lora_delta": lora_delta(parts, STUDENT)}
 
 
 def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape, step: int) -> int:
     """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step."""
     from tqdm.auto import tqdm
 
+    from .sharding import share_num_steps
     from .steps_aware import begin_batch
 
     family, accelerator = parts.family, parts.accelerator
@@ -275,12 +322,14 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     while step < stop_at:
         for _ in range(cfg.gradient_accumulation_steps):
             if cfg.steps_aware:  # this batch's K, its grid and the network's K condition
-                begin_batch(parts, cfg.k_choice_list())
+                k = begin_batch(parts, cfg.k_choice_list())
+                if parts.sharding is not None:
+                    share_num_steps(parts, k)
             cond = encode(family, draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
             metrics = tdm_iteration(parts, cond, null_cond, latent_shape)
         step += 1
         if probe is not None and cfg.probe_every and (step % cfg.probe_every == 0 or step == stop_at):
-            movement = probe.measure(parts)
+            movement = measure_movement(parts, probe)
             metrics = {**metrics, **movement}
         log.write(step, metrics)
         bar.update(1)
@@ -313,10 +362,19 @@ def run(cfg: DistillConfig) -> int:
     if step < cfg.max_train_steps:
         accelerator.print(f"stopped at step {step} of {cfg.max_train_steps}: continue with --resume")
         return EXIT_OK
-    accelerator.print(f"adapters identical on {accelerator.num_processes} process(es): sha256 {check_processes_agree(parts)}")
+    digest = check_processes_agree(parts)
+    if parts.sharding is None:
+        accelerator.print(f"adapters identical on {accelerator.num_processes} process(es): sha256 {digest}")
+    else:
+        accelerator.print(f"adapters gathered from {accelerator.num_processes} FSDP2 shards: sha256 {digest}")
+    student = None
+    if parts.sharding is not None:
+        from .sharding import consolidated
+
+        student = consolidated(parts, STUDENT)  # collective; the whole adapter on the main process
     if accelerator.is_main_process:
-        accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape)}")
-        report_movement(parts, cfg, prompts, latent_shape)
+        accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape, student)}")
+    report_movement(parts, cfg, prompts, latent_shape)
     accelerator.wait_for_everyone()
     return EXIT_OK
 
@@ -327,7 +385,12 @@ def report_movement(parts: LoopParts, cfg: DistillConfig, prompts: list[str], la
     from .atomic import atomic_write
     from .progress import final_word
 
-    movement = new_probe(parts, cfg, prompts, latent_shape).measure(parts)
+    probe = new_probe(parts, cfg, prompts, latent_shape)
+    if probe is None:  # a data-parallel process other than the main one
+        return
+    movement = measure_movement(parts, probe)
+    if not parts.accelerator.is_main_process:  # FSDP2: took part in the probe's forwards
+        return
     log_path = cfg.run_dir() / "log.jsonl"
     entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     text, barely = final_word(movement, [e["loss_fake"] for e in entries], [e["loss_student"] for e in entries], cfg)

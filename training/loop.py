@@ -3,7 +3,8 @@
 The student and the fake score are two LoRA adapters on one frozen base; the teacher is the base
 with adapters off (``training.models.use_adapter``, O(1) per switch). This module supplies the three
 denoisers, the optimiser steps (data parallel averaging, clipping, fp16 loss scaling) and the metrics;
-the method itself (roll-out, draws, losses) lives in ``tdm_core.iteration``.
+the method itself (roll-out, draws, losses) lives in ``tdm_core.iteration``. Under FSDP2
+(``training.sharding``) the same steps run on the sharded parameters.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tdm_core.iteration import TDMDenoisers, TDMSettings, randn_on, tdm_iteratio
 from .families.base import cat_conditions
 from .models import FAKE_SCORE, STUDENT, use_adapter
 from .precision import Precision
+from .sharding import replicated
 
 ADAPTERS = (FAKE_SCORE, STUDENT)
 
@@ -48,6 +50,7 @@ class LoopParts:
     optimizers: dict = field(default_factory=dict)  # adapter name -> (accelerate-wrapped) optimiser
     schedulers: dict = field(default_factory=dict)  # adapter name -> LR scheduler
     scalers: dict = field(default_factory=dict)  # adapter name -> fp16 GradScaler (empty otherwise)
+    sharding: Optional[object] = None  # training.sharding.Sharding under FSDP2, None for data parallelism
 
     def settings(self) -> TDMSettings:
         # the grid may change per batch (steps-aware), so the settings are made per iteration
@@ -93,7 +96,8 @@ def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Optional[Ten
     accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
     if not accelerator.sync_gradients:
         return None
-    average_gradients(accelerator, parts.params[adapter])
+    if parts.sharding is None:  # FSDP2 has reduce-scattered the gradients already
+        average_gradients(accelerator, parts.params[adapter])
     if scaler is not None:
         scaler.unscale_(optimizer.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parts.params[adapter], parts.max_grad_norm)
@@ -104,7 +108,7 @@ def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Optional[Ten
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     parts.schedulers[adapter].step()
-    return grad_norm
+    return replicated(grad_norm)  # FSDP2: the global norm comes as a DTensor
 
 
 def average_gradients(accelerator, params: list[Tensor]) -> None:
