@@ -5,7 +5,9 @@
 
 Every finished row is cached in ``<work>/results.json`` and RESULTS.md is rewritten after each
 one, so an interrupted run keeps what it finished and a rerun resumes (``--fresh`` starts over).
-Rows run in order of importance: quality and ablations at CFG 1, speed and memory, then CFG > 1.
+Rows run in order of importance: quality and ablations at CFG 1, then CFG > 1. Speed and memory are
+not measured here: ``python -m benchmarks.speed_table`` writes them, side by side in one run, to
+``benchmarks/RESULTS_speed.md``; RESULTS.md points there.
 """
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks import metrics, sampling, speed
+from benchmarks import metrics, sampling
 from benchmarks.demo import TEACHER_DIR, distil, load_teacher
 from benchmarks.digits_data import load_digits_split
 from training.atomic import write_text_atomic
@@ -42,19 +44,11 @@ class Plan:
     cfgs: tuple = (1.0, 2.0)
     teacher_steps: tuple = (50, 25, 4, 1)
     ablations: tuple = ("l2", "shared")
-    speed_batch: int = 2
-    speed_iterations: int = 3
-    scaling_batches: tuple = (1, 4, 16)
-    scaling_ks: tuple = (1, 2, 4)
-    sampling_models: tuple = ("digits", "mid")
     clipped_teacher_steps: tuple = (50, 4)
-    mid_unet: dict = field(default_factory=lambda: dict(speed.MID_UNET_CONFIG))
 
 
 QUICK = Plan(num_eval=40, eval_seeds=(0, 1), iterations=4, checkpoints=(2,), batch_size=2, cfgs=(1.0, 2.0),
-             teacher_steps=(4, 1), ablations=("l2", "shared"), speed_batch=1, speed_iterations=1,
-             scaling_batches=(1, 2), scaling_ks=(1, 2),
-             mid_unet=dict(speed.MID_UNET_CONFIG, block_out_channels=(16, 32, 32), sample_size=16, norm_num_groups=8, attention_head_dim=8))
+             teacher_steps=(4, 1), ablations=("l2", "shared"))
 
 
 # --- results cache and the markdown file --------------------------------------------------------
@@ -191,35 +185,6 @@ def quality_rows(plan: Plan, results: Results, evaluator: Evaluator, cfg: float,
         results.put(key, {"name": f"{labels[name]} after {plan.iterations} it.", "nfe": k, "train_seconds": seconds, **row})
 
 
-# --- speed and memory ---------------------------------------------------------------------------
-def speed_rows(plan: Plan, results: Results, log, teacher_dir: Path = TEACHER_DIR) -> None:
-    mid = WORK / "mid_unet"
-    if not (mid / "tdm_family.json").is_file():
-        speed.write_model_folder(mid, plan.mid_unet)
-    n_params = sum(p.numel() for p in load_teacher(mid).network.parameters())
-    results.put("speed/mid_params", n_params)
-    for config in ("baseline", "lora", "reference"):
-        key = f"speed/train/{config}"
-        if results.get(key) is None:
-            log(f"training speed/memory: {config} design")
-            results.put(key, speed.measure_in_subprocess(config, mid, plan.speed_batch, 4, 1, plan.speed_iterations))
-    for label, model in [(m, teacher_dir if m == "digits" else mid) for m in plan.sampling_models]:
-        key = f"speed/sampling/{label}"
-        if results.get(key) is None:
-            log(f"sampling speed: {label} UNet")
-            results.put(key, speed.measure_in_subprocess("sampling", model, 16, 4, 0, max(3, plan.speed_iterations)))
-    for batch in plan.scaling_batches:
-        key = f"speed/scale/batch{batch}"
-        if results.get(key) is None:
-            log(f"scaling: batch {batch}")
-            results.put(key, speed.measure_in_subprocess("lora", teacher_dir, batch, 4, 1, plan.speed_iterations))
-    for k in plan.scaling_ks:
-        key = f"speed/scale/k{k}"
-        if results.get(key) is None:
-            log(f"scaling: K={k}")
-            results.put(key, speed.measure_in_subprocess("lora", teacher_dir, plan.batch_size, k, 1, plan.speed_iterations))
-
-
 # --- RESULTS.md -----------------------------------------------------------------------------------
 def pm(row: dict, key: str, digits: int = 1) -> str:
     return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}"
@@ -248,8 +213,6 @@ def expected_keys(plan: Plan) -> list[str]:
     per_cfg = [f"teacher{s}" for s in plan.teacher_steps] + [f"teacher{s}_clip" for s in plan.clipped_teacher_steps]
     per_cfg += ["k4", "k1"] + [f"k4@{s}" for s in plan.checkpoints if s < plan.iterations] + [f"k4_{a}" for a in plan.ablations]
     keys = [f"q/{c:g}/{k}" for c in plan.cfgs for k in per_cfg]
-    keys += [f"speed/train/{c}" for c in ("baseline", "lora", "reference")] + [f"speed/sampling/{m}" for m in plan.sampling_models]
-    keys += [f"speed/scale/batch{b}" for b in plan.scaling_batches] + [f"speed/scale/k{k}" for k in plan.scaling_ks]
     return keys
 
 
@@ -308,56 +271,19 @@ def claims_section(results: Results, plan: Plan) -> list[str]:
     return lines + [""]
 
 
-def ratio(a, b) -> str:
-    return f"{a / b:.2f}x" if a and b else "n/a"
+SPEED_POINTER = (
+    "The speed and memory tables moved to [RESULTS_speed.md](RESULTS_speed.md), written by `python -m benchmarks.speed_table`: "
+    "the project's iteration, the same forwards and backwards timed alone (the network-bound floor) and the three-full-copies "
+    "design, measured side by side in one run on a full-size SD1.5-architecture UNet and the mid-size one, with peak memory "
+    "above baseline, the ratios against their targets, the adapter-switch time on SD1.5- and SDXL-size UNets, sampling speed "
+    "and scaling. The speed rows this file held before (mid-size UNet: project 6.72 s against three copies 5.26 s per "
+    "iteration) were measured before `training.models.use_adapter` became O(1) and before the iteration moved into "
+    "`tdm_core.iteration`; they are superseded."
+)
 
 
-def speed_section(results: Results, plan: Plan) -> list[str]:
-    lines = ["## Speed and memory", ""]
-    base, lora, ref = (results.get(f"speed/train/{c}") for c in ("baseline", "lora", "reference"))
-    params = results.get("speed/mid_params")
-    if lora and ref and base:
-        b = base["peak_rss_mb"]
-        lines += [
-            f"Training, mid-size UNet2DConditionModel ({params / 1e6:.1f} M parameters, {plan.mid_unet['in_channels']}x"
-            f"{plan.mid_unet['sample_size']}x{plan.mid_unet['sample_size']} input), batch {plan.speed_batch}, K=4, CFG 2, "
-            f"{plan.speed_iterations} timed iterations after 1 warm-up, each design in a fresh subprocess, one after the other:",
-            "",
-            "| design | peak RSS (MB) | above baseline (MB) | s / iteration |",
-            "|---|---:|---:|---:|",
-            f"| baseline: interpreter, torch, diffusers, frozen model loaded | {b:.0f} | 0 | - |",
-            f"| project: one frozen base + two LoRA adapters (rank 16), `training.loop.tdm_iteration` | {lora['peak_rss_mb']:.0f} | "
-            f"{lora['peak_rss_mb'] - b:.0f} | {lora['seconds_per_iteration']:.2f} |",
-            f"| reference: three full copies, full fine-tune (AdamW) of student and fake score | {ref['peak_rss_mb']:.0f} | "
-            f"{ref['peak_rss_mb'] - b:.0f} | {ref['seconds_per_iteration']:.2f} |",
-            "",
-            f"Ratios reference / project: peak RSS {ratio(ref['peak_rss_mb'], lora['peak_rss_mb'])}, memory above baseline "
-            f"{ratio(ref['peak_rss_mb'] - b, lora['peak_rss_mb'] - b)}, time per iteration "
-            f"{ratio(ref['seconds_per_iteration'], lora['seconds_per_iteration'])}.",
-            "",
-        ]
-    else:
-        lines += ["Training speed/memory: not measured (the run stopped before it).", ""]
-    rows = [(label, results.get(f"speed/sampling/{label}")) for label in ("digits", "mid")]
-    if any(r for _, r in rows):
-        lines += ["Sampling (tdm_core samplers on the diffusers UNet, batch 16, best of repeats):", "",
-                  "| model | TDM 4 steps, CFG 1 (s) | teacher DDIM 25 steps, CFG 2 = 50 evals (s) | speed-up | 4 bare calls (s) | TDM sampler overhead (4-step sampling / 4 bare calls) |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for label, r in rows:
-            if r:
-                lines.append(f"| {label} | {r['tdm4_cfg1']:.3f} | {r['teacher25_cfg2']:.3f} | {ratio(r['teacher25_cfg2'], r['tdm4_cfg1'])} | "
-                             f"{r['bare4']:.3f} | {r['tdm4_cfg1'] / r['bare4']:.3f} |")
-        lines.append("")
-    scale_b = [(b, results.get(f"speed/scale/batch{b}")) for b in plan.scaling_batches]
-    scale_k = [(k, results.get(f"speed/scale/k{k}")) for k in plan.scaling_ks]
-    if any(r for _, r in scale_b + scale_k):
-        lines += ["Scaling of one TDM training iteration (digits teacher, project design):", "",
-                  "| batch (K=4) | s / iteration | peak RSS (MB) |", "|---:|---:|---:|"]
-        lines += [f"| {b} | {r['seconds_per_iteration']:.3f} | {r['peak_rss_mb']:.0f} |" for b, r in scale_b if r]
-        lines += ["", f"| K (batch {plan.batch_size}) | s / iteration | peak RSS (MB) |", "|---:|---:|---:|"]
-        lines += [f"| {k} | {r['seconds_per_iteration']:.3f} | {r['peak_rss_mb']:.0f} |" for k, r in scale_k if r]
-        lines.append("")
-    return lines
+def speed_section() -> list[str]:
+    return ["## Speed and memory", "", SPEED_POINTER, ""]
 
 
 def render(results: Results, plan: Plan, command: str, status: str) -> str:
@@ -365,8 +291,7 @@ def render(results: Results, plan: Plan, command: str, status: str) -> str:
         "# Benchmarks: TDM on the digits teacher",
         "",
         f"Produced by `{command}` ({status}). Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
-        f"jobs, torch {torch.__version__}, 1 torch thread. Timings on a shared machine are noisy; ratios measured in one run "
-        "are the numbers to read.",
+        f"jobs, torch {torch.__version__}, 1 torch thread.",
         "",
         "Teacher: `benchmarks/assets/digits_teacher` (regenerate with `python -m benchmarks.train_teacher`): a tiny "
         "class-conditional UNet2DConditionModel on 16x16 upsampled scikit-learn digits, classes through cross-attention, "
@@ -389,7 +314,7 @@ def render(results: Results, plan: Plan, command: str, status: str) -> str:
     for cfg in plan.cfgs:
         lines += quality_table(results, plan, cfg)
     lines += claims_section(results, plan)
-    lines += speed_section(results, plan)
+    lines += speed_section()
     lines += notes(plan)
     return "\n".join(lines) + "\n"
 
@@ -409,12 +334,6 @@ def notes(plan: Plan) -> list[str]:
         f"- Convergence is read at {', '.join(str(c) for c in plan.checkpoints)} and {plan.iterations} iterations "
         "(checkpoints of the main K=4 run with a constant learning rate) instead of 100/250/500/1000: the 2-core machine "
         "was shared with other jobs during the run and the full schedule did not fit the time available.",
-        "- Sampling times are measured with the tdm_core samplers that the ComfyUI TDM sampler node calls "
-        "(`nodes/tdm_sampler.py` wraps `tdm_core.sample_tdm`), on the diffusers UNets, not through a ComfyUI graph.",
-        "- Timings: the machine's load from other jobs changed between measurements, so single timings carry tens of "
-        "percent of noise (best-of-repeats for sampling, a mean of a few iterations for training). Entries that "
-        "contradict the work done (a larger K not slower, a sampler overhead below 1.0) show that noise; the memory "
-        "numbers do not depend on load.",
         "- Every distilled row is one training run; the ± is over sampling seeds only, so differences between "
         "distilled rows smaller than a few FD points should not be trusted.",
         "",
@@ -423,7 +342,7 @@ def notes(plan: Plan) -> list[str]:
 
 def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teacher_dir: Path = TEACHER_DIR,
         only: set | None = None, merge_from: list | None = None) -> Results:
-    """Runs the stages (all, or those named in ``only``: main1, ablations1, speed, main2, ablations2)
+    """Runs the stages (all, or those named in ``only``: main1, ablations1, main2, ablations2, clipped1, clipped2)
     and rewrites ``output_md`` after each; ``merge_from`` adds rows cached by other runs first."""
     global WORK
     WORK = work
@@ -441,11 +360,10 @@ def run(plan: Plan, output_md: Path, work: Path, fresh: bool, command: str, teac
         write_text_atomic(output_md, render(results, plan, command, status))
 
     evaluator = Evaluator(plan, teacher_dir)
-    # most informative first: the clean w=1 table with its ablations, then speed, then w>1
+    # most informative first: the clean w=1 table with its ablations, then w>1
     first = plan.cfgs[0]
     stages = [("main1", lambda: quality_rows(plan, results, evaluator, first, "main", log)),
-              ("ablations1", lambda: quality_rows(plan, results, evaluator, first, "ablations", log)),
-              ("speed", lambda: speed_rows(plan, results, log, teacher_dir))]
+              ("ablations1", lambda: quality_rows(plan, results, evaluator, first, "ablations", log))]
     for n, c in enumerate(plan.cfgs[1:], start=2):
         stages += [(f"main{n}", (lambda c=c: quality_rows(plan, results, evaluator, c, "main", log))),
                    (f"ablations{n}", (lambda c=c: quality_rows(plan, results, evaluator, c, "ablations", log)))]
@@ -471,7 +389,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, help="TDM iterations per distilled row")
     parser.add_argument("--num-eval", type=int, help="samples per row and seed")
     parser.add_argument("--seeds", type=int, help="number of sampling seeds")
-    parser.add_argument("--stages", help="comma list of stages to run: main1, ablations1, speed, main2, ablations2, clipped1, clipped2 (default all)")
+    parser.add_argument("--stages", help="comma list of stages to run: main1, ablations1, main2, ablations2, clipped1, clipped2 (default all; "
+                        "speed and memory: python -m benchmarks.speed_table)")
     parser.add_argument("--merge-from", action="append", default=[], help="results.json of another run whose rows to include")
     parser.add_argument("--produced-by", help="how the rows were produced, for the file's header (default: this command)")
     args = parser.parse_args(argv)
