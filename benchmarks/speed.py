@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import resource
@@ -284,6 +285,45 @@ def _register() -> None:
 _register()
 
 
+# --- where an iteration's CPU time goes ---------------------------------------------------------------
+PHASES: dict = {}  # phase -> CPU seconds in the current iteration (forward, backward, optimiser)
+
+
+def add_phase(name: str, fn):
+    """``fn`` with its CPU time added to ``PHASES[name]`` (a process_time pair per call: microseconds)."""
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PHASES[name] = PHASES.get(name, 0.0) + time.process_time() - start
+
+    return timed
+
+
+def instrument_project(parts) -> None:
+    """Phase timers around the project's network calls (``training.loop.network_output``, looked up by
+    name at each call), its backward passes (the accelerator's) and its optimiser steps (the backward
+    is inside ``optimiser_step`` and is subtracted from it in :func:`phase_split`)."""
+    import training.loop as loop
+
+    loop.network_output = add_phase("forward", loop.network_output)
+    loop.optimiser_step = add_phase("optimiser+backward", loop.optimiser_step)
+    parts.accelerator.backward = add_phase("backward", parts.accelerator.backward)
+
+
+def phase_split(phases: dict, total: float) -> dict:
+    """forward / backward / optimiser (clip, AdamW, schedule) / other (everything else: the method's
+    draws and losses, conditions, metrics) CPU seconds of one iteration."""
+    out = {"forward": phases.get("forward", 0.0), "backward": phases.get("backward", 0.0)}
+    if "optimiser" in phases:
+        out["optimiser"] = phases["optimiser"]
+    else:  # the project's optimiser_step holds its backward
+        out["optimiser"] = phases["optimiser+backward"] - out["backward"] if "optimiser+backward" in phases else 0.0
+    out["other"] = total - sum(out.values())
+    return out
+
+
 def prompts_file(folder: Path) -> Path:
     path = folder / "prompts.txt"
     path.write_text("\n".join(str(c) for c in range(10)) + "\n")
@@ -295,15 +335,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_iterations(step, warmup: int, iterations: int, device="cpu", profile: bool = False) -> tuple[list[float], list[float], list | None]:
-    """Per-iteration wall and CPU times of ``step`` after ``warmup`` untimed calls (and, with ``profile``,
-    the profiler's op table over the timed calls). The CPU time (``time.process_time``) of a one-thread
+def time_iterations(step, warmup: int, iterations: int, device="cpu", profile: bool = False):
+    """Per-iteration wall times, CPU times and CPU phases (:func:`phase_split`) of ``step`` after ``warmup``
+    untimed calls (and, with ``profile``, the profiler's op table over the timed calls). The CPU time (``time.process_time``) of a one-thread
     process is its own work: on a machine shared with other jobs its wall time also counts the time it
     waited for a core."""
     for _ in range(warmup):
         step()
     _sync(device)
-    times, cpu_times, table = [], [], None
+    times, cpu_times, phases, table = [], [], [], None
     profiler = None
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -313,11 +353,13 @@ def time_iterations(step, warmup: int, iterations: int, device="cpu", profile: b
         profiler.__enter__()
     try:
         for _ in range(iterations):
+            PHASES.clear()
             start, cpu_start = time.perf_counter(), time.process_time()
             step()
             _sync(device)
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+            phases.append(phase_split(PHASES, cpu_times[-1]))
     finally:
         if profiler is not None:
             profiler.__exit__(None, None, None)
@@ -326,7 +368,7 @@ def time_iterations(step, warmup: int, iterations: int, device="cpu", profile: b
                   "calls": e.count / iterations} for e in profiler.key_averages()]
         table.sort(key=lambda r: -r["self_ms"])
         table = table[:300]
-    return times, cpu_times, table
+    return times, cpu_times, phases, table
 
 
 # --- the project's design: training.distill's own parts and iteration ----------------------------
@@ -372,10 +414,11 @@ def lora_step(parts, latent_shape, batch_size: int):
 def floor_step(parts, latent_shape, num_steps: int):
     """The forwards and backwards of one ``lora`` iteration (K=num_steps, CFG pair batched) and nothing
     else, through ``training.loop.network_output`` (use_adapter switches, autocast) on the same network."""
+    from training import loop
     from training.families.base import cat_conditions
-    from training.loop import network_output
     from training.models import FAKE_SCORE, STUDENT
 
+    network_output = loop.network_output  # as instrumented
     family, device = parts.family, parts.accelerator.device
     batch = latent_shape[0]
     classes = torch.arange(batch) % 10
@@ -385,6 +428,7 @@ def floor_step(parts, latent_shape, num_steps: int):
     t = torch.full((batch,), 500.0, dtype=torch.float64, device=device)
     x2, t2, cond2 = torch.cat([x, x]), torch.cat([t, t]), cat_conditions([cond, null_cond])
 
+    @functools.partial(add_phase, "backward")
     def backward_and_clear(out, adapter):
         out.square().mean().backward()
         for p in parts.params[adapter]:
@@ -443,15 +487,22 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
     prompts = [str(c) for c in range(10)]
     null_cond = family.null_condition(batch_size)
 
+    @functools.partial(add_phase, "forward")
     def run(net, x_t, t, cond):
         with precision.autocast():
             return family.denoise_with(net, x_t, t, cond).float()
 
-    def update(net, opt, loss):
-        loss.backward()
+    backward = add_phase("backward", lambda loss: loss.backward())
+
+    @functools.partial(add_phase, "optimiser")
+    def clip_and_step(net, opt):
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def update(net, opt, loss):
+        backward(loss)
+        clip_and_step(net, opt)
 
     def step():
         cond = family.encode_prompts(draw_prompt_batch(prompts, batch_size, gen))
@@ -623,15 +674,16 @@ def measure(config: str, model_dir: Path | None, batch_size: int, num_steps: int
         if config in TRAINING_CONFIGS:
             if config in ("lora", "floor"):
                 parts, latent_shape = project_parts(model_dir, work, batch_size, num_steps, device, mixed_precision, gradient_checkpointing)
+                instrument_project(parts)
                 step = lora_step(parts, latent_shape, batch_size) if config == "lora" else floor_step(parts, latent_shape, num_steps)
                 network = parts.family.network
             else:
                 step = reference_step(model_dir, work, batch_size, num_steps, device, mixed_precision, gradient_checkpointing,
                                       shared=config == "reference_shared")
                 network = None
-            times, cpu_times, table = time_iterations(step, warmup, iterations, device, profile)
+            times, cpu_times, phases, table = time_iterations(step, warmup, iterations, device, profile)
             result.update(iteration_seconds=times, seconds_per_iteration=statistics.median(times), min_seconds=min(times),
-                          iteration_cpu_seconds=cpu_times, cpu_seconds_per_iteration=statistics.median(cpu_times))
+                          iteration_cpu_seconds=cpu_times, cpu_seconds_per_iteration=statistics.median(cpu_times), iteration_phases=phases)
             if table is not None:
                 result["profile"] = table
             if network is not None:

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS_speed.md"
 WORK = ROOT / "outputs" / "benchmarks" / "speed"
 MB = 2**20
+PHASES = ("forward", "backward", "optimiser", "other")
 TARGETS = {"iteration_floor": 1.15, "time_vs_copies": 0.9, "memory_vs_copies": 0.4}
 SWITCHES_PER_ITERATION = 8  # use_adapter enters of one project iteration: 4 roll-out, fake update, student, teacher pair, fake
 MARGIN_MB = 1500  # left free on the machine by any run started
@@ -127,15 +128,6 @@ def run_model(name: str, spec: dict, args, log, record, out: dict) -> dict:
             if config in ("lora", "floor") and result.get("above_loaded_mb") is not None:
                 activations = result["above_loaded_mb"]
             record()
-    need = base["rss_loaded_mb"] + computed_above_mb("reference_shared", params, activations)
-    ok, available = fits(need)
-    if ok:
-        log(f"{name}: components")
-        out["components"] = speed.measure_in_subprocess("components", folder, args.batch_size, 4, 0, 3, timeout=args.timeout,
-                                                        min_available_mb=GUARD_MB)
-    else:
-        out["skipped"]["components"] = {"need_mb": need, "available_mb": available}
-    record()
     return out
 
 
@@ -144,8 +136,10 @@ def pooled(runs: list[dict]) -> dict:
     times = [t for r in runs for t in r["iteration_seconds"]]
     cpu = [t for r in runs for t in r.get("iteration_cpu_seconds", [])] or times
     above = [r["above_loaded_mb"] for r in runs if r.get("above_loaded_mb") is not None]
+    phases = [p for r in runs for p in r.get("iteration_phases", [])]
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times), "rounds": len(runs),
             "cpu": statistics.median(cpu), "cpu_min": min(cpu), "cpu_max": max(cpu),
+            "phases": {k: statistics.median(p[k] for p in phases) for k in PHASES} if phases else None,
             "above_mb": max(above) if above else None, "peak_mb": max(r["peak_rss_mb"] for r in runs)}
 
 
@@ -267,8 +261,7 @@ def model_lines(name: str, model: dict, s: dict) -> list[str]:
                   f"activations plus {16 * model['runs']['lora'][0].get('trainable_parameters', 0) / MB:.0f} MB of LoRA weights, "
                   "gradients and AdamW states. The project's share is therefore about activations / (activations + 7 x P x 4 bytes): "
                   "small where the parameters dominate (full-size UNets), large where activations do.", ""]
-    if model.get("components"):
-        lines += component_lines(model["components"], s)
+    lines += phase_lines(s)
     if "reference" in s["rows"] and "reference_shared" in s["rows"]:
         r, sh = s["rows"]["reference"], s["rows"]["reference_shared"]
         lines += [f"The one-copy stand-in against the real three copies: {sh['cpu'] / r['cpu']:.2f}x the CPU time "
@@ -276,33 +269,35 @@ def model_lines(name: str, model: dict, s: dict) -> list[str]:
     return lines
 
 
-def composed(c: dict) -> tuple[float, float]:
-    """One iteration's network work composed from the single calls: K=4 roll-out forwards, two forward +
-    backward passes, the teacher pair at 2B and the fake score's forward; the three copies also step
-    AdamW (with the clip) over every parameter twice."""
-    c = {k[:-4]: v for k, v in c.items() if k.endswith("_cpu")} or c
-    project = 4 * c["lora_forward"] + 2 * c["lora_forward_backward"] + c["plain_forward_2b"] + c["lora_forward"]
-    copies = 4 * c["plain_forward"] + 2 * c["plain_forward_backward"] + c["plain_forward_2b"] + c["plain_forward"] + 2 * c["adamw_step_all_parameters"]
-    return project, copies
-
-
-def component_lines(c: dict, s: dict) -> list[str]:
-    project, copies = composed(c)
-
-    def cell(key):
-        return f"{c[key + '_cpu']:.3f} ({c[key]:.3f})"
-
-    return ["Where the time goes: each kind of network call alone (`--config components`: one process, the kinds interleaved, "
-            "median of 3 after a warm-up; CPU seconds, wall seconds in brackets):", "",
-            "| call | plain network (three copies) | LoRA'd network (project) |", "|---|---:|---:|",
-            f"| forward at B (roll-out, fake score) | {cell('plain_forward')} | {cell('lora_forward')} |",
-            f"| forward at 2B (teacher cond + uncond) | {cell('plain_forward_2b')} | the same call (adapters off) |",
-            f"| forward + backward at B | {cell('plain_forward_backward')} (gradients of every weight) | {cell('lora_forward_backward')} (LoRA gradients only) |",
-            f"| gradient clip + AdamW step | {cell('adamw_step_all_parameters')} (every parameter) | LoRA parameters only (in the project row) |",
-            f"| **one iteration composed** (4 + 1 forwards at B, 2 forward + backward, 1 forward at 2B; copies: 2 AdamW steps), CPU s | "
-            f"**{copies:.2f}** | **{project:.2f}** |", "",
-            f"Composed project / three copies: {project / copies:.2f}"
-            + (f"; measured {s['time_vs_copies'][0]:.2f} (CPU time)" if "time_vs_copies" in s else "") + ".", ""]
+def phase_lines(s: dict) -> list[str]:
+    rows = [(c, s["rows"][c]) for c in ("lora", "floor", "reference", "reference_shared") if s["rows"].get(c) and s["rows"][c]["phases"]]
+    if not rows:
+        return []
+    names = {"lora": "project", "floor": "network floor", "reference": "three copies", "reference_shared": "three-copies stand-in"}
+    lines = ["Where the CPU time of an iteration goes (phase timers inside the runs above, medians over their iterations, CPU s): "
+             "forward = every network call (roll-out, the fake-score and student steps, teacher pair, fake score), backward = the "
+             "two backward passes, optimiser = gradient clip + AdamW step (+ LR schedule), other = the rest of the iteration "
+             "(the method's draws and losses in `tdm_core.iteration`, conditions, the logging sync).", "",
+             "| design | forward | backward | optimiser | other | total |", "|---|---:|---:|---:|---:|---:|"]
+    for config, row in rows:
+        p = row["phases"]
+        lines.append(f"| {names[config]} | {p['forward']:.2f} | {p['backward']:.2f} | {p['optimiser']:.2f} | {p['other']:.2f} | {row['cpu']:.2f} |")
+    lora, floor = s["rows"].get("lora"), s["rows"].get("floor")
+    copies = s["rows"].get("reference") or s["rows"].get("reference_shared")
+    notes = []
+    if lora and floor and lora["phases"] and floor["phases"]:
+        lp, fp = lora["phases"], floor["phases"]
+        notes.append(f"The project's time beyond its floor ({lora['cpu'] - floor['cpu']:+.2f} s) is its optimiser steps "
+                     f"({lp['optimiser']:.2f} s) and the rest of the iteration ({lp['other']:.2f} s), against forwards "
+                     f"{lp['forward'] - fp['forward']:+.2f} s and backwards {lp['backward'] - fp['backward']:+.2f} s of difference "
+                     "between the two runs of the same calls (load noise).")
+    if lora and copies and lora["phases"] and copies["phases"]:
+        lp, cp = lora["phases"], copies["phases"]
+        notes.append(f"Against three copies: forwards {lp['forward']:.2f} vs {cp['forward']:.2f} s (the project's with LoRA on the targeted "
+                     f"layers), backwards {lp['backward']:.2f} vs {cp['backward']:.2f} s (three copies also compute every weight's "
+                     f"gradient), optimiser {lp['optimiser']:.2f} vs {cp['optimiser']:.2f} s (AdamW over the LoRA weights vs over "
+                     f"every weight, twice).")
+    return lines + [""] + ([" ".join(notes), ""] if notes else [])
 
 
 def target_lines(models: dict, summaries: dict) -> list[str]:

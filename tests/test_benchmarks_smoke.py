@@ -128,6 +128,9 @@ def test_speed_designs_run_in_subprocesses_with_comparable_numbers(tmp_path):
         assert r[c]["min_seconds"] <= r[c]["seconds_per_iteration"]
         assert r[c]["rss_loaded_mb"] == pytest.approx(r["baseline"]["rss_loaded_mb"], rel=0.05), c
         assert r[c]["above_loaded_mb"] > 0, c
+        for phases, cpu in zip(r[c]["iteration_phases"], r[c]["iteration_cpu_seconds"]):  # they split each iteration
+            assert phases["forward"] > 0 and phases["backward"] > 0 and sum(phases.values()) == pytest.approx(cpu), c
+            assert (phases["optimiser"] > 0) == (c != "floor"), c  # the floor has no optimiser step
     # the project and its floor run the same LoRA'd network: both adapters on the SD1.5 family's targets
     assert r["lora"]["trainable_parameters"] == r["floor"]["trainable_parameters"] > 0
     # three copies hold two more fp32 copies, two AdamW states and a gradient set beyond the frozen model (7 x P x 4
@@ -155,6 +158,6 @@ def test_speed_table_quick_writes_the_targets_and_says_what_was_not_measured(tmp
     assert "Load average (1, 5, 15 min) at the start" in text and "n/a (run in progress)" not in text
     for needle in ("project / network floor, time <= 1.15", "project / three copies, time <= 0.9",
                    "project / three copies, memory above baseline <= 0.4", "network floor", "three copies",
-                   "Where the time goes", "Adapter switch", "## Not measured here", "gpu.sh"):
+                   "Where the CPU time of an iteration goes", "Adapter switch", "## Not measured here", "gpu.sh"):
         assert needle in text, needle
     assert re.search(r"\| project / network floor, time <= 1.15 \| [0-9.]+ \*\*(holds|missed)\*\*", text)
