@@ -12,11 +12,11 @@ from training.steps_aware import k_embedding_of
 
 def test_unify_benchmark_writes_every_row(tmp_path):
     output = tmp_path / "RESULTS_unify.md"
-    argv = ["--iterations", "1", "--batch-size", "2", "--num-eval", "20", "--seeds", "0", "--work", str(tmp_path / "work"),
+    argv = ["--iterations", "2", "--batch-size", "2", "--num-eval", "20", "--seeds", "0", "--work", str(tmp_path / "work"),
             "--output", str(output)]
     assert unify.main(argv) == 0
     text = output.read_text()
-    assert "python -m benchmarks.unify --iterations 1" in text
+    assert "python -m benchmarks.unify --iterations 2" in text
     rows = json.loads((tmp_path / "work" / "results.json").read_text())
     assert [(r["student"], r["steps"]) for r in rows] == [(name, steps) for _, name, steps in unify.ROWS]
     # every row was measured on its own samples: untrained students are far from real digits, and the rows differ
