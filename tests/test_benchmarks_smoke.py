@@ -47,15 +47,24 @@ def test_classifier_is_cached_and_recognises_held_out_digits():
     assert metrics.frechet_distance(held_feats, train_feats) * 10 < metrics.frechet_distance(noise_feats, train_feats)
 
 
-def test_train_teacher_command_writes_a_loadable_teacher(tmp_path):
+def test_train_teacher_command_writes_a_loadable_teacher_and_checks_it(tmp_path, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "teacher"
-    assert train_teacher_main(["--output", str(out), "--iterations", "2", "--batch-size", "4"]) == 0
+    assert train_teacher_main(["--output", str(out), "--iterations", "2", "--batch-size", "4", "--check-samples", "20"]) == 0
     family = load_family(str(out))
     assert family.name == "digits"
     assert json.loads((out / "tdm_family.json").read_text()) == {"family": "digits"}
+    # the schedule the family defines is the one written and loaded
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text()) == digits_family.SCHEDULER_CONFIG
+    assert torch.equal(family.schedule.alphas_cumprod, digits_family.schedule_from_config(digits_family.SCHEDULER_CONFIG).alphas_cumprod)
+    printed = capsys.readouterr().out
+    for name in ("DDIM 50 steps ", "DDIM 50 steps, x0 clipped", "DDIM 4 steps"):
+        assert re.search(rf"\[check\] {re.escape(name)}\s+FD +[0-9.]+ +class accuracy [01]\.[0-9]{{3}}", printed), name
+    for bad in (["--iterations", "0"], ["--check-samples", "5"], ["--ema-decay", "1"], ["--check-only", "--no-check"]):
+        with pytest.raises(SystemExit):
+            train_teacher_main(["--output", str(out), *bad])
     with pytest.raises(SystemExit):
-        train_teacher_main(["--output", str(out), "--iterations", "0"])
+        train_teacher_main(["--output", str(tmp_path / "none"), "--check-only"])
 
 
 @pytest.mark.slow

@@ -40,12 +40,16 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
 )
 
-# DDPM linear betas 1e-4..0.02 over 1000 steps, as the TDM reference script uses for PixArt
+# SD1.5's schedule (betas linear in sqrt space, 0.00085..0.012, 1000 steps): its last timestep keeps
+# sqrt(abar) = 0.068 of the image. The DDPM linear 1e-4..0.02 schedule ends at sqrt(abar) = 0.006, where
+# an eps-predicting network's x0 = (x - s eps) / a multiplies its eps error by 156; the tiny UNet's eps
+# error floor (~0.04 rms) then sent plain DDIM samples off the data (noise for most classes, FD ~200
+# at w=1) unless x0 was clipped. With this schedule plain and x0-clipped DDIM agree.
 SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler",
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
     "num_train_timesteps": 1000,
     "prediction_type": "epsilon",
     "clip_sample": False,
@@ -91,11 +95,17 @@ def build_unet():
 
 
 def schedule_from_config(config: dict) -> VPSchedule:
+    """The VP schedule of a scheduler config; keys it lacks come from :data:`SCHEDULER_CONFIG`."""
+    config = {**SCHEDULER_CONFIG, **config}
+    if config["prediction_type"] != "epsilon":
+        raise ValueError(
+            f"the digits family predicts eps, but the scheduler config says prediction_type="
+            f"{config['prediction_type']!r}: regenerate the teacher with `python -m benchmarks.train_teacher`"
+        )
+    if config.get("rescale_betas_zero_snr"):
+        raise ValueError("the digits family has no zero-terminal-SNR schedule (eps prediction cannot start from a = 0)")
     return VPSchedule.from_config(
-        config.get("beta_schedule", "linear"),
-        config.get("beta_start", 0.0001),
-        config.get("beta_end", 0.02),
-        config.get("num_train_timesteps", 1000),
+        config["beta_schedule"], float(config["beta_start"]), float(config["beta_end"]), int(config["num_train_timesteps"])
     )
 
 
@@ -184,7 +194,10 @@ def load_digits_family(model_path, device="cpu", dtype=torch.float32, config_pat
     network = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device)
     network.requires_grad_(False).eval()
     embeddings = load_file(str(root / EMBEDDINGS_FILE))[EMBEDDINGS_KEY]
-    schedule = schedule_from_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text()))
+    try:
+        schedule = schedule_from_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text()))
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise TrainingInputError(f"{root / 'scheduler' / 'scheduler_config.json'}: {err}") from err
     return DigitsFamily(network, embeddings.to(device=device, dtype=dtype), schedule, source_path=str(root))
 
 
