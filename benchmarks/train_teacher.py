@@ -22,9 +22,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from tqdm import tqdm
 
 from benchmarks.digits_data import load_digits_split
 from tdm_core.schedules import expand_like
+from training.atomic import atomic_folder
 from training.families import digits
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "digits_teacher"
@@ -77,21 +75,12 @@ def save_teacher(output: Path, unet, table: torch.nn.Embedding) -> None:
     """Writes the folder under a temporary name beside ``output``, then swaps it in."""
     from safetensors.torch import save_file
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(digits.SCHEDULER_CONFIG, indent=2) + "\n")
-    save_file({digits.EMBEDDINGS_KEY: table.weight.detach().contiguous()}, str(tmp / digits.EMBEDDINGS_FILE))
-    (tmp / "tdm_family.json").write_text(json.dumps({"family": digits.FAMILY_NAME}) + "\n")
-    if output.exists():
-        old = output.with_name(f".{output.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
+    with atomic_folder(output) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(digits.SCHEDULER_CONFIG, indent=2) + "\n")
+        save_file({digits.EMBEDDINGS_KEY: table.weight.detach().contiguous()}, str(tmp / digits.EMBEDDINGS_FILE))
+        (tmp / "tdm_family.json").write_text(json.dumps({"family": digits.FAMILY_NAME}) + "\n")
 
 
 def train_teacher(output: Path, iterations: int = 2000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,

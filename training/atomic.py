@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _default_file_mode() -> int:
-    # mkstemp creates 0600 files; give the result the mode a plain open() would (ComfyUI may run as another user)
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _default_file_mode() -> int:
+    # mkstemp creates 0600 files; give the result the mode a plain open() would (ComfyUI may run as another user)
+    return 0o666 & ~_umask()
 
 
 @contextmanager
@@ -44,3 +48,31 @@ def save_png_atomic(image, path: str | os.PathLike) -> Path:
     with atomic_write(path) as temp:
         image.save(temp, format="PNG")
     return Path(path)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty temporary folder beside ``path``; when the block succeeds its entries get the modes a
+    plain mkdir/open would give and it replaces ``path`` (an existing folder is moved aside first, then
+    removed); when the block fails it is removed and ``path`` is left as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield temp
+        umask = _umask()
+        for entry in [temp, *temp.rglob("*")]:
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
+        if path.exists():
+            old = path.with_name(f".{path.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(temp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
