@@ -7,6 +7,8 @@ from pathlib import Path
 from tdm_core import reference_grid
 from training.config import DistillConfig
 
+PREVIEW_SEED = 7  # the preview grids' noise (the scored rows use 1000 + sampling seed)
+
 
 def _default_rank_alpha() -> tuple[int, float]:
     defaults = DistillConfig()
@@ -37,6 +39,25 @@ class DigitsEvaluator:
     def student_row(self, adapter_state: dict, grid: list[int]) -> dict:
         rank, alpha = _default_rank_alpha()
         return self.inner.student_row(None, self.cfg, adapter_state=adapter_state, rank=rank, alpha=alpha, grid=grid)
+
+    def preview(self, students: list[tuple[str, dict]], grid: list[int]) -> tuple[list[tuple[str, "torch.Tensor"]], list[str]]:
+        """Rows of images in [0, 1] (teacher at 50 and 4 steps, then each student) for two samples per class,
+        the same noise in every row; and the column labels."""
+        import torch
+
+        from benchmarks import sampling
+        from benchmarks.run_all import load_teacher
+
+        teacher, student = self.inner.teacher, load_teacher(self.model_dir)
+        classes = torch.arange(20) % 10
+        noise = sampling.noise_for(teacher, classes.shape[0], PREVIEW_SEED)
+        rows = [(f"teacher DDIM {n} steps, CFG {self.cfg:g}", teacher.decode(sampling.sample_teacher(teacher, n, classes, noise, self.cfg)))
+                for n in (50, 4)]
+        rank, alpha = _default_rank_alpha()
+        for label, state in students:
+            sampling.load_student_state(student, state, rank, alpha)
+            rows.append((label, student.decode(sampling.sample_student(student, grid, classes, noise))))
+        return rows, [str(int(c)) for c in classes]
 
 
 class ShapesEvaluator:
@@ -101,3 +122,21 @@ class ShapesEvaluator:
         rank, alpha = _default_rank_alpha()
         load_student_state(self.family, adapter_state, rank, alpha)
         return self._score(lambda seed: sample_text_student(self.family, grid, self.prompts, self._noise(seed)))
+
+    def preview(self, students: list[tuple[str, dict]], grid: list[int]) -> tuple[list[tuple[str, "torch.Tensor"]], list[str]]:
+        """Rows of images in [0, 1] (teacher at 50 and 4 steps, then each student) for 12 fully specified
+        captions, the same noise in every row; and the column labels."""
+        from benchmarks.sampling import load_student_state
+        from benchmarks.shapes_data import full_captions
+        from benchmarks.text_sampling import noise_for, sample_text_student, sample_text_teacher
+
+        prompts = full_captions()[::5][:12]
+        noise = noise_for(self.family, len(prompts), PREVIEW_SEED)
+        rows = [(f"teacher DDIM {n} steps, CFG {self.cfg:g}", sample_text_teacher(self.family, n, prompts, noise, self.cfg))
+                for n in (50, 4)]
+        rank, alpha = _default_rank_alpha()
+        for label, state in students:
+            load_student_state(self.family, state, rank, alpha)
+            rows.append((label, sample_text_student(self.family, grid, prompts, noise)))
+        labels = [p.removeprefix("a ").replace(" on the ", " ").replace(" at the ", " ") for p in prompts]
+        return [(label, (images.clamp(-1, 1) + 1) / 2) for label, images in rows], labels

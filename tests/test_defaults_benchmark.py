@@ -28,6 +28,14 @@ def test_defaults_benchmark_distils_with_defaults_and_writes_the_table(tmp_path)
     cache = json.loads((work / "digits" / "results.json").read_text())
     assert cache["seed0/1"] != cache["seed0/2"]  # two checkpoints, two students
     assert cache["teacher50"]["fd_teacher"] == pytest.approx(0.0, abs=1e-3)
+    # the preview: teacher at 50 and 4 steps, then the seed-0 student at each checkpoint, linked from the table
+    from PIL import Image
+
+    assert "![digits: teacher and the seed-0 student at each checkpoint](R_digits.png)" in text
+    preview = Image.open(tmp_path / "R_digits.png")
+    row_height = 16 * 3 + 4  # 16x16 digits at scale 3, 4 px apart (benchmarks.grid_image)
+    assert preview.height == 18 + 4 * row_height + 4  # header + 2 teacher rows + 2 checkpoints
+    assert preview.width > 20 * 16 * 3  # 20 columns
     before = output.stat().st_mtime_ns
     assert defaults.main(argv) == 0  # everything cached: rewrites the table without training
     assert output.read_text() == text and output.stat().st_mtime_ns >= before
