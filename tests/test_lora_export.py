@@ -25,7 +25,7 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_export")
-    folders = {family: save_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl", "sd3")}
+    folders = {family: save_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl", "sd3", "flux")}
     # ComfyUI's PixArt needs latents of at least 64 (its position embedding is sized from them)
     folders["pixart"] = save_tiny_pipeline("pixart", root / "pixart", pixart_sample_size=64)
     return folders
@@ -208,21 +208,31 @@ def test_diffusers_load_lora_weights_reproduces_the_student(folders, tmp_path, f
     assert torch.allclose(loaded, student, atol=1e-5)
 
 
-@pytest.mark.parametrize("family_name", ["sd3", "pixart"])
+FLUX_RESOLUTION = 32  # 16x16 latents, 64 tokens (the tiny Flux's native 256 px would be 4096)
+
+
+@pytest.mark.parametrize("family_name", ["sd3", "pixart", "flux"])
 def test_stock_comfyui_loads_transformer_lora_with_zero_skipped_keys(folders, tmp_path, family_name):
     import diffusers
 
     family = trained_family(folders[family_name])
     path = export(family, tmp_path / f"{family_name}.safetensors")
-    transformer_class = {"sd3": diffusers.SD3Transformer2DModel, "pixart": diffusers.PixArtTransformer2DModel}[family_name]
+    transformer_class = {"sd3": diffusers.SD3Transformer2DModel, "pixart": diffusers.PixArtTransformer2DModel,
+                         "flux": diffusers.FluxTransformer2DModel}[family_name]
     comfy_model, _ = comfy_model_from_diffusers_transformer(transformer_class.from_pretrained(str(folders[family_name] / "transformer")), family_name)
 
     cond = family.encode_prompts(["a photo", "a drawing"])
-    x_t = torch.randn(family.latent_shape(2), generator=torch.Generator().manual_seed(5))
+    resolution = FLUX_RESOLUTION if family_name == "flux" else None
+    family.set_resolution(resolution)  # Flux: the shift of this size
+    x_t = torch.randn(family.latent_shape(2, resolution), generator=torch.Generator().manual_seed(5))
     t = torch.tensor([900.0, 250.0])
     timestep = family.schedule.model_timestep(t).float()  # both networks take the model timestep
     if family_name == "sd3":
         extra = {"y": cond["pooled_projections"]}
+    elif family_name == "flux":  # ComfyUI's Flux takes sigma and the guidance (both scaled by 1000 inside, as diffusers')
+        assert family.apply_guidance(3.5) == 1.0
+        timestep = timestep / family.num_timesteps
+        extra = {"y": cond["pooled_projections"], "guidance": torch.full((2,), 3.5)}
     else:  # PixArt: the prompt mask is all ones here, so no mask is needed on the ComfyUI side
         cond = family.encode_prompts(["x" * 200, "y" * 200])
         assert cond["encoder_attention_mask"].all()
@@ -241,28 +251,34 @@ def test_stock_comfyui_loads_transformer_lora_with_zero_skipped_keys(folders, tm
     assert torch.allclose(comfy_student, student, atol=1e-4)
 
 
-def test_diffusers_load_lora_weights_reproduces_the_sd3_student(folders, tmp_path):
+@pytest.mark.parametrize("family_name", ["sd3", "flux"])
+def test_diffusers_load_lora_weights_reproduces_the_flow_student(folders, tmp_path, family_name):
     import diffusers
 
     from training.lora_io import kohya_to_adapter, read_lora
     from training.models import STUDENT, adapter_state_dict
 
-    family = trained_family(folders["sd3"])
-    path = export(family, tmp_path / "sd3.safetensors")
+    family = trained_family(folders[family_name])
+    path = export(family, tmp_path / f"{family_name}.safetensors")
     tensors, info = read_lora(path)
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     assert info.lora_alpha == ALPHA and info.prediction_type == "flow"
     restored = kohya_to_adapter(tensors, family.network, family.kohya_prefix, RANK)
     assert all(torch.allclose(restored[k], v, atol=1e-7) for k, v in adapter_state_dict(family.network, STUDENT).items())
 
-    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(folders["sd3"]))
+    pipeline_class = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[family_name]
+    pipe = pipeline_class.from_pretrained(str(folders[family_name]))
     pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+    loaded_family = type(family)(pipe)  # the same family code around diffusers' own LoRA-loaded transformer
+    resolution = FLUX_RESOLUTION if family_name == "flux" else None
+    for f in (family, loaded_family):
+        f.set_resolution(resolution)
+        f.apply_guidance(3.5 if family_name == "flux" else 2.0)
     cond = family.encode_prompts(["a photo"])
-    x_t = torch.randn(family.latent_shape(1), generator=torch.Generator().manual_seed(6))
+    x_t = torch.randn(family.latent_shape(1, resolution), generator=torch.Generator().manual_seed(6))
     t = torch.tensor([600.0])
     student, teacher = student_and_teacher(family, x_t, t, cond)
-    loaded = pipe.transformer(hidden_states=x_t, timestep=family.schedule.model_timestep(t).float(),
-                              encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
+    loaded = loaded_family.denoise(x_t, t, cond)
     assert (student - teacher).abs().max() > 1e-2
     assert torch.allclose(loaded, student, atol=1e-5)
 

@@ -211,7 +211,7 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
         family = parts.family
         with parts.precision.autocast():  # the base may be in half precision
             columns = validation_columns(family, encode(family, chosen), family.null_condition(len(chosen)), len(chosen),
-                                         cfg.resolution, parts.accelerator.device, parts.grid, cfg.total_steps, cfg.cfg,
+                                         cfg.resolution, parts.accelerator.device, parts.grid, cfg.total_steps, parts.cfg_scale,
                                          cfg.teacher_validation_steps)
         if main:
             save_png_atomic(grid_image(columns), cfg.run_dir() / "validation" / f"step-{step:08d}.png")
@@ -232,6 +232,8 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
     family, grid = load_teacher(cfg, accelerator, precision, load_device(accelerator, plugin))
     try:
         latent_shape = family.latent_shape(cfg.batch_size, cfg.resolution)
+        family.set_resolution(cfg.resolution)  # Flux: the shift of this image size
+        cfg_scale = family.apply_guidance(cfg.cfg)  # Flux.1-dev: --cfg is the guidance input, no CFG pass
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if cfg.steps_aware:  # before collecting parameters: each K table trains with its adapter
@@ -246,7 +248,7 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
     optimizers, schedulers = build_optimisers(cfg, params, accelerator)
     scalers = {name: precision.new_scaler() for name in ADAPTERS} if cfg.mixed_precision == "fp16" else {}
     parts = LoopParts(
-        family=family, accelerator=accelerator, precision=precision, grid=grid, batch_cfg=cfg.batch_cfg, scalers=scalers, total_steps=cfg.total_steps, cfg_scale=cfg.cfg,
+        family=family, accelerator=accelerator, precision=precision, grid=grid, batch_cfg=cfg.batch_cfg, scalers=scalers, total_steps=cfg.total_steps, cfg_scale=cfg_scale,
         distance=cfg.distance, huber_c=resolved_huber_c(cfg, latent_shape), interval_mode=cfg.interval_mode,
         randmid=cfg.randmid, max_grad_norm=cfg.max_grad_norm,
         # each process draws its own prompts, noise and times; the seed makes every draw reproducible

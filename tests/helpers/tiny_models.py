@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd15", "sdxl", "pixart", "sd3")
+FAMILIES = ("sd15", "sdxl", "pixart", "sd3")  # the families with native 8x8 latents; "flux" builds too (tests/test_flux_family.py)
 TOKENIZER_MAX_LENGTH = 77
 
 
@@ -111,6 +111,9 @@ def _scheduler(family: str, prediction_type: str, zero_snr: bool):
 
     if family == "sd3":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    if family == "flux":  # Flux.1-dev's scheduler config: the shift follows the image's token count
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                               max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     beta_schedule, start, end = ("linear", 0.0001, 0.02) if family == "pixart" else ("scaled_linear", 0.00085, 0.012)
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=start, beta_end=end,
                          prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr, clip_sample=False,
@@ -169,7 +172,31 @@ def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
             text_encoder_2=CLIPTextModelWithProjection(_clip_config(hidden_size=40)), tokenizer_2=_tokenizer(tmp_root),
             text_encoder_3=_t5(80), tokenizer_3=_tokenizer(tmp_root),
         )
-    raise ValueError(f"unknown tiny family {family!r}: use one of {FAMILIES}")
+    if family == "flux":
+        return diffusers.FluxPipeline(
+            transformer=tiny_flux_transformer(), scheduler=_scheduler(family, prediction_type, zero_snr),
+            vae=_vae(latent_channels=16, shift_factor=0.1, scaling_factor=0.5),
+            text_encoder=CLIPTextModel(_clip_config()), tokenizer=_tokenizer(tmp_root),
+            text_encoder_2=_t5(TINY_FLUX["context_in_dim"]), tokenizer_2=_tokenizer(tmp_root),
+        )
+    raise ValueError(f"unknown tiny family {family!r}: use one of {FAMILIES} or flux")
+
+
+# ComfyUI's Flux fixes nothing the tiny model needs to change: its width is heads x head width and the rope
+# axes must add up to the head width (16 = 4 + 6 + 6); pooled CLIP 32 wide, T5 48 wide
+TINY_FLUX = {"hidden_size": 32, "num_heads": 2, "axes_dim": [4, 6, 6], "depth": 1, "depth_single_blocks": 1,
+             "vec_in_dim": 32, "context_in_dim": 48}
+
+
+def tiny_flux_transformer(guidance_embeds: bool = True):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=TINY_FLUX["depth"], num_single_layers=TINY_FLUX["depth_single_blocks"],
+        attention_head_dim=TINY_FLUX["hidden_size"] // TINY_FLUX["num_heads"], num_attention_heads=TINY_FLUX["num_heads"],
+        joint_attention_dim=TINY_FLUX["context_in_dim"], pooled_projection_dim=TINY_FLUX["vec_in_dim"],
+        guidance_embeds=guidance_embeds, axes_dims_rope=tuple(TINY_FLUX["axes_dim"]),
+    )
 
 
 def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0, **options) -> Path:
@@ -270,7 +297,7 @@ def _assemble_ldm(state: dict[str, torch.Tensor], key_map: dict) -> dict[str, to
 
 
 def comfy_model_from_diffusers_transformer(transformer, family: str):
-    """A ComfyUI ``BaseModel`` ("sd3" MMDiT or "pixart" PixArtMS) holding exactly ``transformer``'s weights."""
+    """A ComfyUI ``BaseModel`` ("sd3" MMDiT, "pixart" PixArtMS or "flux") holding exactly ``transformer``'s weights."""
     comfy = import_comfy()
     import comfy.model_detection
 
@@ -289,6 +316,13 @@ def comfy_model_from_diffusers_transformer(transformer, family: str):
             "input_size": config["sample_size"], "caption_channels": config["caption_channels"], "model_max_length": 120,
             "micro_condition": bool(config["use_additional_conditions"]), "pe_interpolation": 1,
         })
+    elif family == "flux":
+        key_map = comfy.utils.flux_to_diffusers(TINY_FLUX)
+        ldm_state = _assemble_ldm(transformer.state_dict(), key_map)
+        unet_config = comfy.model_detection.detect_unet_config(ldm_state, "")
+        # ComfyUI's detection assumes Flux.1's 128-wide heads and rope axes; the tiny model says its own
+        unet_config.update(num_heads=TINY_FLUX["num_heads"], axes_dim=TINY_FLUX["axes_dim"])
+        model_config = comfy.supported_models.Flux(unet_config)
     else:
         raise ValueError(f"no ComfyUI transformer twin for family {family!r}")
     model = model_config.get_model({})

@@ -1,4 +1,4 @@
-"""What the trainer needs from a model family (SD1.5, SDXL, PixArt, SD3, the digits demo teacher).
+"""What the trainer needs from a model family (SD1.5, SDXL, PixArt, SD3, Flux.1, the digits demo teacher).
 
 A family wraps one frozen base network; the trainer puts the student and fake-score LoRA adapters
 on ``family.network`` and calls :meth:`denoise` with adapters on or off.
@@ -14,7 +14,7 @@ Cond = dict  # keyword arguments of the network beyond (x, t), batched along dim
 
 
 class ModelFamily(Protocol):
-    name: str  # "sd15", "sdxl", "pixart", "sd3", "digits"
+    name: str  # "sd15", "sdxl", "pixart", "sd3", "flux", "digits"
     network: torch.nn.Module  # the frozen base denoiser the LoRA adapters go on
     schedule: object  # a tdm_core schedule (VPSchedule or FlowSchedule)
     prediction_type: str  # a tdm_core.PREDICTION_TYPES value
@@ -22,6 +22,12 @@ class ModelFamily(Protocol):
     lora_target_modules: list[str]  # module names PEFT targets
     kohya_prefix: str  # exported key prefix: "lora_unet" (UNets), "transformer." (PixArt, SD3); see training.lora_io
     # optional: lora_layout = "kohya" (default) or "peft" (diffusers' lora_A/lora_B names, used for SD3)
+
+    def set_resolution(self, resolution: int | None) -> None:
+        """The run's image size (None: native); called once before training."""
+
+    def apply_guidance(self, scale: float) -> float:
+        """Takes the run's teacher guidance; returns the CFG scale left for the method (1: none, e.g. Flux.1-dev)."""
 
     def encode_prompts(self, prompts: list[str]) -> Cond: ...
 

@@ -140,6 +140,13 @@ class DigitsFamily:
         self.lora_target_modules = list(LORA_TARGET_MODULES)
         self.source_path = source_path  # the teacher folder, hashed into the LoRA metadata
 
+    def set_resolution(self, resolution: int | None) -> None:
+        """The schedule does not depend on the image size."""
+
+    def apply_guidance(self, scale: float) -> float:
+        """Classifier-free guidance with the null class: the method applies ``scale`` itself."""
+        return scale
+
     @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device

@@ -54,12 +54,28 @@ class PipelineFamily:
         self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         self.prediction_type = self._prediction_type(scheduler_config)
         self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        self.latent_channels = int(self.network.config.in_channels)
-        self.resolution = int(self.network.config.sample_size) * self.vae_scale_factor  # native training size
+        self.latent_channels = self._latent_channels()
+        self.resolution = self._native_resolution()  # native training size
         self.prompt_cache: dict[str, Cond] = {}
 
     def _prediction_type(self, scheduler_config: dict) -> str:
         return scheduler_config.get("prediction_type", "epsilon")
+
+    def _latent_channels(self) -> int:
+        return int(self.network.config.in_channels)
+
+    def _native_resolution(self) -> int:
+        return int(self.network.config.sample_size) * self.vae_scale_factor
+
+    # --- what a run sets once ------------------------------------------------------------------
+    def set_resolution(self, resolution: int | None) -> None:
+        """The run's image size; families whose schedule depends on it (Flux's shift) rebuild it here."""
+
+    def apply_guidance(self, scale: float) -> float:
+        """Takes the teacher guidance ``scale`` of the run; returns the CFG scale the method must still apply
+        with an unconditional pass (``scale`` itself here; 1 for guidance-distilled models such as Flux.1-dev,
+        whose teacher takes the guidance as an input)."""
+        return scale
 
     # --- prompts -----------------------------------------------------------------------------
     def _encode_batch(self, prompts: list[str]) -> Cond:

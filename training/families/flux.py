@@ -1,0 +1,108 @@
+"""Flux.1 (FluxTransformer2DModel, rectified flow with a resolution-dependent shift; CLIP-L and T5).
+
+The trainer keeps latents unpacked, (B, 16, H/8, W/8), as tdm_core and ComfyUI do; this family packs
+them into Flux's 2x2-patch token sequence around each network call.
+
+Guidance: Flux.1-dev is guidance-distilled. Its guidance scale is an input of the network (the
+guidance embedding), and there is no unconditional pass. The run's ``--cfg`` is that input for all three
+roles (teacher, fake score and student), so the student is conditioned on the prompt and on guidance
+``--cfg``, which is what it expects at inference (ComfyUI's FluxGuidance, recorded as ``teacher_cfg``).
+The method then adds no CFG term of its own (:meth:`apply_guidance` returns 1). A Flux model without a
+guidance embedding (Flux.1-schnell) samples without guidance: ``--cfg`` must be 1 for it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from tdm_core.schedules import FlowSchedule
+
+from .base import Cond
+from .pipeline_family import PipelineFamily
+
+PATCH = 2  # Flux packs 2x2 latent patches into one token
+DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 128 latents = 1024 px
+
+
+def flux_shift(image_seq_len: int, scheduler_config: dict) -> float:
+    """The flow shift FluxPipeline uses for ``image_seq_len`` tokens: ``exp(mu)`` with ``mu`` linear in the
+    token count between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as its
+    ``calculate_shift``; time shift ``exp(mu) / (exp(mu) + 1/sigma - 1)`` is tdm_core's flow shift by ``exp(mu)``.
+    Without dynamic shifting: the config's fixed ``shift``."""
+    if not scheduler_config.get("use_dynamic_shifting", False):
+        return float(scheduler_config.get("shift", 1.0))
+    base_len, max_len = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    mu = base_shift + slope * (image_seq_len - base_len)
+    return math.exp(mu)
+
+
+class FluxFamily(PipelineFamily):
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    network_attribute = "transformer"
+    # diffusers' Flux layout: ComfyUI maps "transformer.<diffusers path>" onto its Flux (comfy.lora, flux_to_diffusers)
+    kohya_prefix = "transformer."
+    lora_layout = "peft"
+    # every linear layer of the double- and single-stream blocks ("proj_out" also adapts the final layer)
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+    max_sequence_length = 512  # Flux.1-dev's T5 length
+
+    def __init__(self, pipeline, device="cpu", dtype=torch.float32, source_path: str = ""):
+        super().__init__(pipeline, device=device, dtype=dtype, source_path=source_path)
+        self.guidance = 1.0
+        self.set_resolution(None)
+
+    def _prediction_type(self, scheduler_config: dict) -> str:
+        return "flow"
+
+    def _latent_channels(self) -> int:
+        return int(self.network.config.in_channels) // (PATCH * PATCH)
+
+    def _native_resolution(self) -> int:
+        return DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
+
+    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, ...]:
+        resolution = self.resolution if resolution is None else int(resolution)
+        step = self.vae_scale_factor * PATCH
+        if resolution <= 0 or resolution % step:
+            raise ValueError(f"resolution {resolution} is not a positive multiple of {step} for the flux family: pick e.g. {self.resolution}")
+        side = resolution // self.vae_scale_factor
+        return (batch_size, self.latent_channels, side, side)
+
+    def set_resolution(self, resolution: int | None) -> None:
+        side = self.latent_shape(1, resolution)[-1]
+        shift = flux_shift((side // PATCH) ** 2, dict(self.pipeline.scheduler.config))
+        self.schedule = FlowSchedule(shift=shift, num_timesteps=self.num_timesteps)
+
+    def apply_guidance(self, scale: float) -> float:
+        if not self.network.config.guidance_embeds:
+            if scale != 1.0:
+                raise ValueError(f"this Flux model has no guidance embedding (Flux.1-schnell) and samples without guidance: "
+                                 f"pass --cfg 1, not {scale:g}")
+            return 1.0
+        self.guidance = float(scale)
+        return 1.0
+
+    def _encode_batch(self, prompts: list[str]) -> Cond:
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompts, prompts, device=self.text_device,
+                                                        max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def _network_output(self, x_t: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        b, _, h, w = x_t.shape
+        tokens = rearrange(x_t, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=PATCH, pw=PATCH)
+        # position ids as FluxPipeline._prepare_latent_image_ids: (0, row, column) per token; text ids are zeros
+        rows, cols = torch.meshgrid(torch.arange(h // PATCH), torch.arange(w // PATCH), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(x_t.device, x_t.dtype)
+        txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        guidance = torch.full((b,), self.guidance, device=x_t.device, dtype=torch.float32) if self.network.config.guidance_embeds else None
+        out = self.network(hidden_states=tokens, timestep=timestep / self.num_timesteps, guidance=guidance,
+                           pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+                           txt_ids=txt_ids, img_ids=img_ids).sample
+        return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h // PATCH, w=w // PATCH, ph=PATCH, pw=PATCH)
