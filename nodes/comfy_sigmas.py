@@ -13,15 +13,23 @@ from .grid_choice import select_grid
 TDM_INFO_ATTACHMENT = "tdm_info"  # ModelPatcher attachment set by the TDM LoRA Loader (cloned with the model)
 
 
+FLUX_NUM_TIMESTEPS = 1000  # the trainer's discrete grid for Flux (ComfyUI's ModelSamplingFlux keeps a 10,000-entry table)
+
+
 def is_flow_sampling(model_sampling) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
+def is_flux_sampling(model_sampling) -> bool:
+    """Flux's sampling: sigma(t) = exp(mu) / (exp(mu) + 1/t - 1) on t in [0, 1], mu from ModelSamplingFlux."""
+    return isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux)
+
+
 def check_supported_sampling(model_sampling) -> None:
-    """TDM needs a discrete VP schedule (eps / v models) or a discrete rectified flow."""
+    """TDM needs a discrete VP schedule (eps / v models) or a rectified flow (SD3's discrete one, Flux's)."""
     if is_flow_sampling(model_sampling):
-        if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
-            raise ValueError(f"TDM supports discrete flow models (SD3, SD3.5), not {type(model_sampling).__mro__[1].__name__}: use a stock sampler for this model")
+        if not isinstance(model_sampling, (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.ModelSamplingFlux)):
+            raise ValueError(f"TDM supports the flow models SD3, SD3.5 and Flux.1, not {type(model_sampling).__mro__[1].__name__}: use a stock sampler for this model")
         return
     vp_output = isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(model_sampling, comfy.model_sampling.EDM)
     if not (vp_output and isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)):
@@ -30,6 +38,8 @@ def check_supported_sampling(model_sampling) -> None:
 
 
 def num_timesteps_of(model_sampling) -> int:
+    if is_flux_sampling(model_sampling):
+        return FLUX_NUM_TIMESTEPS
     return int(model_sampling.sigmas.shape[0])
 
 
@@ -38,7 +48,9 @@ def sigmas_for_timesteps(model_sampling, timesteps: list[int]) -> torch.Tensor:
     ``sqrt((1 - abar) / abar)``, flow models to their shifted sigma, both through ``model_sampling.sigma``."""
     check_supported_sampling(model_sampling)
     t = torch.tensor([float(x) for x in timesteps], dtype=torch.float32)
-    if is_flow_sampling(model_sampling):  # flow models read sigma(t * multiplier / T); SD3's multiplier is T = 1000
+    if is_flux_sampling(model_sampling):  # Flux reads sigma(t / T) on [0, 1]
+        t = t / num_timesteps_of(model_sampling)
+    elif is_flow_sampling(model_sampling):  # flow models read sigma(t * multiplier / T); SD3's multiplier is T = 1000
         t = t * (float(model_sampling.multiplier) / num_timesteps_of(model_sampling))
     sigmas = model_sampling.sigma(t).float().cpu()
     return torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -25,7 +25,7 @@ def pack(comfy):
 
 @pytest.fixture(scope="session")
 def tiny_model(comfy):
-    """``tiny_model(kind)``: a cached tiny ComfyUI MODEL (sd15_eps, sd15_v, sd3_flow)."""
+    """``tiny_model(kind)``: a cached tiny ComfyUI MODEL (sd15_eps, sd15_v, sd3_flow, flux)."""
     cache = {}
 
     def get(kind: str):

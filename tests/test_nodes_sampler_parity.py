@@ -2,19 +2,23 @@
 model's native coordinates (VP eps, VP v, rectified flow), which checks the noise convention too."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import tdm_core
 from tests.helpers import comfy_inprocess
 
-KINDS = ["sd15_eps", "sd15_v", "sd3_flow"]
-PREDICTION = {"sd15_eps": "epsilon", "sd15_v": "v_prediction", "sd3_flow": "flow"}
+KINDS = ["sd15_eps", "sd15_v", "sd3_flow", "flux"]
+PREDICTION = {"sd15_eps": "epsilon", "sd15_v": "v_prediction", "sd3_flow": "flow", "flux": "flow"}
 
 
 def native_schedule(kind: str):
     if kind == "sd3_flow":
         return tdm_core.FlowSchedule(shift=3.0)  # SD3's default shift in ComfyUI's supported_models
+    if kind == "flux":  # ComfyUI's ModelSamplingFlux default mu = 1.15: the trainer's shift at 1024 px
+        return tdm_core.FlowSchedule(shift=math.exp(1.15))
     return tdm_core.VPSchedule.from_config("scaled_linear", 0.00085, 0.012)
 
 

@@ -75,6 +75,14 @@ TINY_SD3_MMDIT = {
     "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": TINY_CONTEXT_DIM, "out_features": 128}},
 }
 
+# ComfyUI's Flux at toy size: width = heads x head width, rope axes adding up to the head width
+TINY_FLUX_DIT = {
+    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32,
+    "context_in_dim": TINY_CONTEXT_DIM, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+}
+FLUX_GUIDANCE = 3.5
+
 # the diffusers twin of TINY_SD15_UNET (legacy naming: attention_head_dim=8 means 8 heads, as in SD1.5)
 TINY_DIFFUSERS_UNET = dict(
     sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TINY_CONTEXT_DIM, attention_head_dim=8,
@@ -108,6 +116,8 @@ def model_config(kind: str):
         config = comfy.supported_models.SD15(TINY_SD15_UNET)
     elif kind == "sd3_flow":
         config = comfy.supported_models.SD3(TINY_SD3_MMDIT)
+    elif kind == "flux":
+        config = comfy.supported_models.Flux(TINY_FLUX_DIT)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     config.set_inference_dtype(torch.float32, None)
@@ -151,11 +161,13 @@ def conditioning(kind: str, batch: int = 1, tokens: int = 5, seed: int = 1):
     extra = {}
     if kind == "sd3_flow":
         extra["pooled_output"] = torch.randn(batch, TINY_SD3_MMDIT["adm_in_channels"], generator=g)
+    if kind == "flux":  # what CLIPTextEncodeFlux / FluxGuidance put in a Flux conditioning
+        extra.update(pooled_output=torch.randn(batch, TINY_FLUX_DIT["vec_in_dim"], generator=g), guidance=FLUX_GUIDANCE)
     return [[cond, extra]]
 
 
 def latent_channels(kind: str) -> int:
-    return 16 if kind == "sd3_flow" else 4
+    return 16 if kind in ("sd3_flow", "flux") else 4
 
 
 def raw_denoiser(model, kind: str, cond, schedule):
@@ -169,6 +181,9 @@ def raw_denoiser(model, kind: str, cond, schedule):
         timesteps = schedule.model_timestep(t).to(torch.float32)
         if kind == "sd3_flow":
             return net(x, timesteps, context=context, y=y)
+        if kind == "flux":  # Flux takes sigma itself (it scales by 1000 inside) and the guidance as an input
+            guidance = torch.full((x.shape[0],), FLUX_GUIDANCE)
+            return net(x, timesteps / schedule.num_timesteps, context=context, y=y, guidance=guidance)
         return net(x, timesteps, context=context)
 
     return denoise
