@@ -92,6 +92,9 @@ def populate_base_dir(base_dir: Path) -> None:
     shutil.copyfile(lora, loras / names.SD15_LORA)
     for folder, name in ((checkpoints, names.SDXL_CKPT), (checkpoints, names.SD3_CKPT), (loras, names.SDXL_LORA), (loras, names.SD3_LORA)):
         (folder / name).write_bytes(b"")
+    for folder, name in names.FLUX_FILES:  # ComfyUI's split layout: diffusion model, text encoders, VAE
+        (base_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (base_dir / "models" / folder / name).write_bytes(b"")
     write_truncated_copy(lora, loras / TRUNCATED_LORA)
     write_pickle_with_code(loras / PICKLE_LORA, base_dir / PICKLE_MARKER)
     write_test_image(base_dir / "input" / names.INPUT_IMAGE)

@@ -149,6 +149,13 @@ SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SDXL_LORA = "tdm_sdxl_lora.safetensors"
 SD3_CKPT = "sd3_medium_incl_clips_t5xxlfp16.safetensors"
 SD3_LORA = "tdm_sd3_medium_lora.safetensors"
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+FLUX_LORA = "flux_dev_tdm4.safetensors"
+FLUX_FILES = (("diffusion_models", FLUX_UNET), ("text_encoders", FLUX_CLIP_L), ("text_encoders", FLUX_T5), ("vae", FLUX_VAE),
+              ("loras", FLUX_LORA))
 INPUT_IMAGE = "tdm_img2img_input.png"
 PROMPT = "a photo of a red fox in a snowy forest, golden hour, highly detailed"
 SEED = 42
@@ -237,6 +244,30 @@ def sd3_tdm_lora(object_info: dict) -> dict:
     return wf.to_json()
 
 
+def flux_tdm_lora(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    files = "\n".join(f"  models/{folder}/{name}" for folder, name in FLUX_FILES)
+    wf.note((20, 520), (
+        f"Put these files into your ComfyUI models folders (Flux.1-dev as ComfyUI's own Flux template has it):\n\n{files}\n\n"
+        f"{FLUX_LORA}: a Flux.1-dev TDM LoRA written by `python -m training.distill --cfg 3.5 --resolution 1024` of comfyui-tdm.\n\n"
+        "Flux.1-dev is guidance-distilled, so the student was distilled at the guidance given to it: keep FluxGuidance at the "
+        "LoRA's --cfg (3.5 here) and CFG at 1. Keep ModelSamplingFlux's width and height at the training resolution "
+        "(1024): they set the flow shift the student was trained on, which the TDM Scheduler reads from the model."))
+    unet = wf.add("UNETLoader", (20, 120), unet_name=FLUX_UNET)
+    clip = wf.add("DualCLIPLoader", (20, 280), clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux")
+    vae = wf.add("VAELoader", (20, 440), vae_name=FLUX_VAE)
+    lora = wf.add("TDMLoraLoader", (380, 120), model=unet[0], clip=clip[0], lora_name=FLUX_LORA)
+    shifted = wf.add("ModelSamplingFlux", (380, 420), model=lora[0], max_shift=1.15, base_shift=0.5, width=1024, height=1024)
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=lora[1], text=PROMPT)
+    guided = wf.add("FluxGuidance", (740, 380), conditioning=positive[0], guidance=3.5)
+    latent = wf.add("EmptySD3LatentImage", (740, 560), width=1024, height=1024, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=shifted[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=guided[0], latent_image=latent[0], denoise=1.0)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=vae[0])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix="tdm_flux_4step")
+    return wf.to_json()
+
+
 def sd15_teacher_vs_tdm(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
     wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "Top row: the teacher (the checkpoint alone, 25 steps, "
@@ -283,6 +314,7 @@ WORKFLOWS = {
     "sd15_tdm_sampler_custom": sd15_tdm_sampler_custom,
     "sdxl_tdm_lora": sdxl_tdm_lora,
     "sd3_tdm_lora": sd3_tdm_lora,
+    "flux_tdm_lora": flux_tdm_lora,
     "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
     "sd15_img2img": sd15_img2img,
 }
