@@ -7,8 +7,10 @@ Guidance: Flux.1-dev is guidance-distilled. Its guidance scale is an input of th
 guidance embedding), and there is no unconditional pass. The run's ``--cfg`` is that input for all three
 roles (teacher, fake score and student), so the student is conditioned on the prompt and on guidance
 ``--cfg``, which is what it expects at inference (ComfyUI's FluxGuidance, recorded as ``teacher_cfg``).
-The method then adds no CFG term of its own (:meth:`apply_guidance` returns 1). A Flux model without a
-guidance embedding (Flux.1-schnell) samples without guidance: ``--cfg`` must be 1 for it.
+The method then adds no CFG term of its own (:meth:`apply_guidance` returns 1). A Flux-architecture model
+without a guidance embedding (Flux.1-schnell, de-distilled or freshly trained ones such as the benchmark's
+toy flow teacher) gets true classifier-free guidance instead: ``--cfg`` is applied by the method with an
+empty-prompt pass, as for SD3 (schnell is meant for ``--cfg 1``).
 """
 from __future__ import annotations
 
@@ -51,10 +53,11 @@ class FluxFamily(PipelineFamily):
     # every linear layer of the double- and single-stream blocks ("proj_out" also adapts the final layer)
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
-    max_sequence_length = 512  # Flux.1-dev's T5 length
+    max_sequence_length = 512  # Flux.1-dev's T5 length (shorter when the T5 tokenizer's own limit is)
 
     def __init__(self, pipeline, device="cpu", dtype=torch.float32, source_path: str = ""):
         super().__init__(pipeline, device=device, dtype=dtype, source_path=source_path)
+        self.max_sequence_length = min(self.max_sequence_length, int(pipeline.tokenizer_2.model_max_length))
         self.guidance = 1.0
         self.set_resolution(None)
 
@@ -82,10 +85,7 @@ class FluxFamily(PipelineFamily):
 
     def apply_guidance(self, scale: float) -> float:
         if not self.network.config.guidance_embeds:
-            if scale != 1.0:
-                raise ValueError(f"this Flux model has no guidance embedding (Flux.1-schnell) and samples without guidance: "
-                                 f"pass --cfg 1, not {scale:g}")
-            return 1.0
+            return scale  # true CFG: the method adds the empty-prompt pass
         self.guidance = float(scale)
         return 1.0
 
