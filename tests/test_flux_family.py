@@ -4,6 +4,8 @@ input (no unconditional pass), and ``training.distill`` distils it into a LoRA i
 (Stock ComfyUI loading that LoRA, and diffusers' ``load_lora_weights``: tests/test_lora_export.py.)"""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,78 @@ def test_training_distill_distils_flux_into_a_diffusers_layout_lora(folder, tmp_
         assert f"transformer.{part}.lora_B.weight" in tensors, part
     assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith(".lora_B.weight"))
     assert list((tmp_path / "flux_tdm_run" / "validation").glob("step-*.png"))
+
+
+# --- ComfyUI's split files: models/diffusion_models + text_encoders + vae ------------------------------
+def write_comfy_flux_files(pipe, models: Path, layout_prefix: str = "") -> Path:
+    """The tiny pipeline's weights as ComfyUI's Flux files: BFL-layout diffusion model (ComfyUI's own key map),
+    CLIP-L and T5 in transformers' layout, the VAE in the LDM layout. Returns the diffusion-model file."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from tests.helpers.tiny_models import TINY_FLUX, _assemble_ldm, import_comfy
+
+    comfy = import_comfy()
+    from comfy import diffusers_convert
+
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+    bfl = _assemble_ldm(pipe.transformer.state_dict(), comfy.utils.flux_to_diffusers(TINY_FLUX))
+    save_file({layout_prefix + k: v.contiguous() for k, v in bfl.items()}, str(models / "diffusion_models" / "flux1-dev.safetensors"))
+    save_file({k: v.contiguous() for k, v in pipe.text_encoder.state_dict().items()}, str(models / "text_encoders" / "clip_l.safetensors"))
+    t5 = {k: v.detach().clone().contiguous() for k, v in pipe.text_encoder_2.state_dict().items()}  # unshare tied tensors
+    save_file(t5, str(models / "text_encoders" / "t5xxl_fp16.safetensors"))
+    vae = diffusers_convert.convert_vae_state_dict(pipe.vae.state_dict())
+    levels = len(pipe.vae.config.block_out_channels)  # the converter numbers decoder levels for SD's 4-level VAE
+    vae = {re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{int(m.group(1)) - (4 - levels)}.", k): v.contiguous() for k, v in vae.items()}
+    save_file(vae, str(models / "vae" / "ae.safetensors"))
+    return models / "diffusion_models" / "flux1-dev.safetensors"
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_comfyui_flux_files_load_as_the_same_model(folder, family, tmp_path, prefix):
+    from training.models import TrainingInputError, load_family
+
+    path = write_comfy_flux_files(family.pipeline, tmp_path / "ComfyUI" / "models", prefix)
+    # the tiny architecture is not Flux.1's 3072 width: its diffusers config folder says what it is
+    loaded = load_family(str(path), config_path=str(folder))
+    assert loaded.name == "flux" and loaded.network.config.guidance_embeds
+    for f in (family, loaded):
+        f.set_resolution(32)
+        f.apply_guidance(3.5)
+    cond = family.encode_prompts(["a red cat", "a blue dog"])
+    assert torch.allclose(loaded.encode_prompts(["a red cat", "a blue dog"])["encoder_hidden_states"], cond["encoder_hidden_states"], atol=1e-6)
+    x = torch.randn(family.latent_shape(2, 32), generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([850.0, 300.0])
+    assert torch.allclose(loaded.denoise(x, t, cond), family.denoise(x, t, cond), atol=1e-5)
+    assert torch.allclose(loaded.decode(x[:, :, :8, :8]), family.decode(x[:, :, :8, :8]), atol=1e-5)
+
+    # Flux.1's own configs (shipped) refuse a file of another width, naming the fix
+    with pytest.raises(TrainingInputError, match="--model-config"):
+        load_family(str(path))
+    # a missing companion file is named with the folder it belongs in
+    (tmp_path / "ComfyUI" / "models" / "vae" / "ae.safetensors").unlink()
+    with pytest.raises(TrainingInputError, match=r"models/vae/ae.safetensors is missing"):
+        load_family(str(path), config_path=str(folder))
+
+
+def test_shipped_flux_configs_are_flux1_dev():
+    """training/configs/flux builds Flux.1-dev's published sizes (on the meta device: no memory)."""
+    import json
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from training.families.flux_files import CONFIGS
+
+    with torch.device("meta"):
+        parts = {
+            "transformer": FluxTransformer2DModel.from_config(json.loads((CONFIGS / "transformer" / "config.json").read_text())),
+            "vae": AutoencoderKL.from_config(json.loads((CONFIGS / "vae" / "config.json").read_text())),
+            "text_encoder_2": T5EncoderModel(T5Config.from_pretrained(str(CONFIGS / "text_encoder_2"))),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(str(CONFIGS / "text_encoder"))),
+        }
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    assert counts == {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder_2": 4_762_310_656, "text_encoder": 123_060_480}
+    assert parts["transformer"].config.guidance_embeds

@@ -108,7 +108,11 @@ SINGLE_FILE_MARKERS = (
 
 
 def detect_single_file_family(keys) -> str | None:
+    from training.families.flux_files import is_bfl_flux
+
     keys = list(keys)
+    if is_bfl_flux(keys):  # a Flux diffusion model in Black Forest Labs' layout (ComfyUI's models/diffusion_models)
+        return "flux"
     for family, marker in SINGLE_FILE_MARKERS:
         if any(k.startswith(marker) for k in keys):
             return family
@@ -249,12 +253,18 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
         name = family or detected
         if name is None:
             raise TrainingInputError(
-                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt or SD3 keys found. Pass family= and "
+                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3 or Flux keys found. Pass family= and "
                 "config_path= for a supported architecture, or a diffusers model folder."
             )
         if name not in PIPELINE_FAMILIES.values():
             return _load_registered(name, path, device, dtype, config_path)
-        pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
+        if name == "flux":  # ComfyUI's split files: the text encoders and the VAE sit in the sibling folders
+            from training.families.flux_files import load_flux_files
+
+            with _offline():
+                pipeline = load_flux_files(path, config_path, dtype)
+        else:
+            pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))
 
 

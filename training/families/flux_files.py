@@ -1,0 +1,164 @@
+"""Flux.1 from the files a ComfyUI user has, into a diffusers ``FluxPipeline`` the trainer's Flux family wraps.
+
+    models/diffusion_models/flux1-dev.safetensors   Black Forest Labs' key layout (double_blocks.*, single_blocks.*)
+    models/text_encoders/clip_l.safetensors         CLIP-L in transformers' layout
+    models/text_encoders/t5xxl_fp16.safetensors      T5-XXL encoder in transformers' layout (any t5xxl_* file)
+    models/vae/ae.safetensors                        the Flux autoencoder in the LDM layout
+
+``--model`` names the diffusion-model file; the text encoders and the VAE are looked up in the sibling ComfyUI
+folders. The configurations come from ``training/configs/flux`` (Flux.1-dev; the numbers of blocks and the
+guidance embedding are read from the file, so Flux.1-schnell loads too) or from ``--model-config``, a
+diffusers folder of the same architecture, whose tokenizer folders are used when it has them; otherwise the
+tokenizers are ComfyUI's own (``comfy/sd1_tokenizer``, ``comfy/text_encoders/t5_tokenizer``).
+
+The BFL -> diffusers renaming is ComfyUI's own key map (``comfy.utils.flux_to_diffusers``, the one its LoRA
+loader uses for Flux), applied in reverse, so the weights land where ComfyUI itself would read them; diffusers'
+own converter fixes the width at Flux.1's 3072 and cannot take other widths.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
+BFL_PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "flux"
+
+
+def is_bfl_flux(keys) -> bool:
+    return any(k in (BFL_MARKER, BFL_PREFIX + BFL_MARKER) for k in keys)
+
+
+def _input_error(message: str):
+    from training.models import TrainingInputError
+
+    return TrainingInputError(message)
+
+
+def companion_files(diffusion_model: Path) -> dict[str, Path]:
+    """CLIP-L, T5 and the VAE in the ComfyUI folders beside ``models/diffusion_models``; a clear error otherwise."""
+    models = diffusion_model.resolve().parent.parent
+    text_folders = [models / "text_encoders", models / "clip"]  # "clip" is ComfyUI's older name of the folder
+    wanted = {"clip_l": ([f for d in text_folders for f in sorted(d.glob("clip_l*.safetensors"))], "models/text_encoders/clip_l.safetensors"),
+              "t5": ([f for d in text_folders for f in sorted(d.glob("t5xxl*.safetensors"))], "models/text_encoders/t5xxl_fp16.safetensors"),
+              "vae": ([f for f in (models / "vae" / "ae.safetensors", models / "vae" / "flux_vae.safetensors") if f.is_file()],
+                      "models/vae/ae.safetensors")}
+    missing = [where for found, where in wanted.values() if not found]
+    if missing:
+        raise _input_error(
+            f"{diffusion_model.name} is a Flux diffusion model in ComfyUI's layout, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing under {models}: put the files ComfyUI's Flux workflow uses there "
+            "(clip_l, t5xxl and ae.safetensors), or pass a diffusers FLUX.1 folder as --model.")
+    return {name: found[0] for name, (found, _) in wanted.items()}
+
+
+def _comfy_utils():
+    try:
+        import comfy.utils
+    except ImportError as err:
+        raise _input_error("reading a Flux file in ComfyUI's layout needs ComfyUI importable (its Flux key map): run the "
+                           "trainer from ComfyUI's Python environment, or pass a diffusers FLUX.1 folder as --model") from err
+    return comfy.utils
+
+
+def bfl_to_diffusers(state: dict[str, torch.Tensor], hidden_size: int) -> dict[str, torch.Tensor]:
+    """The diffusers FluxTransformer2DModel state dict of a BFL-layout one, through ComfyUI's key map."""
+    state = {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k: v for k, v in state.items()}
+    count = lambda prefix: len({k.split(".")[1] for k in state if k.startswith(prefix)})  # noqa: E731
+    key_map = _comfy_utils().flux_to_diffusers(
+        {"depth": count("double_blocks."), "depth_single_blocks": count("single_blocks."), "hidden_size": hidden_size})
+    out = {}
+    for diffusers_key, target in key_map.items():
+        bfl_key, span, transform = (target, None, None) if isinstance(target, str) else (target[0], target[1], target[2] if len(target) > 2 else None)
+        if bfl_key not in state:
+            continue
+        tensor = state[bfl_key]
+        if span is not None:
+            dim, start, size = span
+            tensor = tensor.narrow(dim, start, size)
+        out[diffusers_key] = transform(tensor) if transform is not None else tensor  # swap_scale_shift is its own inverse
+    return out
+
+
+def _transformer(path: Path, config_dir: Path, dtype):
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    config = json.loads((config_dir / "transformer" / "config.json").read_text())
+    stripped = {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k for k in state}
+    hidden = state[("" if "img_in.weight" in state else BFL_PREFIX) + "img_in.weight"].shape[0]
+    if hidden != config["num_attention_heads"] * config["attention_head_dim"]:
+        raise _input_error(f"{path.name} is {hidden} wide, the Flux config {config_dir} {config['num_attention_heads']} x "
+                           f"{config['attention_head_dim']}: pass --model-config with the diffusers config of this model")
+    config.update(num_layers=len({k.split(".")[1] for k in stripped if k.startswith("double_blocks.")}),
+                  num_single_layers=len({k.split(".")[1] for k in stripped if k.startswith("single_blocks.")}),
+                  guidance_embeds="guidance_in.in_layer.weight" in stripped)  # Flux.1-dev has it, Flux.1-schnell not
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    converted = bfl_to_diffusers(state, hidden)
+    missing = set(model.state_dict()) - set(converted)
+    if missing:
+        raise _input_error(f"{path.name} lacks {len(missing)} Flux weights (e.g. {sorted(missing)[:3]}): pass an intact Flux.1 file")
+    model.load_state_dict(converted, assign=True)
+    return model.to(dtype)
+
+
+def _text_model(model_class, config_class, path: Path, config_dir: Path, dtype):
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if model_class.__name__ == "T5EncoderModel" and "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]  # some T5 exports keep only the encoder's copy
+    try:  # transformers builds it on the meta device and fills it from the state dict (a 4.7 B T5 never exists twice)
+        model, info = model_class.from_pretrained(None, config=config_class.from_pretrained(str(config_dir)), state_dict=state,
+                                                  torch_dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise _input_error(f"cannot read {path} as the {model_class.__name__} of {config_dir}: {err}") from err
+    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
+    if missing:
+        raise _input_error(f"{path.name} is not the {model_class.__name__} the Flux config {config_dir} describes: it lacks "
+                           f"{len(missing)} weights (e.g. {missing[:3]}); pass the clip_l / t5xxl file ComfyUI's Flux workflow uses")
+    return model.eval()
+
+
+def _tokenizers(config_dir: Path):
+    """CLIP's and T5's tokenizers: the config folder's own, else the ones ComfyUI ships."""
+    from transformers import AutoTokenizer
+
+    from training.models import _clip_vocabulary_folders
+
+    comfy_clip = [f for f in _clip_vocabulary_folders() if (f / "vocab.json").is_file()]
+    comfy_t5 = [f.parent / "text_encoders" / "t5_tokenizer" for f in comfy_clip]
+    found = [next((f for f in folders if (f / "tokenizer_config.json").is_file()), None)
+             for folders in ([config_dir / "tokenizer", *comfy_clip], [config_dir / "tokenizer_2", *comfy_t5])]
+    if None in found:
+        raise _input_error("no CLIP / T5 tokenizer found: install the trainer inside ComfyUI (it ships both) or pass "
+                           "--model-config with a diffusers FLUX.1 folder that has tokenizer/ and tokenizer_2/")
+    return tuple(AutoTokenizer.from_pretrained(str(f), local_files_only=True) for f in found)
+
+
+def load_flux_files(path: Path, config_path: Path | None, dtype=torch.float32):
+    """A FluxPipeline from ComfyUI's Flux files (see the module docstring)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    config_dir = Path(config_path) if config_path else CONFIGS
+    files = companion_files(path)
+    transformer = _transformer(path, config_dir, dtype)
+    tokenizer, tokenizer_2 = _tokenizers(config_dir)
+    try:
+        vae = AutoencoderKL.from_single_file(str(files["vae"]), config=str(config_dir), subfolder="vae", local_files_only=True,
+                                             torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise _input_error(f"cannot read {files['vae']} as the VAE of {config_dir} ({err}): pass Flux's ae.safetensors, "
+                           "or --model-config with the diffusers config of this model") from err
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(config_dir), subfolder="scheduler"),
+        vae=vae, transformer=transformer,
+        text_encoder=_text_model(CLIPTextModel, CLIPTextConfig, files["clip_l"], config_dir / "text_encoder", dtype),
+        text_encoder_2=_text_model(T5EncoderModel, T5Config, files["t5"], config_dir / "text_encoder_2", dtype),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+    )
