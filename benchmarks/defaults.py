@@ -1,6 +1,6 @@
 """Does a bare ``training.distill`` run distil? The defaults, measured on every benchmark teacher.
 
-    python -m benchmarks.defaults [--teachers digits,shapes] [--seeds 0,1,2] [--iterations 100,250,500,1000]
+    python -m benchmarks.defaults [--teachers digits,shapes,flow] [--seeds 0,1,2] [--iterations 100,250,500,1000]
                                   [--ablations k1,l2,shared] [--num-eval 500] [--output benchmarks/RESULTS_defaults.md]
 
 Each student is one ``python -m training.distill --model T --prompts P --output O --cfg W --seed S`` run
@@ -44,12 +44,18 @@ class Teacher:
             return DigitsEvaluator(num_eval, seeds, self.cfg)
         from benchmarks.defaults_eval import ShapesEvaluator
 
+        if self.name == "flow":
+            from benchmarks.train_flow_teacher import DEFAULT_OUTPUT
+
+            return ShapesEvaluator(num_eval, seeds, self.cfg, DEFAULT_OUTPUT)
         return ShapesEvaluator(num_eval, seeds, self.cfg)
 
 
 TEACHERS = {
     "digits": Teacher("digits", 2.0, "class-conditional pixel UNet on 16x16 digits (benchmarks/assets/digits_teacher)"),
     "shapes": Teacher("shapes", 3.0, "text-to-image StableDiffusionPipeline on coloured shapes (benchmarks/assets/shapes_teacher)"),
+    "flow": Teacher("flow", 3.0, "Flux-architecture rectified-flow FluxPipeline on coloured shapes, true CFG "
+                                 "(benchmarks/assets/flow_teacher)"),
 }
 
 
@@ -191,7 +197,8 @@ def render(command: str, teachers: list[Teacher], caches: dict, seeds, iteration
              f"student lr {d.student_lr():g}, {d.lr_scheduler} after {d.lr_warmup_steps} warm-up steps, {d.distance} distance, "
              f"{d.interval_mode} intervals, K={d.num_steps}); longer runs are checkpointed, and with a constant "
              "schedule their step-n checkpoint is the n-step run. Students sample at CFG 1 on their own grid; the teacher "
-             "at the distilled CFG with DDIM (trailing grid from t=999). ± is the standard deviation over training seeds "
+             "at the distilled CFG with DDIM (trailing grid from t=999; on a flow teacher DDIM is the Euler step of the flow ODE). "
+             "± is the standard deviation over training seeds "
              "(rows with one run: over 2 sampling seeds of that run).", ""]
     for teacher in teachers:
         lines += table(teacher, caches[teacher.name], seeds, iterations, ablations, ablation_iterations)
@@ -200,7 +207,7 @@ def render(command: str, teachers: list[Teacher], caches: dict, seeds, iteration
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teachers", default="digits,shapes")
+    parser.add_argument("--teachers", default="digits,shapes,flow")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--iterations", default="100,250,500,1000")
     parser.add_argument("--ablations", default="k1,l2,shared")

@@ -61,17 +61,18 @@ class DigitsEvaluator:
 
 
 class ShapesEvaluator:
-    """The text-to-image shapes teacher: FD in the shapes classifier's features to the held-out images and
+    """A text-to-image teacher of the shapes data (the shapes UNet teacher, the Flux-architecture flow teacher): FD in the shapes classifier's features to the held-out images and
     to the teacher's own 50-step samples, and the share of prompts whose every named attribute is drawn."""
 
-    def __init__(self, num_eval: int, seeds: tuple, cfg: float):
+    def __init__(self, num_eval: int, seeds: tuple, cfg: float, model_dir: Path | None = None):
         from benchmarks import text_metrics
         from benchmarks.text_sampling import balanced_prompts
         from benchmarks.train_text_teacher import DEFAULT_OUTPUT
         from training.models import load_family
 
-        self.model_dir, self.cfg, self.seeds, self.num_eval = DEFAULT_OUTPUT, cfg, seeds, num_eval
-        self.family = load_family(str(DEFAULT_OUTPUT))
+        model_dir = DEFAULT_OUTPUT if model_dir is None else model_dir  # the flow teacher draws the same data
+        self.model_dir, self.cfg, self.seeds, self.num_eval = model_dir, cfg, seeds, num_eval
+        self.family = load_family(str(model_dir))
         self.classifier = text_metrics.load_classifier(train_if_missing=False)
         self.real_feats = text_metrics.real_heldout_features(self.classifier)
         self.prompts, self.labels = balanced_prompts(num_eval)
