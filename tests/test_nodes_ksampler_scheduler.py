@@ -24,7 +24,7 @@ def sampler_custom(model, seed, cfg, positive, negative, sampler, sigmas, latent
     return SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent).result[0]["samples"]
 
 
-@pytest.mark.parametrize("kind", ["sd15_eps", "sd3_flow"])
+@pytest.mark.parametrize("kind", ["sd15_eps", "sd3_flow", "flux"])
 def test_tdm_ksampler_equals_sampler_custom_with_tdm_nodes(pack, tiny_model, kind):
     n = nodes()
     model = tiny_model(kind)
