@@ -68,7 +68,8 @@ class FluxFamily(PipelineFamily):
         return int(self.network.config.in_channels) // (PATCH * PATCH)
 
     def _native_resolution(self) -> int:
-        return DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
+        # FluxPipeline's default is 128 latents (1024 px), which is what Flux.1's VAE config says too
+        return int(self.pipeline.vae.config.get("sample_size") or DEFAULT_SAMPLE_SIZE * self.vae_scale_factor)
 
     def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, ...]:
         resolution = self.resolution if resolution is None else int(resolution)
