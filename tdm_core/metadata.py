@@ -29,6 +29,7 @@ class TDMInfo:
     recommended_strength: float = 1.0
     training_steps: int = 0
     k_choices: list[int] = field(default_factory=list)  # steps-aware (TDM-unify) models only
+    flow_shift: Optional[float] = None  # flow models: the shift trained at (Flux: that of the training resolution)
 
     def to_safetensors_metadata(self) -> dict[str, str]:
         return {PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}

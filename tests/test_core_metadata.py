@@ -30,7 +30,7 @@ def test_tdm_info_round_trips_through_a_safetensors_header(tmp_path):
     info = TDMInfo(
         num_steps=4, grid=[999, 856, 665, 399], total_steps=900, prediction_type="v_prediction", base_family="sd15",
         base_hash="ab" * 32, teacher_cfg=4.5, distance="huber_norm", huber_c=0.0346, lora_rank=16, lora_alpha=8.0,
-        recommended_strength=0.125, training_steps=500, k_choices=[1, 2, 4],
+        recommended_strength=0.125, training_steps=500, k_choices=[1, 2, 4], flow_shift=1.88,
     )
     path = write_lora(tmp_path / "tdm.safetensors", {"format": "pt", **info.to_safetensors_metadata()})
     metadata = read_metadata(path)

@@ -4,6 +4,7 @@ input (no unconditional pass), and ``training.distill`` distils it into a LoRA i
 (Stock ComfyUI loading that LoRA, and diffusers' ``load_lora_weights``: tests/test_lora_export.py.)"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,8 @@ def test_training_distill_distils_flux_into_a_diffusers_layout_lora(folder, tmp_
                  "--checkpoint-every", "0"]) == EXIT_OK
     tensors, info = read_lora(output)
     assert info.base_family == "flux" and info.prediction_type == "flow" and info.teacher_cfg == 3.5
+    # the shift of the training size (32 px: 64 tokens), which ComfyUI's ModelSamplingFlux must be set to
+    assert info.flow_shift == pytest.approx(math.exp(0.5 + (1.15 - 0.5) / (4096 - 256) * (64 - 256)))
     assert tensors and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     # every adapted layer kind of both stream types is in the file, and training moved the student
     for part in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.ff_context.net.2",

@@ -113,6 +113,7 @@ def export_lora(parts: LoopParts, cfg: DistillConfig, step: int, latent_shape, n
         prediction_type=family.prediction_type, base_family=family.name, teacher_cfg=cfg.cfg, distance=cfg.distance,
         huber_c=resolved_huber_c(cfg, latent_shape), recommended_strength=1.0, training_steps=step,
         k_choices=cfg.k_choice_list() if cfg.steps_aware else [],
+        flow_shift=float(family.schedule.shift) if getattr(family.schedule, "kind", "") == "flow" else None,
     )
     output = Path(cfg.output)
     # a private folder beside the output (same file system, so the rename is atomic)
