@@ -28,6 +28,7 @@ def folders(tmp_path_factory):
     folders = {family: save_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl", "sd3", "flux")}
     # ComfyUI's PixArt needs latents of at least 64 (its position embedding is sized from them)
     folders["pixart"] = save_tiny_pipeline("pixart", root / "pixart", pixart_sample_size=64)
+    folders["sd35"] = save_tiny_pipeline("sd3", root / "sd35", sd35=True)  # SD3.5's MMDiT-X: the same sd3 family
     return folders
 
 
@@ -122,6 +123,12 @@ class LoraLog(logging.Handler):
             self.skipped.append(message)
 
 
+def tensors_of(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 def comfy_apply_lora(comfy_model, lora_path):
     """Stock LoraLoader's path: load_lora_for_models on a ModelPatcher, then patch the weights in."""
     comfy = import_comfy()
@@ -211,15 +218,21 @@ def test_diffusers_load_lora_weights_reproduces_the_student(folders, tmp_path, f
 FLUX_RESOLUTION = 32  # 16x16 latents, 64 tokens (the tiny Flux's native 256 px would be 4096)
 
 
-@pytest.mark.parametrize("family_name", ["sd3", "pixart", "flux"])
+@pytest.mark.parametrize("family_name", ["sd3", "sd35", "pixart", "flux"])
 def test_stock_comfyui_loads_transformer_lora_with_zero_skipped_keys(folders, tmp_path, family_name):
     import diffusers
 
     family = trained_family(folders[family_name])
     path = export(family, tmp_path / f"{family_name}.safetensors")
-    transformer_class = {"sd3": diffusers.SD3Transformer2DModel, "pixart": diffusers.PixArtTransformer2DModel,
-                         "flux": diffusers.FluxTransformer2DModel}[family_name]
-    comfy_model, _ = comfy_model_from_diffusers_transformer(transformer_class.from_pretrained(str(folders[family_name] / "transformer")), family_name)
+    transformer_class = {"sd3": diffusers.SD3Transformer2DModel, "sd35": diffusers.SD3Transformer2DModel,
+                         "pixart": diffusers.PixArtTransformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family_name]
+    transformer = transformer_class.from_pretrained(str(folders[family_name] / "transformer"))
+    comfy_model, _ = comfy_model_from_diffusers_transformer(transformer, family.name)
+    if family_name == "sd35":  # ComfyUI read the MMDiT-X parts from the weights
+        assert comfy_model.model_config.unet_config["qk_norm"] == "rms"
+        assert comfy_model.model_config.unet_config["x_block_self_attn_layers"] == [0]
+        assert any(".attn2." in k for k in tensors_of(path))
+    family_name = family.name
 
     cond = family.encode_prompts(["a photo", "a drawing"])
     resolution = FLUX_RESOLUTION if family_name == "flux" else None
@@ -251,7 +264,7 @@ def test_stock_comfyui_loads_transformer_lora_with_zero_skipped_keys(folders, tm
     assert torch.allclose(comfy_student, student, atol=1e-4)
 
 
-@pytest.mark.parametrize("family_name", ["sd3", "flux"])
+@pytest.mark.parametrize("family_name", ["sd3", "sd35", "flux"])
 def test_diffusers_load_lora_weights_reproduces_the_flow_student(folders, tmp_path, family_name):
     import diffusers
 
@@ -266,7 +279,8 @@ def test_diffusers_load_lora_weights_reproduces_the_flow_student(folders, tmp_pa
     restored = kohya_to_adapter(tensors, family.network, family.kohya_prefix, RANK)
     assert all(torch.allclose(restored[k], v, atol=1e-7) for k, v in adapter_state_dict(family.network, STUDENT).items())
 
-    pipeline_class = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[family_name]
+    pipeline_class = {"sd3": diffusers.StableDiffusion3Pipeline, "sd35": diffusers.StableDiffusion3Pipeline,
+                      "flux": diffusers.FluxPipeline}[family_name]
     pipe = pipeline_class.from_pretrained(str(folders[family_name]))
     pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
     loaded_family = type(family)(pipe)  # the same family code around diffusers' own LoRA-loaded transformer

@@ -121,11 +121,13 @@ def _scheduler(family: str, prediction_type: str, zero_snr: bool):
 
 
 def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
-                        prediction_type: str = "epsilon", zero_snr: bool = False, pixart_sample_size: int = 8):
+                        prediction_type: str = "epsilon", zero_snr: bool = False, pixart_sample_size: int = 8,
+                        sd35: bool = False):
     """A random-weight diffusers pipeline of ``family`` (see FAMILIES), deterministic in ``seed``.
 
     ``pixart_sample_size``: ComfyUI's PixArt derives its position embedding from the latent size and
-    needs latents of at least 64; 8 keeps every other test fast."""
+    needs latents of at least 64; 8 keeps every other test fast. ``sd35`` (family "sd3"): SD3.5's MMDiT-X,
+    RMS query/key norms and a second (self-)attention in the first block, as SD3.5 Medium has."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -160,7 +162,7 @@ def build_tiny_pipeline(family: str, tmp_root: str | os.PathLike, seed: int = 0,
         transformer = diffusers.SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
             num_attention_heads=2, joint_attention_dim=80, caption_projection_dim=128, pooled_projection_dim=64,
-            pos_embed_max_size=16,
+            pos_embed_max_size=16, **({"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}),
         )
         clip_l = CLIPTextModelWithProjection(_clip_config())
         with torch.no_grad():  # single-file SD3 checkpoints carry no CLIP-L projection; loaders use the identity
