@@ -15,6 +15,7 @@ from benchmarks import shapes_data, text_metrics, text_sampling
 from benchmarks.train_text_teacher import DEFAULT_OUTPUT as TEACHER_DIR
 from benchmarks.train_text_teacher import MAX_TOKENS, build_teacher, tokenizer_files
 from benchmarks.train_text_teacher import main as train_text_teacher_main
+from tests.helpers.teacher_builds import assert_deterministic_build
 from training.families.sd15 import SD15Family
 from training.models import load_family
 
@@ -162,17 +163,8 @@ def test_bad_flags_and_missing_output_parent_are_clear_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_build_is_deterministic_and_loads(tmp_path):
-    torch.set_num_threads(1)
-    outs = [tmp_path / "a" / "teacher", tmp_path / "b" / "teacher"]
-    for out in outs:
-        out.parent.mkdir()
-        build_teacher(out, vae_iterations=3, iterations=3, batch_size=4, seed=5, log=lambda *_: None)
-    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
-    for rel in files:
-        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
-    assert not list(outs[0].parent.glob(".*")), "temporary folders left beside the teacher"
-    assert load_family(str(outs[0])).name == "sd15"
+    assert_deterministic_build(
+        lambda out: build_teacher(out, vae_iterations=3, iterations=3, batch_size=4, seed=5, log=lambda *_: None), tmp_path, "sd15")
 
 
 @pytest.mark.slow
