@@ -1,4 +1,5 @@
-"""The check both text-conditioned teacher scripts share: two builds from one seed are the same bytes."""
+"""The checks both text-conditioned teachers share: two builds from one seed are the same bytes, and the
+teacher draws what a prompt asks (and not when the text is cut)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,3 +23,16 @@ def assert_deterministic_build(build: Callable[[Path], object], tmp_path: Path, 
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
     assert not list(outs[0].parent.glob(".*")), "temporary folders left beside the teacher"
     assert load_family(str(outs[0])).name == family_name
+
+
+def prompt_adherence(teacher, cfg: float, with_text: bool = True) -> float:
+    """Share of 60 samples (50 DDIM / Euler steps, one per fully specified caption, fixed noise) whose colour,
+    shape and position the shapes classifier reads as the caption asks; chance is 1/60. ``with_text=False``
+    gives every sample the empty prompt, which must fail the same bar."""
+    from benchmarks import text_metrics, text_sampling
+
+    prompts, labels = text_sampling.balanced_prompts(60, full_only=True)
+    noise = text_sampling.noise_for(teacher, 60, seed=7)
+    samples = text_sampling.sample_text_teacher(teacher, 50, prompts if with_text else [""] * 60, noise, cfg=cfg)
+    _, predicted = text_metrics.classifier_outputs(text_metrics.load_classifier(train_if_missing=False), samples)
+    return text_metrics.attribute_accuracy(predicted, labels)["all"]
