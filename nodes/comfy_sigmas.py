@@ -1,6 +1,8 @@
 """TDM grid -> ComfyUI SIGMAS through the model's own ``model_sampling`` (never a hard-coded table)."""
 from __future__ import annotations
 
+import logging
+import math
 from typing import Optional
 
 import torch
@@ -62,6 +64,29 @@ def tdm_info_of(model) -> Optional[TDMInfo]:
     return getter(TDM_INFO_ATTACHMENT) if getter is not None else None
 
 
+SHIFT_TOLERANCE = 0.01  # relative; a different shift moves every grid point off the trained one
+
+
+def model_flow_shift(model_sampling) -> Optional[float]:
+    """The flow shift a ComfyUI model samples with (ModelSamplingFlux keeps mu = log(shift)); None for VP models."""
+    if is_flux_sampling(model_sampling):
+        return math.exp(float(model_sampling.shift))
+    if is_flow_sampling(model_sampling):
+        return float(model_sampling.shift)
+    return None
+
+
+def warn_on_shift_mismatch(model_sampling, info: Optional[TDMInfo]) -> None:
+    """A flow LoRA records the shift it was trained at; sampling at another one still runs, so say it."""
+    trained, used = (info.flow_shift if info is not None else None), model_flow_shift(model_sampling)
+    if trained is None or used is None or abs(used - trained) <= SHIFT_TOLERANCE * trained:
+        return
+    fix = ("set ModelSamplingFlux's width and height to the training resolution" if is_flux_sampling(model_sampling)
+           else f"set ModelSamplingSD3's shift to {trained:.3g}")
+    logging.warning(f"TDM Scheduler: the model samples with flow shift {used:.3g} but its TDM LoRA was trained at "
+                    f"{trained:.3g}; {fix}.")
+
+
 def tdm_sigmas(model, steps: int, grid: str, custom_timesteps: str, denoise: float) -> torch.Tensor:
     """SIGMAS of the TDM Scheduler for a ComfyUI MODEL; ``denoise < 1`` keeps the tail of the grid
     (img2img starts from a timestep the student was trained on), ``denoise == 0`` gives no steps."""
@@ -69,7 +94,9 @@ def tdm_sigmas(model, steps: int, grid: str, custom_timesteps: str, denoise: flo
     check_supported_sampling(model_sampling)
     if denoise <= 0.0:
         return torch.FloatTensor([])
-    timesteps = select_grid(grid, steps, tdm_info_of(model), custom_timesteps, num_timesteps_of(model_sampling))
+    info = tdm_info_of(model)
+    warn_on_shift_mismatch(model_sampling, info)
+    timesteps = select_grid(grid, steps, info, custom_timesteps, num_timesteps_of(model_sampling))
     if denoise < 1.0:
         timesteps = grids.tail_for_denoise(timesteps, denoise)
     return sigmas_for_timesteps(model_sampling, timesteps)

@@ -35,7 +35,8 @@ def student(tmp_path_factory):
         for p in adapter_parameters(family.network, STUDENT):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     grid = tdm_core.reference_grid(4, 900)
-    info = TDMInfo(num_steps=4, grid=grid, total_steps=900, prediction_type="flow", base_family="flux", teacher_cfg=GUIDANCE)
+    info = TDMInfo(num_steps=4, grid=grid, total_steps=900, prediction_type="flow", base_family="flux", teacher_cfg=GUIDANCE,
+                   flow_shift=family.schedule.shift)
     lora = export_student_lora(family, root / "loras" / "flux_tdm.safetensors", info)
     return family, lora, grid
 
@@ -77,3 +78,27 @@ def test_tdm_nodes_on_flux_sample_what_the_trainer_sampled(pack, student):
     expected = base.process_latent_out(expected)  # ComfyUI returns latents in its outward (Flux VAE) scale
     assert (expected - base.process_latent_out(teacher_four)).abs().max() > 1e-2  # the LoRA changes the samples
     torch.testing.assert_close(got, expected, rtol=5e-4, atol=5e-4)
+
+
+def test_tdm_scheduler_says_when_the_model_samples_at_another_shift_than_the_lora_learnt(pack, student, caplog):
+    import comfy.model_management
+    import comfy.model_patcher
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+    from diffusers import FluxTransformer2DModel
+
+    from comfyui_tdm_pack.nodes.node_defs import TDMLoraLoader, TDMScheduler
+
+    family, lora, _ = student
+    base, _ = comfy_model_from_diffusers_transformer(
+        FluxTransformer2DModel.from_pretrained(str(family.source_path) + "/transformer"), "flux")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=comfy.model_management.unet_offload_device())
+    comfy_inprocess.set_lora_folder(lora.parent)
+    model = TDMLoraLoader.execute(model, lora.name, 1.0, True, 1.0).result[0]
+    with caplog.at_level("WARNING"):
+        TDMScheduler.execute(ModelSamplingFlux().patch(model, 1.15, 0.5, 128, 128)[0], 4, "auto", "", 1.0)
+    assert "flow shift" not in caplog.text  # the training size: no word
+    with caplog.at_level("WARNING"):
+        TDMScheduler.execute(ModelSamplingFlux().patch(model, 1.15, 0.5, 1024, 1024)[0], 4, "auto", "", 1.0)
+    assert "samples with flow shift 3.16 but its TDM LoRA was trained at 1.6" in caplog.text
+    assert "ModelSamplingFlux's width and height" in caplog.text
