@@ -182,6 +182,34 @@ def check_teacher(folder: Path, num_samples: int = 500, cfg: float = 3.0, seed: 
     return rows
 
 
+# --- the command line the teacher scripts share (benchmarks.train_text_teacher, benchmarks.train_flow_teacher) ---
+def add_check_arguments(parser, default_output: Path) -> None:
+    parser.add_argument("--output", type=Path, default=default_output)
+    parser.add_argument("--no-check", action="store_true", help="skip the quality check after training")
+    parser.add_argument("--check-only", action="store_true", help="only run the quality check on an existing --output folder")
+    parser.add_argument("--check-samples", type=int, default=500)
+    parser.add_argument("--check-cfg", type=float, default=3.0, help="the moderate guidance scale of the check (besides 1)")
+
+
+def checked_output(parser, args) -> Path:
+    """The resolved ``--output`` after the checks every teacher script makes (parser.error otherwise)."""
+    if args.check_samples < 10:
+        parser.error("--check-samples must be at least 10")
+    if args.check_cfg < 1:
+        parser.error("--check-cfg must be at least 1")
+    output = args.output.resolve()
+    if not output.parent.is_dir():
+        parser.error(f"the parent folder of --output {output} does not exist: create it first")
+    if args.check_only and not (output / "model_index.json").is_file():
+        parser.error(f"--check-only: {output} holds no model_index.json; build it first (drop --check-only)")
+    return output
+
+
+def check_unless_told_not(args, output: Path) -> None:
+    if not args.no_check:
+        check_teacher(output, num_samples=args.check_samples, cfg=args.check_cfg, log=print)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", type=Path, metavar="FOLDER", help="print the quality table of this shapes teacher folder")

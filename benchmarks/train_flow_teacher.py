@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.train_text_teacher import DEFAULT_OUTPUT as SHAPES_TEACHER
-from benchmarks.train_text_teacher import ema_update, num_parameters, tokenize, warmup_cosine
+from benchmarks.train_text_teacher import ema_update, folder_size, num_parameters, warmup_cosine
 from training.atomic import atomic_folder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "flow_teacher"
@@ -139,29 +139,22 @@ def build_teacher(output: Path, iterations: int = 4000, batch_size: int = 64, se
     with atomic_folder(output) as tmp:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
     elapsed = time.perf_counter() - start
-    return {"total_s": elapsed, "cpu_s": time.process_time() - cpu_start,
-            "size_bytes": sum(p.stat().st_size for p in Path(output).rglob("*") if p.is_file())}
+    return {"total_s": elapsed, "cpu_s": time.process_time() - cpu_start, "size_bytes": folder_size(output)}
 
 
 def main(argv=None) -> int:
+    from benchmarks.text_metrics import add_check_arguments, check_unless_told_not, checked_output
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    add_check_arguments(parser, DEFAULT_OUTPUT)
     parser.add_argument("--iterations", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-check", action="store_true", help="skip the quality check after training")
-    parser.add_argument("--check-only", action="store_true", help="only run the quality check on an existing --output folder")
-    parser.add_argument("--check-samples", type=int, default=500)
-    parser.add_argument("--check-cfg", type=float, default=3.0)
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.batch_size < 2:
         parser.error("--iterations must be at least 1 and --batch-size at least 2")
-    output = args.output.resolve()
-    if not output.parent.is_dir():
-        parser.error(f"the parent folder of --output {output} does not exist: create it first")
-    if args.check_only and not (output / "model_index.json").is_file():
-        parser.error(f"--check-only: {output} holds no model_index.json; build it first (drop --check-only)")
+    output = checked_output(parser, args)
     if not (SHAPES_TEACHER / "model_index.json").is_file():
         parser.error(f"the shapes teacher {SHAPES_TEACHER} is missing: build it with `python -m benchmarks.train_text_teacher`")
     torch.set_num_threads(args.threads)
@@ -169,10 +162,7 @@ def main(argv=None) -> int:
         stats = build_teacher(output, args.iterations, args.batch_size, args.seed)
         print(f"teacher written to {output} ({stats['size_bytes'] / 1e6:.2f} MB); build time {stats['total_s'] / 60:.1f} min, "
               f"CPU time {stats['cpu_s'] / 60:.1f} min with {args.threads} thread(s)")
-    if not args.no_check:
-        from benchmarks.text_metrics import check_teacher
-
-        check_teacher(output, num_samples=args.check_samples, cfg=args.check_cfg, log=print)
+    check_unless_told_not(args, output)
     sys.stdout.flush()
     return 0
 

@@ -386,8 +386,10 @@ def build_teacher(output: Path, vae_iterations: int = 1200, iterations: int = 40
 
 
 def main(argv=None) -> int:
+    from benchmarks.text_metrics import add_check_arguments, check_unless_told_not, checked_output
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    add_check_arguments(parser, DEFAULT_OUTPUT)
     parser.add_argument("--vae-iterations", type=int, default=1200)
     parser.add_argument("--iterations", type=int, default=4000, help="UNet (+ text encoder) iterations")
     parser.add_argument("--batch-size", type=int, default=64, help="UNet batch; the VAE uses half")
@@ -395,22 +397,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--train-text-encoder", action="store_true",
                         help="train the text encoder jointly (default: kept at its random initialisation, which drew better samples)")
-    parser.add_argument("--no-check", action="store_true", help="skip the quality check after training")
-    parser.add_argument("--check-only", action="store_true", help="only run the quality check on an existing --output folder")
-    parser.add_argument("--check-samples", type=int, default=500)
-    parser.add_argument("--check-cfg", type=float, default=3.0, help="the moderate guidance scale of the check (besides 1)")
     args = parser.parse_args(argv)
     if args.vae_iterations < 1 or args.iterations < 1 or args.batch_size < 2:
         parser.error("--vae-iterations and --iterations must be at least 1, --batch-size at least 2")
-    if args.check_samples < 10:
-        parser.error("--check-samples must be at least 10")
-    if args.check_cfg < 1:
-        parser.error("--check-cfg must be at least 1")
-    output = args.output.resolve()
-    if not output.parent.is_dir():
-        parser.error(f"the parent folder of --output {output} does not exist: create it first")
-    if args.check_only and not (output / "model_index.json").is_file():
-        parser.error(f"--check-only: {output} holds no model_index.json; build it first (drop --check-only)")
+    output = checked_output(parser, args)
     torch.set_num_threads(args.threads)
     if not args.check_only:
         stats = build_teacher(output, args.vae_iterations, args.iterations, args.batch_size, args.seed,
@@ -418,10 +408,7 @@ def main(argv=None) -> int:
         print(f"teacher written to {output} ({stats['size_bytes'] / 1e6:.2f} MB); build time {stats['total_s'] / 60:.1f} min "
               f"(VAE {stats['vae_s']:.0f} s, UNet + text encoder {stats['unet_s']:.0f} s) with {args.threads} thread(s); "
               f"CPU time {stats['cpu_s'] / 60:.1f} min (wall time exceeds it when other jobs share the cores)")
-    if not args.no_check:
-        from benchmarks.text_metrics import check_teacher
-
-        check_teacher(output, num_samples=args.check_samples, cfg=args.check_cfg, log=print)
+    check_unless_told_not(args, output)
     sys.stdout.flush()
     return 0
 

@@ -41,23 +41,32 @@ def student(tmp_path_factory):
     return family, lora, grid
 
 
-def test_tdm_nodes_on_flux_sample_what_the_trainer_sampled(pack, student):
+def comfy_flux_with_lora(family, lora):
+    """ComfyUI's Flux holding the diffusers teacher's weights, with ``lora`` put on by the TDM LoRA Loader."""
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.sample
-    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
     from diffusers import FluxTransformer2DModel
 
-    from comfyui_tdm_pack.nodes.node_defs import TDMLoraLoader, TDMSampler, TDMScheduler
-    from training.models import STUDENT, use_adapter
+    from comfyui_tdm_pack.nodes.node_defs import TDMLoraLoader
 
-    family, lora, grid = student
     base, _ = comfy_model_from_diffusers_transformer(
         FluxTransformer2DModel.from_pretrained(str(family.source_path) + "/transformer"), "flux")
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())
     comfy_inprocess.set_lora_folder(lora.parent)
-    model = TDMLoraLoader.execute(model, lora.name, 1.0, True, 1.0).result[0]
+    return TDMLoraLoader.execute(model, lora.name, 1.0, True, 1.0).result[0]
+
+
+def test_tdm_nodes_on_flux_sample_what_the_trainer_sampled(pack, student):
+    import comfy.sample
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    from comfyui_tdm_pack.nodes.node_defs import TDMSampler, TDMScheduler
+    from training.models import STUDENT, use_adapter
+
+    family, lora, grid = student
+    model = comfy_flux_with_lora(family, lora)
+    base = model.model
     # ComfyUI counts tokens as width * height / 256 (an 8x VAE); 128 x 128 gives the tiny model's 64 tokens
     model = ModelSamplingFlux().patch(model, 1.15, 0.5, 128, 128)[0]
     assert math.exp(model.get_model_object("model_sampling").shift) == pytest.approx(family.schedule.shift)
@@ -81,20 +90,12 @@ def test_tdm_nodes_on_flux_sample_what_the_trainer_sampled(pack, student):
 
 
 def test_tdm_scheduler_says_when_the_model_samples_at_another_shift_than_the_lora_learnt(pack, student, caplog):
-    import comfy.model_management
-    import comfy.model_patcher
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
-    from diffusers import FluxTransformer2DModel
 
-    from comfyui_tdm_pack.nodes.node_defs import TDMLoraLoader, TDMScheduler
+    from comfyui_tdm_pack.nodes.node_defs import TDMScheduler
 
     family, lora, _ = student
-    base, _ = comfy_model_from_diffusers_transformer(
-        FluxTransformer2DModel.from_pretrained(str(family.source_path) + "/transformer"), "flux")
-    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                             offload_device=comfy.model_management.unet_offload_device())
-    comfy_inprocess.set_lora_folder(lora.parent)
-    model = TDMLoraLoader.execute(model, lora.name, 1.0, True, 1.0).result[0]
+    model = comfy_flux_with_lora(family, lora)
     with caplog.at_level("WARNING"):
         TDMScheduler.execute(ModelSamplingFlux().patch(model, 1.15, 0.5, 128, 128)[0], 4, "auto", "", 1.0)
     assert "flow shift" not in caplog.text  # the training size: no word

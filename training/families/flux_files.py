@@ -63,12 +63,20 @@ def _comfy_utils():
     return comfy.utils
 
 
+def strip_checkpoint_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k: v for k, v in state.items()}
+
+
+def block_counts(keys) -> tuple[int, int]:
+    """(double-stream, single-stream) blocks of a BFL-layout state dict without the checkpoint prefix."""
+    return tuple(len({k.split(".")[1] for k in keys if k.startswith(prefix)}) for prefix in ("double_blocks.", "single_blocks."))
+
+
 def bfl_to_diffusers(state: dict[str, torch.Tensor], hidden_size: int) -> dict[str, torch.Tensor]:
     """The diffusers FluxTransformer2DModel state dict of a BFL-layout one, through ComfyUI's key map."""
-    state = {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k: v for k, v in state.items()}
-    count = lambda prefix: len({k.split(".")[1] for k in state if k.startswith(prefix)})  # noqa: E731
-    key_map = _comfy_utils().flux_to_diffusers(
-        {"depth": count("double_blocks."), "depth_single_blocks": count("single_blocks."), "hidden_size": hidden_size})
+    state = strip_checkpoint_prefix(state)
+    double, single = block_counts(state)
+    key_map = _comfy_utils().flux_to_diffusers({"depth": double, "depth_single_blocks": single, "hidden_size": hidden_size})
     out = {}
     for diffusers_key, target in key_map.items():
         bfl_key, span, transform = (target, None, None) if isinstance(target, str) else (target[0], target[1], target[2] if len(target) > 2 else None)
@@ -86,16 +94,15 @@ def _transformer(path: Path, config_dir: Path, dtype):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    state = strip_checkpoint_prefix(load_file(str(path)))
     config = json.loads((config_dir / "transformer" / "config.json").read_text())
-    stripped = {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k for k in state}
-    hidden = state[("" if "img_in.weight" in state else BFL_PREFIX) + "img_in.weight"].shape[0]
+    hidden = state["img_in.weight"].shape[0]
     if hidden != config["num_attention_heads"] * config["attention_head_dim"]:
         raise _input_error(f"{path.name} is {hidden} wide, the Flux config {config_dir} {config['num_attention_heads']} x "
                            f"{config['attention_head_dim']}: pass --model-config with the diffusers config of this model")
-    config.update(num_layers=len({k.split(".")[1] for k in stripped if k.startswith("double_blocks.")}),
-                  num_single_layers=len({k.split(".")[1] for k in stripped if k.startswith("single_blocks.")}),
-                  guidance_embeds="guidance_in.in_layer.weight" in stripped)  # Flux.1-dev has it, Flux.1-schnell not
+    double, single = block_counts(state)
+    config.update(num_layers=double, num_single_layers=single,
+                  guidance_embeds="guidance_in.in_layer.weight" in state)  # Flux.1-dev has it, Flux.1-schnell not
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     converted = bfl_to_diffusers(state, hidden)
