@@ -53,6 +53,16 @@ def diffusers_grid(
     return points[:K]
 
 
+def dpmsolver_flow_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[float]:
+    """Timesteps of diffusers' DPMSolverMultistepScheduler with ``use_flow_sigmas`` (the released SD3 TDM
+    LoRA's sampler, METHOD.md "Released inference settings"): unshifted sigmas ``(1 - 1/T)(1 - i/K)``, i < K,
+    as timesteps ``T * sigma`` (fractional: 999, 749.25, 499.5, 249.75 for K = 4); the model's shift then
+    maps them, as diffusers' ``flow_shift`` does."""
+    check_num_steps(num_steps, num_train_timesteps)
+    T, K = num_train_timesteps, num_steps
+    return [(T - 1) * (1 - i / K) for i in range(K)]
+
+
 def parse_grid(text: str, num_timesteps: int = 1000) -> list[int]:
     """``"999, 856, 665, 399"`` -> ``[999, 856, 665, 399]``, checked."""
     try:

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from tdm_core import FlowSchedule, VPSchedule, diffusers_grid, rollout_tdm, sample_dpmpp_2m
+from tdm_core.grids import dpmsolver_flow_grid
 from tests.helpers.gaussian import GaussianMixture
 
 torch.set_num_threads(1)
@@ -141,7 +142,7 @@ def test_dpmpp_2m_equals_diffusers_flow_config_with_shift_6(denoiser_kind, num_s
     scheduler = dpm_scheduler("flow_prediction", use_flow_sigmas=True, flow_shift=6.0)
     scheduler.set_timesteps(num_steps)
     schedule = FlowSchedule(shift=6.0)
-    grid = [(T - 1) * (1 - i / num_steps) for i in range(num_steps)]
+    grid = dpmsolver_flow_grid(num_steps, T)
     t = torch.tensor(grid, dtype=torch.float64)
     torch.testing.assert_close(schedule.flow_sigma(t), scheduler.sigmas[:-1].double(), rtol=1e-6, atol=1e-7)
     offset = schedule.model_timestep(t) - scheduler.timesteps.double()

@@ -58,7 +58,7 @@ def test_bad_json_is_a_clear_error_naming_the_key():
 
 @pytest.mark.parametrize(
     "key,raw,expected",
-    [("num_steps", '"four"', "an integer"), ("grid", "[999, 1.5]", "a list of integers"), ("teacher_cfg", '"high"', "a number"),
+    [("num_steps", '"four"', "an integer"), ("grid", "[999, \"late\"]", "a list of numbers"), ("k_choices", "[1, 2.5]", "a list of integers"), ("teacher_cfg", '"high"', "a number"),
      ("huber_c", '"auto"', "a number or null"), ("base_family", "15", "a string")],
 )
 def test_wrong_kind_of_value_is_a_clear_error(key, raw, expected):
