@@ -12,7 +12,8 @@ import comfy.lora_convert
 from comfy.weight_adapter import LoRAAdapter
 
 from .comfy_sigmas import TDM_INFO_ATTACHMENT
-from .core_import import TDMInfo
+from .comfy_sigmas import is_flow_sampling, is_flux_sampling
+from .core_import import TDMInfo, releases
 from .lora_keys import convert_peft_layout, guess_lora_architecture, is_text_encoder_key, unmatched_layers
 
 # ComfyUI model config class -> the base_family names training.distill writes in the TDM metadata
@@ -30,6 +31,51 @@ def check_family(model, info: Optional[TDMInfo], lora_name: str) -> None:
     expected = FAMILY_OF_CONFIG.get(type(model.model.model_config).__name__)
     if info is not None and info.base_family and expected and info.base_family != expected:
         raise ValueError(f"TDM LoRA '{lora_name}' was distilled from a {info.base_family} model but this model is {model_architecture(model)} ({expected}): load the matching base checkpoint")
+
+
+def base_model_of(model) -> Optional[str]:
+    """The base a release is matched against (tdm_core.releases): SD3.5's MMDiT-X has self-attention x-blocks."""
+    config = model.model.model_config
+    family = FAMILY_OF_CONFIG.get(type(config).__name__)
+    if family == "sd3" and config.unet_config.get("x_block_self_attn_layers"):
+        return "sd35"
+    return family
+
+
+def recognised_release(model, lora_sd: dict, metadata: dict, lora_name: str) -> Optional["releases.Release"]:
+    release = releases.recognise_release(lora_sd.keys(), metadata, lora_name, base_model_of(model))
+    if release is not None:
+        logging.info("TDM LoRA '%s' has no TDM metadata; its keys and container are those of the %s (%s)", lora_name, release.title, release.file)
+    return release
+
+
+def apply_release_shift(model, info: Optional[TDMInfo], lora_name: str):
+    """A release's documented flow shift (raw, or converted by training.convert), set on the model as ComfyUI's
+    ModelSamplingSD3 node does, unless the model already samples at a shift of the user's choosing (not its
+    checkpoint's default). The trainer's own LoRAs leave the shift to the user (the TDM Scheduler warns)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    sampling = model.get_model_object("model_sampling")
+    if info is None or not info.release or info.flow_shift is None or not is_flow_sampling(sampling) or is_flux_sampling(sampling):
+        return model
+    default = float(model.model.model_config.sampling_settings.get("shift", 1.0))
+    if abs(float(sampling.shift) - default) > 1e-6:
+        logging.info("TDM LoRA '%s': keeping the model's flow shift %.3g (the release documents %.3g)", lora_name, float(sampling.shift), info.flow_shift)
+        return model
+    return ModelSamplingSD3().patch(model, info.flow_shift, multiplier=float(sampling.multiplier))[0]
+
+
+def settings_summary(info: Optional[TDMInfo], recognised, strength: float, layers: int) -> str:
+    """What the loader applied, in words: the node's third output."""
+    if info is None:
+        return f"LoRA without TDM metadata: strength {strength:g}, {layers} layers patched; set the TDM nodes' grid and solver yourself"
+    release = releases.RELEASES.get(info.release)
+    if release is not None:
+        how = "recognised from the file's keys" if recognised else "converted by training.convert"
+        return f"{release.summary(strength)}; {how}, {layers} layers patched"
+    shift = f", flow shift {info.flow_shift:.3g}" if info.flow_shift is not None else ""
+    return (f"TDM LoRA for {info.base_family or 'its base'}: strength {strength:g}, {info.num_steps} steps, "
+            f"{info.solver} solver{shift}; {layers} layers patched")
 
 
 def lora_key_map(model, clip) -> dict:
@@ -87,9 +133,14 @@ def check_shapes(patches: dict, state_shapes: dict, model, lora: dict, lora_name
 
 
 def apply_lora(model, clip, lora_sd: dict, metadata: dict, strength_model: float, strength_clip: float, use_recommended_strength: bool, lora_name: str):
-    """``(model, clip, info)`` with the LoRA patched in (clones; inputs untouched) and the TDM metadata
-    attached to the model as the ModelPatcher attachment ``tdm_info`` (read by the TDM Scheduler's ``auto``)."""
+    """``(model, clip, info, summary)`` with the LoRA patched in (clones; inputs untouched) and the TDM metadata
+    attached to the model as the ModelPatcher attachment ``tdm_info`` (read by the TDM Scheduler's ``auto``).
+    A released TDM LoRA (no metadata, tdm_core.releases) gets its documented settings: strength, solver,
+    grid and flow shift."""
     info = TDMInfo.from_safetensors_metadata(metadata)
+    release = recognised_release(model, lora_sd, metadata, lora_name) if info is None else None
+    if release is not None:
+        info = release.info()
     check_family(model, info, lora_name)
     lora = comfy.lora_convert.convert_lora(convert_peft_layout(lora_sd, metadata))
     key_map = lora_key_map(model, clip)
@@ -112,6 +163,8 @@ def apply_lora(model, clip, lora_sd: dict, metadata: dict, strength_model: float
         raise ValueError(f"LoRA '{lora_name}': {len(not_applied)} layers matched but could not be patched (e.g. {not_applied[:3]}): expected a LoRA for {model_architecture(model)}")
     if info is not None:
         new_model.set_attachments(TDM_INFO_ATTACHMENT, info)
-    logging.info("TDM LoRA '%s': %d layers patched at strength %.3f%s", lora_name, len(patches), strength_model, " (TDM metadata attached)" if info else "")
-    return new_model, (new_clip if new_clip is not None else clip), info
+    new_model = apply_release_shift(new_model, info, lora_name)
+    summary = settings_summary(info, release is not None, strength_model, len(patches))
+    logging.info("TDM LoRA '%s': %s", lora_name, summary)
+    return new_model, (new_clip if new_clip is not None else clip), info, summary
 

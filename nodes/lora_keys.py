@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import re
 from typing import Iterable, Optional
 
 import torch
-from safetensors import safe_open
 
-SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
+from .core_import import lora_files
+
+read_lora_file = lora_files.read_lora_file  # the file formats are host-free: tdm_core.lora_files
+
 
 # Suffixes ComfyUI's weight adapters read (comfy/weight_adapter, comfy/lora.py); the rest of a key names the layer
 ADAPTER_SUFFIXES = tuple(
@@ -32,38 +31,6 @@ ADAPTER_SUFFIXES = tuple(
 DIFFUSERS_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.", "add_embedding.", "class_embedding.")
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "clip_")
 PEFT_ATTENTION = re.compile(r"\.(attn\d?)\.to_(q|k|v|out\.0)$")
-
-
-def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(state_dict, safetensors metadata)``; pickles only through a weights-only load."""
-    name = os.path.basename(path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXTENSIONS:
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as err:  # safetensors raises its own error types for truncated headers/buffers
-            raise ValueError(f"LoRA file '{name}' is not a readable .safetensors file ({err}); it is probably truncated or corrupt: copy or export it again") from err
-    if ext in PICKLE_EXTENSIONS:
-        return read_pickled_weights(path, name), {}
-    raise ValueError(f"LoRA file '{name}' has an unsupported extension {ext!r}: use .safetensors (or a weights-only {'/'.join(PICKLE_EXTENSIONS)})")
-
-
-def read_pickled_weights(path: str, name: str) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"LoRA file '{name}' holds Python objects or code besides tensors, so it was refused (only weights-only "
-            f"loads are allowed): convert it to .safetensors in a trusted environment"
-        ) from err
-    except Exception as err:
-        raise ValueError(f"LoRA file '{name}' could not be read as a torch weights file ({type(err).__name__}: {err}); it may be truncated or corrupt") from err
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise ValueError(f"LoRA file '{name}' does not contain a flat dictionary of named tensors: it is not a LoRA")
-    return obj
 
 
 def split_adapter_key(key: str) -> tuple[str, Optional[str]]:

@@ -105,7 +105,7 @@ class TDMKSampler(io.ComfyNode):
             node_id="TDMKSampler",
             display_name="TDM KSampler",
             category=CATEGORY,
-            description="One-node TDM sampling: TDM Scheduler + TDM Sampler (tdm solver, reference noise) through ComfyUI's sampling, same result as SamplerCustom with those nodes. Negative prompt optional at cfg 1.",
+            description="One-node TDM sampling: TDM Scheduler + TDM Sampler (reference noise) through ComfyUI's sampling, same result as SamplerCustom with those nodes. The solver is the one the LoRA's metadata names (tdm; DPM-Solver++ for the released SD1.5/SD3 LoRAs). Negative prompt optional at cfg 1.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model with a TDM LoRA applied (TDM LoRA Loader)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the starting noise."),
@@ -136,18 +136,19 @@ class TDMLoraLoader(io.ComfyNode):
             node_id="TDMLoraLoader",
             display_name="TDM LoRA Loader",
             category="loaders",
-            description="Loads a TDM LoRA (kohya, ComfyUI or diffusers/PEFT keys, incl. PEFT attention keys stock ComfyUI skips), refuses files for another architecture instead of loading them partly, and attaches the LoRA's TDM metadata (steps, grid, strength) for TDM Scheduler/KSampler grid 'auto'.",
+            description="Loads a TDM LoRA (kohya, ComfyUI or diffusers/PEFT keys, incl. PEFT attention keys stock ComfyUI skips), refuses files for another architecture instead of loading them partly, and attaches the LoRA's TDM metadata (steps, grid, solver, strength) for TDM Scheduler/KSampler grid 'auto'. The authors' released TDM LoRAs (SD1.5 Dreamshaper .pt, SD3-Medium, SD3.5-Medium), which carry no metadata, are recognised from their keys and get their documented settings: strength (0.125 for SD3), DPM-Solver++ grid and flow shift.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model the LoRA was distilled from."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip="A LoRA file in models/loras (.safetensors, or weights-only .pt/.ckpt/.bin)."),
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="LoRA strength on the diffusion model (ignored when use_recommended_strength is on and the file recommends one)."),
-                io.Boolean.Input("use_recommended_strength", default=True, tooltip="Use the file's tdm.recommended_strength when it has one (e.g. 0.125 for the SD3 TDM LoRA)."),
+                io.Boolean.Input("use_recommended_strength", default=True, tooltip="Use the strength the file's TDM metadata recommends, or the documented one of a recognised release (0.125 for the released SD3 TDM LoRA). Off: strength_model as set."),
                 io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="LoRA strength on the text encoder (only when the file has text-encoder weights)."),
                 io.Clip.Input("clip", optional=True, tooltip="The text encoder, needed only for LoRAs with text-encoder weights."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the LoRA patched in and its TDM metadata attached."),
                 io.Clip.Output(tooltip="The text encoder, patched when the LoRA has text-encoder weights."),
+                io.String.Output("settings", tooltip="What was applied, in words: the release recognised (if any), strength, solver, grid and shift."),
             ],
         )
 
@@ -161,8 +162,8 @@ class TDMLoraLoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         lora_sd, metadata = read_lora_file(path)
         # plain and steps-aware (unify) LoRAs: apply_tdm_lora also installs a unify file's K-embedding
-        new_model, new_clip, _ = apply_tdm_lora(model, clip, lora_sd, metadata, strength_model, strength_clip, use_recommended_strength, lora_name)
-        return io.NodeOutput(new_model, new_clip)
+        new_model, new_clip, _, summary = apply_tdm_lora(model, clip, lora_sd, metadata, strength_model, strength_clip, use_recommended_strength, lora_name)
+        return io.NodeOutput(new_model, new_clip, summary)
 
 
 NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader]

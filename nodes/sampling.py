@@ -8,13 +8,14 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from .comfy_sigmas import tdm_sigmas
+from .comfy_sigmas import tdm_info_of, tdm_sigmas
 from .tdm_sampler import TDMSamplerObject
 
 
 def tdm_ksample(model, seed: int, steps: int, grid: str, cfg: float, positive, negative: Optional[list], latent: dict, denoise: float, custom_timesteps: str = "") -> dict:
-    """What SamplerCustom(add_noise, seed, cfg, TDMSampler(tdm, 0, reference), TDMScheduler(...)) does,
-    with the negative prompt optional at cfg 1 (guidance is distilled into TDM students)."""
+    """What SamplerCustom(add_noise, seed, cfg, TDMSampler(solver, 0, reference), TDMScheduler(...)) does, with the
+    solver the LoRA's TDM metadata names (tdm unless it is a release sampled with DPM-Solver++) and the negative
+    prompt optional at cfg 1 (guidance is distilled into TDM students)."""
     if negative is None and abs(cfg - 1.0) > 1e-9:
         raise ValueError(f"TDM KSampler with cfg={cfg} needs a negative prompt: connect 'negative' or set cfg to 1 (TDM students are distilled for cfg 1)")
     sigmas = tdm_sigmas(model, steps, grid, custom_timesteps, denoise)
@@ -22,7 +23,8 @@ def tdm_ksample(model, seed: int, steps: int, grid: str, cfg: float, positive, n
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
     disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
-    sampler = TDMSamplerObject()
+    info = tdm_info_of(model)
+    sampler = TDMSamplerObject(info.solver if info is not None else "tdm")  # the released SD1.5/SD3 LoRAs: DPM-Solver++
     guider = comfy.samplers.CFGGuider(model)
     # at cfg 1 ComfyUI never evaluates the negative, so a guider without one samples identically
     guider.inner_set_conds({"positive": positive} if negative is None else {"positive": positive, "negative": negative})

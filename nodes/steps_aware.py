@@ -129,10 +129,10 @@ def install_k_embedding(model, table: torch.Tensor, info, strength: float, lora_
 
 def apply_tdm_lora(model, clip, lora_sd: dict, metadata: dict, strength_model: float, strength_clip: float,
                    use_recommended_strength: bool, lora_name: str):
-    """``lora_apply.apply_lora`` that also understands unify LoRAs: ``(model, clip, info)``."""
+    """``lora_apply.apply_lora`` that also understands unify LoRAs: ``(model, clip, info, summary)``."""
     weights, table = split_k_embedding(lora_sd)
-    new_model, new_clip, info = apply_lora(model, clip, weights, metadata, strength_model, strength_clip, use_recommended_strength, lora_name)
+    new_model, new_clip, info, summary = apply_lora(model, clip, weights, metadata, strength_model, strength_clip, use_recommended_strength, lora_name)
     if table is not None:
         strength = info.recommended_strength if (info is not None and use_recommended_strength) else strength_model
         install_k_embedding(new_model, table, info, strength, lora_name)
-    return new_model, new_clip, info
+    return new_model, new_clip, info, summary

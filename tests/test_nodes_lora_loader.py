@@ -46,7 +46,8 @@ def sd3_lora() -> dict:
 def test_kohya_lora_loads_patches_every_layer_and_leaves_the_input_model_alone(tiny_model, pack, lora_folder):
     base = tiny_model("sd15_eps")
     h.write_safetensors(lora_folder, "ok.safetensors", kohya_unet_lora())
-    model, clip = loader().execute(base, "ok.safetensors", 0.7, True, 1.0).result
+    model, clip, settings = loader().execute(base, "ok.safetensors", 0.7, True, 1.0).result
+    assert settings.startswith("LoRA without TDM metadata: strength 0.7")
     assert clip is None
     assert len(model.patches) == 4
     assert {p[0][0] for p in model.patches.values()} == {0.7}  # no metadata: the strength input
@@ -206,7 +207,7 @@ def test_text_encoder_weights_patch_the_connected_clip(tiny_model, pack, lora_fo
         lora[f"{layer}.lora_down.weight"] = torch.randn(RANK, h.TINY_CONTEXT_DIM, generator=g)
         lora[f"{layer}.lora_up.weight"] = torch.randn(out_dim, RANK, generator=g)
     h.write_safetensors(lora_folder, "with_te.safetensors", lora)
-    model, clip = loader().execute(tiny_model("sd15_eps"), "with_te.safetensors", 1.0, True, 0.5, clip=base_clip).result
+    model, clip, _ = loader().execute(tiny_model("sd15_eps"), "with_te.safetensors", 1.0, True, 0.5, clip=base_clip).result
     assert len(model.patches) == 4 and len(clip.patcher.patches) == 2
     assert {p[0][0] for p in clip.patcher.patches.values()} == {0.5}
     tokens = base_clip.tokenize("a tiny test prompt")
