@@ -148,7 +148,7 @@ class TDMLoraLoader(io.ComfyNode):
             outputs=[
                 io.Model.Output(tooltip="The model with the LoRA patched in and its TDM metadata attached."),
                 io.Clip.Output(tooltip="The text encoder, patched when the LoRA has text-encoder weights."),
-                io.String.Output("settings", tooltip="What was applied, in words: the release recognised (if any), strength, solver, grid and shift."),
+                io.String.Output("settings", display_name="settings", tooltip="What was applied, in words: the release recognised (if any), strength, solver, grid and shift."),
             ],
         )
 

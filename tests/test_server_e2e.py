@@ -18,6 +18,7 @@ from tests.helpers.e2e_server import (
     shared_e2e_server, workflow_files,
 )
 from tests.helpers.workflow_api import nodes_of_type, override_inputs, ui_to_api
+from tests.helpers.workflow_builder import DREAMSHAPER_LORA
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def small_sd15_prompt(workflow: dict, object_info: dict) -> dict:
     """The workflow in API format on the test's checkpoint and LoRA, with 64x64 latents."""
     prompt = ui_to_api(workflow, object_info)
     prompt = override_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=TEST_CHECKPOINT)
-    if nodes_of_type(prompt, "TDMLoraLoader"):
+    if nodes_of_type(prompt, "TDMLoraLoader") and not uses_release(prompt):
         prompt = override_inputs(prompt, "TDMLoraLoader", lora_name=TEST_LORA)
     if nodes_of_type(prompt, "EmptyLatentImage"):
         prompt = override_inputs(prompt, "EmptyLatentImage", width=LATENT_SIZE, height=LATENT_SIZE)
@@ -50,6 +51,11 @@ def small_sd15_prompt(workflow: dict, object_info: dict) -> dict:
         # graph is exercised just as well by a few
         prompt = override_inputs(prompt, "KSampler", steps=TEACHER_TEST_STEPS)
     return prompt
+
+
+def uses_release(prompt: dict) -> bool:
+    """Workflows of a released LoRA keep its file: the server holds one with the release's structure."""
+    return any(node["inputs"]["lora_name"] == DREAMSHAPER_LORA for node in nodes_of_type(prompt, "TDMLoraLoader"))
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +144,9 @@ def test_sd15_workflow_runs_and_writes_images(e2e, object_info, path):
     for image_path in images:
         with Image.open(image_path) as image:
             assert image.size == (LATENT_SIZE, LATENT_SIZE)
+    if uses_release(prompt):  # the loader recognised the .pt and says what it applied (PreviewAny shows it)
+        shown = [o["text"][0] for o in entry["outputs"].values() if "text" in o]
+        assert shown and shown[0].startswith("TDM Dreamshaper-v7 LoRA (SD1.5): strength 1, dpmpp_2m at timesteps [801, 601, 401, 201]"), shown
 
 
 def test_sd15_workflows_cover_the_four_shapes():

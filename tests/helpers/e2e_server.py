@@ -80,17 +80,31 @@ def write_test_image(path: Path, size: int = 64) -> Path:
     return path
 
 
+SD15_CHECKPOINTS = (names.SD15_CKPT, names.DREAMSHAPER_CKPT)  # the test checkpoint stands in for both
+
+
+def write_release_pt(lora: Path, target: Path) -> Path:
+    """The released Dreamshaper TDM LoRA's structure: the kohya tensors ``torch.save``d as a .pt, no metadata."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(lora)), target)
+    return target
+
+
 def populate_base_dir(base_dir: Path) -> None:
     """The test's own checkpoint and LoRA, the same files under the names the SD1.5 workflows use (so
     the browser can queue a workflow as shipped), empty stand-ins for the other architectures' files
     (validation only checks names), the bad LoRA files, and the img2img input image."""
     checkpoints, loras = base_dir / "models" / "checkpoints", base_dir / "models" / "loras"
     checkpoint = sd15_checkpoint()
-    for name in (TEST_CHECKPOINT, names.SD15_CKPT):
+    for name in (TEST_CHECKPOINT, *SD15_CHECKPOINTS):
         (checkpoints / name).symlink_to(checkpoint)
     lora = write_kohya_lora(loras / TEST_LORA, rank=4, seed=0)
     shutil.copyfile(lora, loras / names.SD15_LORA)
-    for folder, name in ((checkpoints, names.SDXL_CKPT), (checkpoints, names.SD3_CKPT), (loras, names.SDXL_LORA), (loras, names.SD3_LORA)):
+    write_release_pt(lora, loras / names.DREAMSHAPER_LORA)
+    for folder, name in ((checkpoints, names.SDXL_CKPT), (checkpoints, names.SD3_CKPT), (checkpoints, names.SD35_CKPT),
+                         (loras, names.SDXL_LORA), (loras, names.SD3_LORA), (loras, names.SD35_LORA)):
         (folder / name).write_bytes(b"")
     for folder, name in names.FLUX_FILES:  # ComfyUI's split layout: diffusion model, text encoders, VAE
         (base_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
@@ -133,4 +147,4 @@ def checkpoint_names(workflow: dict) -> set[str]:
 
 
 def is_sd15_workflow(workflow: dict) -> bool:
-    return checkpoint_names(workflow) == {names.SD15_CKPT}
+    return bool(checkpoint_names(workflow)) and checkpoint_names(workflow) <= set(SD15_CHECKPOINTS)

@@ -149,6 +149,10 @@ SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SDXL_LORA = "tdm_sdxl_lora.safetensors"
 SD3_CKPT = "sd3_medium_incl_clips_t5xxlfp16.safetensors"
 SD3_LORA = "tdm_sd3_medium_lora.safetensors"
+SD35_CKPT = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
+SD35_LORA = "tdm_sd35_medium_lora.safetensors"
+DREAMSHAPER_CKPT = "dreamshaper_7.safetensors"
+DREAMSHAPER_LORA = "tdm_dreamshaper.pt"
 FLUX_UNET = "flux1-dev.safetensors"
 FLUX_CLIP_L = "clip_l.safetensors"
 FLUX_T5 = "t5xxl_fp16.safetensors"
@@ -205,8 +209,8 @@ def _custom_sampling(wf: UIWorkflow, model, clip, vae, latent, x: float, y: floa
 
 def sd15_tdm_sampler_custom(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
-    wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "For the released TDM Dreamshaper-7 LoRA pick grid "
-                                   "'dpmsolver_leading_sd15' and solver 'dpmpp_2m' (its published settings)."))
+    wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "For the released TDM Dreamshaper-7 LoRA pick grid 'auto' and "
+                                   "solver 'dpmpp_2m' (its published settings; the TDM KSampler picks the solver itself)."))
     ckpt, lora = _sd15_base(wf)
     latent = wf.add("EmptyLatentImage", (380, 420), width=512, height=512, batch_size=1)
     _custom_sampling(wf, lora[0], lora[1], ckpt[2], latent[0], 740, 120, "tdm", "auto", "tdm_sd15_custom")
@@ -226,22 +230,55 @@ def sdxl_tdm_lora(object_info: dict) -> dict:
     return wf.to_json()
 
 
-def sd3_tdm_lora(object_info: dict) -> dict:
+def release_note(checkpoint: str, lora: str, source: str, settings: str) -> str:
+    return (f"Put these files into your ComfyUI models folders:\n\n  models/checkpoints/{checkpoint}\n  models/loras/{lora}\n\n"
+            f"{lora}: {source}\n\nThe TDM LoRA Loader recognises the release from its keys and applies its published "
+            f"settings, nothing to set by hand: {settings} The loader's 'settings' output (shown here) says what it applied. "
+            "`python -m training.convert` of comfyui-tdm writes the file as a ComfyUI LoRA with these settings in its metadata "
+            "(then stock LoraLoader works at strength 1 too).")
+
+
+def _release_workflow(object_info: dict, checkpoint: str, lora_name: str, note: str, latent_node: str, size: int, prefix: str) -> dict:
+    """A released TDM LoRA with the nodes' defaults: TDM LoRA Loader -> TDM KSampler (grid auto: the release's own
+    solver, grid and shift), and the loader's account of what it applied."""
     wf = UIWorkflow(object_info)
-    wf.note((20, 420), models_note(
-        SD3_CKPT, SD3_LORA,
-        f"{SD3_LORA}: the released TDM LoRA for SD3-Medium (saved under this name). Its published settings: "
-        "LoRA strength 0.125, DPM-Solver++ (2M) with flow shift 6 (1..6 works), 4 steps, CFG 1. The shift comes "
-        "from ModelSamplingSD3, which the TDM Scheduler reads from the model; grid 'diffusers_trailing' gives the "
-        "evenly spaced timesteps (999, 749, 499, 249 before the shift) that diffusers' flow DPM-Solver uses."))
-    ckpt = wf.add("CheckpointLoaderSimple", (20, 120), ckpt_name=SD3_CKPT)
-    lora = wf.add("TDMLoraLoader", (380, 120), model=ckpt[0], clip=ckpt[1], lora_name=SD3_LORA,
-                  strength_model=0.125, use_recommended_strength=False, strength_clip=0.125)
-    shifted = wf.add("ModelSamplingSD3", (380, 420), model=lora[0], shift=6.0)
-    latent = wf.add("EmptySD3LatentImage", (380, 600), width=1024, height=1024, batch_size=1)
-    _custom_sampling(wf, shifted[0], lora[1], ckpt[2], latent[0], 740, 120, "dpmpp_2m", "diffusers_trailing",
-                     "tdm_sd3_4step")
+    wf.note((20, 420), note)
+    ckpt, lora = _sd15_base(wf, checkpoint, lora_name)
+    wf.add("PreviewAny", (380, 420), title="What the loader applied", source=lora[2])
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=lora[1], text=PROMPT)
+    latent = wf.add(latent_node, (740, 380), width=size, height=size, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=lora[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=latent[0], denoise=1.0)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix=prefix)
     return wf.to_json()
+
+
+def sd15_tdm_dreamshaper_release(object_info: dict) -> dict:
+    return _release_workflow(object_info, DREAMSHAPER_CKPT, DREAMSHAPER_LORA, release_note(
+        DREAMSHAPER_CKPT, DREAMSHAPER_LORA, "the released TDM Dreamshaper-v7 LoRA (Luo-Yihong/TDM_dreamshaper_LoRA, the .pt file "
+        "as published); the checkpoint is Dreamshaper 7 (SD1.5).",
+        "strength 1, DPM-Solver++(2M) on SD1.5's leading timesteps 801, 601, 401, 201, 4 steps, CFG 1."),
+        "EmptyLatentImage", 512, "tdm_dreamshaper_4step")
+
+
+def sd3_tdm_lora(object_info: dict) -> dict:
+    return _release_workflow(object_info, SD3_CKPT, SD3_LORA, release_note(
+        SD3_CKPT, SD3_LORA, "the released TDM LoRA for SD3-Medium (Luo-Yihong/TDM_sd3_lora: pytorch_lora_weights.safetensors, "
+        "saved under this name).",
+        "strength 0.125 (the authors' 'IMPORTANT' adapter scale), DPM-Solver++(2M) with flow shift 6 (set on the model "
+        "as ModelSamplingSD3 would; a ModelSamplingSD3 node after the loader overrides it, the authors say 1..6 works), "
+        "4 steps, CFG 1."),
+        "EmptySD3LatentImage", 1024, "tdm_sd3_4step")
+
+
+def sd35_tdm_lora(object_info: dict) -> dict:
+    return _release_workflow(object_info, SD35_CKPT, SD35_LORA, release_note(
+        SD35_CKPT, SD35_LORA, "the released TDM LoRA for SD3.5-Medium (Luo-Yihong/TDM_sd3-5_lora, saved under this name).",
+        "strength 1 (the authors document no adapter scale for it: what diffusers' load_lora_weights applies; lower it, "
+        "e.g. to 0.125 as for SD3, with use_recommended_strength off if images look burnt), DPM-Solver++(2M) with flow "
+        "shift 6 as for SD3, 4 steps, CFG 1."),
+        "EmptySD3LatentImage", 1024, "tdm_sd35_4step")
 
 
 def flux_tdm_lora(object_info: dict) -> dict:
@@ -314,6 +351,8 @@ WORKFLOWS = {
     "sd15_tdm_sampler_custom": sd15_tdm_sampler_custom,
     "sdxl_tdm_lora": sdxl_tdm_lora,
     "sd3_tdm_lora": sd3_tdm_lora,
+    "sd35_tdm_lora": sd35_tdm_lora,
+    "sd15_tdm_dreamshaper_release": sd15_tdm_dreamshaper_release,
     "flux_tdm_lora": flux_tdm_lora,
     "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
     "sd15_img2img": sd15_img2img,
