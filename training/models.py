@@ -263,6 +263,11 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
 
             with _offline():
                 pipeline = load_flux_files(path, config_path, dtype)
+        elif name == "sd3":  # SD3 / SD3.5 checkpoints, text encoders inside or in models/text_encoders
+            from training.families.sd3_files import load_sd3_file
+
+            with _offline():
+                pipeline = load_sd3_file(path, config_path, dtype)
         else:
             pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))

@@ -126,9 +126,16 @@ def _text_model(model_class, config_class, path: Path, config_dir: Path, dtype):
         raise _input_error(f"cannot read {path} as the {model_class.__name__} of {config_dir}: {err}") from err
     missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
     if missing:
-        raise _input_error(f"{path.name} is not the {model_class.__name__} the Flux config {config_dir} describes: it lacks "
-                           f"{len(missing)} weights (e.g. {missing[:3]}); pass the clip_l / t5xxl file ComfyUI's Flux workflow uses")
+        raise _input_error(f"{path.name} is not the {model_class.__name__} the config {config_dir} describes: it lacks "
+                           f"{len(missing)} weights (e.g. {missing[:3]}); pass the text-encoder file ComfyUI's own workflow for this model uses")
     return model.eval()
+
+
+def t5_tokenizer_folders() -> list[Path]:
+    """ComfyUI's T5 tokenizer (``comfy/text_encoders/t5_tokenizer``) beside the CLIP vocabulary it ships."""
+    from training.models import _clip_vocabulary_folders
+
+    return [f.parent / "text_encoders" / "t5_tokenizer" for f in _clip_vocabulary_folders() if (f / "vocab.json").is_file()]
 
 
 def _tokenizers(config_dir: Path):
@@ -138,9 +145,8 @@ def _tokenizers(config_dir: Path):
     from training.models import _clip_vocabulary_folders
 
     comfy_clip = [f for f in _clip_vocabulary_folders() if (f / "vocab.json").is_file()]
-    comfy_t5 = [f.parent / "text_encoders" / "t5_tokenizer" for f in comfy_clip]
     found = [next((f for f in folders if (f / "tokenizer_config.json").is_file()), None)
-             for folders in ([config_dir / "tokenizer", *comfy_clip], [config_dir / "tokenizer_2", *comfy_t5])]
+             for folders in ([config_dir / "tokenizer", *comfy_clip], [config_dir / "tokenizer_2", *t5_tokenizer_folders()])]
     if None in found:
         raise _input_error("no CLIP / T5 tokenizer found: install the trainer inside ComfyUI (it ships both) or pass "
                            "--model-config with a diffusers FLUX.1 folder that has tokenizer/ and tokenizer_2/")

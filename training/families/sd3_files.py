@@ -1,0 +1,144 @@
+"""SD3-Medium, SD3.5-Medium and SD3.5-Large from the files a ComfyUI user has, into the diffusers
+``StableDiffusion3Pipeline`` the SD3 family wraps.
+
+    models/checkpoints/sd3.5_medium.safetensors                    the MMDiT and the VAE (model.diffusion_model.*,
+                                                                   first_stage_model.*), text encoders beside it:
+    models/text_encoders/clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors   (transformers' layout)
+    models/checkpoints/sd3_medium_incl_clips_t5xxlfp16.safetensors  or all in one file (text_encoders.clip_l/... inside)
+
+The MMDiT's variant is read from the file (depth, width, SD3.5-Medium's MMDiT-X self-attention blocks, the
+query/key norms of SD3.5, the position-embedding size), so one shipped config serves all three:
+``training/configs/sd3`` (SD3.5-Medium's pipeline: VAE, shift-3 flow scheduler, CLIP-L, CLIP-G, T5-XXL), or
+``--model-config``, a diffusers folder of the same architecture. The MMDiT's weights are converted by diffusers'
+own SD3 converter, everything else by ``from_single_file``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sd3"
+PREFIX = "model.diffusion_model."
+TEXT_ENCODERS = {  # pipeline component -> (key prefix inside an all-in-one file, ComfyUI file pattern, example name)
+    "text_encoder": ("text_encoders.clip_l.transformer.", "clip_l*.safetensors", "clip_l.safetensors"),
+    "text_encoder_2": ("text_encoders.clip_g.transformer.", "clip_g*.safetensors", "clip_g.safetensors"),
+    "text_encoder_3": ("text_encoders.t5xxl.transformer.", "t5xxl*.safetensors", "t5xxl_fp16.safetensors"),
+}
+VAE_MARKER = "first_stage_model.decoder.conv_in.weight"
+
+
+def _input_error(message: str):
+    from training.models import TrainingInputError
+
+    return TrainingInputError(message)
+
+
+def mmdit_config(shapes: dict[str, tuple], base: dict) -> dict:
+    """The SD3Transformer2DModel config of an MMDiT checkpoint (``shapes``: key -> shape, prefix stripped)."""
+    width, in_channels = shapes["x_embedder.proj.weight"][:2]
+    depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks."))
+    heads = width // base["attention_head_dim"]
+    return {**base, "num_layers": depth, "num_attention_heads": heads, "caption_projection_dim": width, "in_channels": in_channels,
+            "out_channels": shapes["final_layer.linear.weight"][0] // base["patch_size"] ** 2,
+            "joint_attention_dim": shapes["context_embedder.weight"][1], "pooled_projection_dim": shapes["y_embedder.mlp.0.weight"][1],
+            "pos_embed_max_size": math.isqrt(shapes["pos_embed"][1]),
+            "dual_attention_layers": sorted({int(k.split(".")[1]) for k in shapes if ".x_block.attn2." in k}),
+            "qk_norm": "rms_norm" if any(".ln_q." in k for k in shapes) else None}
+
+
+def _shapes(path: Path) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+
+
+def _transformer(path: Path, shapes: dict[str, tuple], config_dir: Path, dtype):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors import safe_open
+
+    base = json.loads((config_dir / "transformer" / "config.json").read_text())
+    mmdit = {k[len(PREFIX):]: v for k, v in shapes.items() if k.startswith(PREFIX)}
+    config = mmdit_config(mmdit, {k: v for k, v in base.items() if not k.startswith("_")})
+    with safe_open(str(path), framework="pt") as handle:
+        state = {k[len(PREFIX):]: handle.get_tensor(k) for k in shapes if k.startswith(PREFIX)}
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(state)
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(config)
+    missing = set(model.state_dict()) - set(converted)
+    if missing:
+        raise _input_error(f"{path.name} lacks {len(missing)} MMDiT weights (e.g. {sorted(missing)[:3]}): pass an intact SD3 / SD3.5 checkpoint")
+    model.load_state_dict(converted, assign=True)
+    return model.to(dtype)
+
+
+def companion_text_encoders(checkpoint: Path) -> dict[str, Path]:
+    """CLIP-L, CLIP-G and T5-XXL in the ComfyUI folders beside ``models/checkpoints``; a clear error otherwise."""
+    models = checkpoint.resolve().parent.parent
+    folders = [models / "text_encoders", models / "clip"]  # "clip": ComfyUI's older name of the folder
+    found = {name: next((f for d in folders for f in sorted(d.glob(pattern))), None) for name, (_, pattern, _) in TEXT_ENCODERS.items()}
+    missing = [f"models/text_encoders/{TEXT_ENCODERS[name][2]}" for name, f in found.items() if f is None]
+    if missing:
+        raise _input_error(
+            f"{checkpoint.name} is an SD3 checkpoint without its text encoders, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing under {models}: put the files ComfyUI's SD3.5 workflow loads with "
+            "TripleCLIPLoader there (clip_l, clip_g, t5xxl), or pass a checkpoint that includes them (sd3_medium_incl_clips_t5xxlfp16).")
+    return found
+
+
+def _text_encoders(checkpoint: Path, shapes: dict, config_dir: Path, dtype) -> dict:
+    """The three text encoders from the sibling ComfyUI files when the checkpoint has none ({} when it has them)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from training.families.flux_files import _text_model
+
+    inside = [any(k.startswith(prefix) for k in shapes) for prefix, _, _ in TEXT_ENCODERS.values()]
+    if all(inside):
+        return {}
+    if any(inside):
+        raise _input_error(f"{checkpoint.name} holds only some of SD3's three text encoders: pass a checkpoint with all or none of them")
+    files = companion_text_encoders(checkpoint)
+    classes = {"text_encoder": (CLIPTextModelWithProjection, CLIPTextConfig), "text_encoder_2": (CLIPTextModelWithProjection, CLIPTextConfig),
+               "text_encoder_3": (T5EncoderModel, T5Config)}
+    return {name: _text_model(*classes[name], files[name], config_dir / name, dtype) for name in TEXT_ENCODERS}
+
+
+def _tokenizers(config_dir: Path) -> dict:
+    """The config folder's own tokenizers, else CLIP's (pad "!" for CLIP-G, as SD3's) and T5's from ComfyUI."""
+    from transformers import AutoTokenizer
+
+    from training.families.flux_files import t5_tokenizer_folders
+    from training.models import _clip_tokenizers
+
+    names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    if all((config_dir / n / "tokenizer_config.json").is_file() for n in names):
+        return {}
+    clips = _clip_tokenizers(config_dir, "sdxl")  # tokenizer (pad <|endoftext|>) and tokenizer_2 (pad "!")
+    t5 = next((f for f in [config_dir / "tokenizer_3", *t5_tokenizer_folders()] if (f / "tokenizer_config.json").is_file()), None)
+    if t5 is None:
+        raise _input_error("no T5 tokenizer found: install the trainer inside ComfyUI (it ships one) or pass --model-config "
+                           "with a diffusers SD3 folder that has tokenizer_3/")
+    return {**clips, "tokenizer_3": AutoTokenizer.from_pretrained(str(t5), local_files_only=True)}
+
+
+def load_sd3_file(path: Path, config_path: Path | None, dtype=torch.float32):
+    """A StableDiffusion3Pipeline from an SD3 / SD3.5 checkpoint in ComfyUI's layout (see the module docstring)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    config_dir = Path(config_path) if config_path else CONFIGS
+    shapes = _shapes(path)
+    if VAE_MARKER not in shapes:
+        raise _input_error(f"{path.name} has no VAE (first_stage_model.*): pass the SD3 / SD3.5 checkpoint from "
+                           "models/checkpoints, which includes it")
+    components = {"transformer": _transformer(path, shapes, config_dir, dtype), **_tokenizers(config_dir),
+                  **_text_encoders(path, shapes, config_dir, dtype)}
+    try:
+        return StableDiffusion3Pipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype,
+                                                         **components)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise _input_error(f"cannot read {path.name} with the SD3 config {config_dir} ({err}): pass --model-config with the "
+                           "diffusers config of this model") from err
