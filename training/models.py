@@ -43,6 +43,7 @@ PIPELINE_FAMILIES = {  # diffusers pipeline class (model_index.json "_class_name
     "PixArtAlphaPipeline": "pixart",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "ZImagePipeline": "z_image",
 }
 
 
@@ -57,8 +58,10 @@ def _family_class(name: str):
     from training.families.sd3 import SD3Family
     from training.families.sd15 import SD15Family
     from training.families.sdxl import SDXLFamily
+    from training.families.z_image import ZImageFamily
 
-    return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily}[name]
+    return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily,
+            "z_image": ZImageFamily}[name]
 
 
 def known_families() -> list[str]:
@@ -91,6 +94,8 @@ def detect_folder_family(folder: Path) -> str:
                 return "pixart"
             if kind == "SD3Transformer2DModel":
                 return "sd3"
+            if kind == "ZImageTransformer2DModel":
+                return "z_image"
     raise TrainingInputError(
         f"{folder} is not a model folder this trainer knows: expected a diffusers folder with model_index.json "
         f"(one of {', '.join(sorted(PIPELINE_FAMILIES))}) or a {FAMILY_FILE} naming the family. "
