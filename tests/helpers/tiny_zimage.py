@@ -21,6 +21,9 @@ TEXT_WIDTH = 32  # the tiny Qwen3's hidden size = the transformer's cap_feat_dim
 # ComfyUI's NextDiT ties head width to the rope axes (16 = 4 + 6 + 6); ZImage modulation needs dim <= 256
 TINY_ZIMAGE = {"dim": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "n_refiner_layers": 1, "axes_dims": [4, 6, 6],
                "axes_lens": [1536, 512, 512], "cap_feat_dim": TEXT_WIDTH, "rope_theta": 256.0, "in_channels": 16}
+# ComfyUI's NextDiT sizes its timestep MLP as min(dim, 1024) -> 256, diffusers' as 1024 -> min(dim, 256): the two
+# hold the same weights only from dim 1024 on. The ComfyUI twins use this one (39 M parameters, one block of each kind).
+COMFY_ZIMAGE = dict(TINY_ZIMAGE, dim=1024, n_heads=64, n_kv_heads=64, n_layers=1)
 
 
 def save_tiny_qwen_tokenizer(folder: str | os.PathLike) -> Path:
@@ -50,20 +53,20 @@ def tiny_qwen3():
                                   rope_theta=1000000.0, tie_word_embeddings=True, pad_token_id=256))
 
 
-def tiny_zimage_transformer():
+def tiny_zimage_transformer(config: dict = TINY_ZIMAGE):
     from diffusers import ZImageTransformer2DModel
 
-    config = dict(TINY_ZIMAGE)
     return ZImageTransformer2DModel(**config)
 
 
-def build_tiny_zimage(tmp_root: str | os.PathLike, seed: int = 0, shift: float = 3.0):
-    """A tiny ``ZImagePipeline``; the scheduler config is Z-Image-Turbo's (static shift 3)."""
+def build_tiny_zimage(tmp_root: str | os.PathLike, seed: int = 0, shift: float = 3.0, comfy_twin: bool = False):
+    """A tiny ``ZImagePipeline``; the scheduler config is Z-Image-Turbo's (static shift 3). ``comfy_twin``: the
+    transformer is wide enough for ComfyUI's Lumina2 to hold its weights (:data:`COMFY_ZIMAGE`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
-    transformer = tiny_zimage_transformer()
+    transformer = tiny_zimage_transformer(COMFY_ZIMAGE if comfy_twin else TINY_ZIMAGE)
     with torch.no_grad():  # the pad tokens start at zero in a fresh model; give them values a key mix-up would show
         transformer.x_pad_token.normal_()
         transformer.cap_pad_token.normal_()
@@ -86,8 +89,8 @@ def comfy_zimage_state(transformer) -> dict[str, torch.Tensor]:
     """The diffusers transformer's weights in ComfyUI's Lumina2 (NextDiT) layout, through ComfyUI's own key map
     ``comfy.utils.z_image_to_diffusers`` applied in reverse (to_q/to_k/to_v put together into the fused qkv)."""
     comfy = import_comfy()
-    key_map = comfy.utils.z_image_to_diffusers({"n_layers": TINY_ZIMAGE["n_layers"], "dim": TINY_ZIMAGE["dim"],
-                                                "n_refiner_layers": TINY_ZIMAGE["n_refiner_layers"]})
+    config = transformer.config
+    key_map = comfy.utils.z_image_to_diffusers({"n_layers": config.n_layers, "dim": config.dim, "n_refiner_layers": config.n_refiner_layers})
     return _assemble_ldm(transformer.state_dict(), key_map)
 
 
@@ -99,13 +102,16 @@ def comfy_zimage_model(transformer):
     state = comfy_zimage_state(transformer)
     unet_config = comfy.model_detection.detect_unet_config(state, "")
     # ComfyUI's detection knows Z-Image by its 3840 width; the tiny model says its own heads and rope
-    unet_config.update(n_heads=TINY_ZIMAGE["n_heads"], n_kv_heads=TINY_ZIMAGE["n_kv_heads"], axes_dims=TINY_ZIMAGE["axes_dims"],
-                       axes_lens=TINY_ZIMAGE["axes_lens"], rope_theta=TINY_ZIMAGE["rope_theta"], ffn_dim_multiplier=8.0 / 3.0,
+    config = transformer.config
+    unet_config.update(n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, axes_dims=list(config.axes_dims),
+                       axes_lens=list(config.axes_lens), rope_theta=config.rope_theta, ffn_dim_multiplier=8.0 / 3.0,
                        z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32, multiple_of=1,
-                       n_refiner_layers=TINY_ZIMAGE["n_refiner_layers"])
+                       n_refiner_layers=config.n_refiner_layers)
     model_config = comfy.supported_models.ZImage(unet_config)
     model = model_config.get_model({})
     missing, unexpected = model.diffusion_model.load_state_dict(state, strict=False)
+    # NextDiT builds a model-level norm_final its forward never calls (diffusers' converter drops it from files)
+    missing = [k for k in missing if k != "norm_final.weight"]
     if missing or unexpected:
         raise RuntimeError(f"ComfyUI's Lumina2 does not hold the tiny Z-Image: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(torch.float32).eval()
