@@ -114,10 +114,13 @@ SINGLE_FILE_MARKERS = (
 
 def detect_single_file_family(keys) -> str | None:
     from training.families.flux_files import is_bfl_flux
+    from training.families.z_image_files import is_comfy_z_image
 
     keys = list(keys)
     if is_bfl_flux(keys):  # a Flux diffusion model in Black Forest Labs' layout (ComfyUI's models/diffusion_models)
         return "flux"
+    if is_comfy_z_image(keys):  # a Z-Image diffusion model in ComfyUI's Lumina2 layout
+        return "z_image"
     for family, marker in SINGLE_FILE_MARKERS:
         if any(k.startswith(marker) for k in keys):
             return family
@@ -258,7 +261,7 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
         name = family or detected
         if name is None:
             raise TrainingInputError(
-                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3 or Flux keys found. Pass family= and "
+                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3, Flux or Z-Image keys found. Pass family= and "
                 "config_path= for a supported architecture, or a diffusers model folder."
             )
         if name not in PIPELINE_FAMILIES.values():
@@ -268,6 +271,11 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
 
             with _offline():
                 pipeline = load_flux_files(path, config_path, dtype)
+        elif name == "z_image":  # the same for Z-Image: Qwen3-4B and the Flux VAE in the sibling folders
+            from training.families.z_image_files import load_z_image_files
+
+            with _offline():
+                pipeline = load_z_image_files(path, config_path, dtype)
         else:
             pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))
