@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tdm_core.schedules import FlowSchedule
+
 from .base import Cond
 from .flux import flux_shift
 from .pipeline_family import PipelineFamily
-from tdm_core.schedules import FlowSchedule
 
 PATCH = 2  # ZImageTransformer2DModel's all_patch_size (2,): 2x2 latent patches per token
 DEFAULT_RESOLUTION = 1024  # ZImagePipeline's default height and width
