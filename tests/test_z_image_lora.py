@@ -13,9 +13,11 @@ from tests.test_lora_export import comfy_apply_lora
 torch.set_num_threads(1)
 RANK, ALPHA = 4, 8.0
 RESOLUTION = 32
-# 13 prompt bytes + the chat template's 19 tokens = 32 caption tokens: ComfyUI pads captions to a multiple of 32
-# with its cap_pad_token at positions that continue the caption's, diffusers at position 0; without padding both agree
-PROMPTS = ["a red cat now", "a blue dog ok"]
+# 9 prompt bytes + the chat template's 19 tokens = 28 caption tokens each: both models pad a caption to a multiple
+# of 32 with cap_pad_token (rope positions continuing the caption's); one length for the batch, so ComfyUI's
+# conditioning needs no attention mask
+PROMPTS = ["a red cat", "a big dog"]
+CAPTION = 28
 
 
 @pytest.fixture(autouse=True)
@@ -71,21 +73,21 @@ def test_stock_comfyui_loads_the_z_image_lora_with_zero_skipped_keys_and_matches
     comfy_model = comfy_zimage_model(ZImageTransformer2DModel.from_pretrained(str(folder / "transformer")))
     assert type(comfy_model.model_config).__name__ == "ZImage" and type(comfy_model).__name__ == "Lumina2"
     cond = family.encode_prompts(PROMPTS)
-    assert cond["prompt_mask"].sum(1).tolist() == [32, 32]
-    context = cond["prompt_embeds"][:, :32]
+    assert cond["prompt_mask"].sum(1).tolist() == [CAPTION, CAPTION]
+    context = cond["prompt_embeds"][:, :CAPTION]
     x = torch.randn(family.latent_shape(2, RESOLUTION), generator=torch.Generator().manual_seed(5))
     t = torch.tensor([900.0, 250.0])
     sigma = family.schedule.flow_sigma(t).float()  # ComfyUI's Lumina2 takes sigma (multiplier 1) and returns the velocity
     net = comfy_model.diffusion_model
     with torch.no_grad():
-        comfy_teacher = net(x, sigma, context=context, num_tokens=32)
+        comfy_teacher = net(x, sigma, context=context, num_tokens=CAPTION)
 
     patched, skipped, consumed, lora = comfy_apply_lora(comfy_model, path)
     assert skipped == []
     modules = [k for k in lora if k.endswith(".lora_A.weight")]
     assert len(consumed) == len(modules)  # one patch per LoRA module (to_q/k/v: slices of the fused qkv count apart)
     with torch.no_grad():
-        comfy_student = net(x, sigma, context=context, num_tokens=32)
+        comfy_student = net(x, sigma, context=context, num_tokens=CAPTION)
     student, teacher = student_and_teacher(family, x, t, cond)
     torch.testing.assert_close(comfy_teacher, teacher, rtol=1e-4, atol=1e-5)
     assert (student - teacher).abs().max() > 1e-2
