@@ -114,10 +114,20 @@ def test_tdm_scheduler_names_model_sampling_aura_flow_when_the_shift_differs(com
     assert "samples with flow shift 6 but its TDM LoRA was trained at 3; set ModelSamplingAuraFlow's shift to 3" in caplog.text
 
 
-def test_tdm_lora_loader_knows_the_z_image_family(comfy_model, student):
+def test_tdm_lora_loader_knows_the_z_image_family(comfy_model, student, tiny_model):
+    from safetensors.torch import load_file
+
     from comfyui_tdm_pack.nodes.lora_apply import FAMILY_OF_CONFIG, check_family
+    from comfyui_tdm_pack.nodes.lora_keys import guess_lora_architecture
+    from comfyui_tdm_pack.nodes.node_defs import TDMLoraLoader
     from tdm_core.metadata import TDMInfo
 
+    _, lora, _ = student
     assert FAMILY_OF_CONFIG[type(comfy_model.model.model_config).__name__] == "z_image"
     with pytest.raises(ValueError, match="distilled from a flux model but this model is ZImage"):
         check_family(comfy_model, TDMInfo(num_steps=4, grid=[899, 674, 449, 224], base_family="flux"), "x.safetensors")
+    # the Z-Image LoRA on a Flux model: refused by name, not loaded in part
+    comfy_inprocess.set_lora_folder(lora.parent)
+    with pytest.raises(ValueError, match="distilled from a z_image model but this model is Flux"):
+        TDMLoraLoader.execute(tiny_model("flux"), lora.name, 1.0, True, 1.0)
+    assert guess_lora_architecture(load_file(str(lora))).startswith("Z-Image")
