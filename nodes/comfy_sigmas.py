@@ -31,7 +31,7 @@ def check_supported_sampling(model_sampling) -> None:
     """TDM needs a discrete VP schedule (eps / v models) or a rectified flow (SD3's discrete one, Flux's)."""
     if is_flow_sampling(model_sampling):
         if not isinstance(model_sampling, (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.ModelSamplingFlux)):
-            raise ValueError(f"TDM supports the flow models SD3, SD3.5 and Flux.1, not {type(model_sampling).__mro__[1].__name__}: use a stock sampler for this model")
+            raise ValueError(f"TDM supports the flow models SD3, SD3.5, Flux.1 and Z-Image, not {type(model_sampling).__mro__[1].__name__}: use a stock sampler for this model")
         return
     vp_output = isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(model_sampling, comfy.model_sampling.EDM)
     if not (vp_output and isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)):
@@ -52,7 +52,7 @@ def sigmas_for_timesteps(model_sampling, timesteps: list[int]) -> torch.Tensor:
     t = torch.tensor([float(x) for x in timesteps], dtype=torch.float32)
     if is_flux_sampling(model_sampling):  # Flux reads sigma(t / T) on [0, 1]
         t = t / num_timesteps_of(model_sampling)
-    elif is_flow_sampling(model_sampling):  # flow models read sigma(t * multiplier / T); SD3's multiplier is T = 1000
+    elif is_flow_sampling(model_sampling):  # flow models read sigma(t * multiplier / T); SD3's multiplier is T = 1000, Z-Image's 1
         t = t * (float(model_sampling.multiplier) / num_timesteps_of(model_sampling))
     sigmas = model_sampling.sigma(t).float().cpu()
     return torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -76,13 +76,19 @@ def model_flow_shift(model_sampling) -> Optional[float]:
     return None
 
 
+def flow_shift_node(model_sampling) -> str:
+    """The ComfyUI node that sets a discrete flow model's shift: ModelSamplingSD3 writes multiplier 1000 (SD3),
+    ModelSamplingAuraFlow multiplier 1 (Z-Image, AuraFlow, Lumina 2)."""
+    return "ModelSamplingAuraFlow" if float(model_sampling.multiplier) == 1.0 else "ModelSamplingSD3"
+
+
 def warn_on_shift_mismatch(model_sampling, info: Optional[TDMInfo]) -> None:
     """A flow LoRA records the shift it was trained at; sampling at another one still runs, so say it."""
     trained, used = (info.flow_shift if info is not None else None), model_flow_shift(model_sampling)
     if trained is None or used is None or abs(used - trained) <= SHIFT_TOLERANCE * trained:
         return
     fix = ("set ModelSamplingFlux's width and height to the training resolution" if is_flux_sampling(model_sampling)
-           else f"set ModelSamplingSD3's shift to {trained:.3g}")
+           else f"set {flow_shift_node(model_sampling)}'s shift to {trained:.3g}")
     logging.warning(f"TDM Scheduler: the model samples with flow shift {used:.3g} but its TDM LoRA was trained at "
                     f"{trained:.3g}; {fix}.")
 

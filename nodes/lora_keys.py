@@ -140,6 +140,8 @@ def guess_lora_architecture(lora: dict[str, torch.Tensor]) -> str:
     joined = "\n".join(keys)
     if "double_blocks" in joined or "single_blocks" in joined or "single_transformer_blocks" in joined:
         return "Flux (double/single stream blocks)"
+    if "context_refiner" in joined or "noise_refiner" in joined:
+        return "Z-Image (NextDiT: noise and context refiners)"
     if "joint_blocks" in joined or "context_block" in joined or "add_q_proj" in joined or "lora_transformer_transformer_blocks" in joined:
         return "SD3 (MMDiT joint blocks)"
     if any(k.startswith(("transformer.", "lora_transformer_")) for k in keys):

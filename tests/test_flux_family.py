@@ -130,14 +130,11 @@ def test_training_distill_distils_flux_into_a_diffusers_layout_lora(folder, tmp_
 def write_comfy_flux_files(pipe, models: Path, layout_prefix: str = "") -> Path:
     """The tiny pipeline's weights as ComfyUI's Flux files: BFL-layout diffusion model (ComfyUI's own key map),
     CLIP-L and T5 in transformers' layout, the VAE in the LDM layout. Returns the diffusion-model file."""
-    import re
-
     from safetensors.torch import save_file
 
-    from tests.helpers.tiny_models import TINY_FLUX, _assemble_ldm, import_comfy
+    from tests.helpers.tiny_models import TINY_FLUX, _assemble_ldm, import_comfy, ldm_vae_state
 
     comfy = import_comfy()
-    from comfy import diffusers_convert
 
     for folder in ("diffusion_models", "text_encoders", "vae"):
         (models / folder).mkdir(parents=True, exist_ok=True)
@@ -146,10 +143,7 @@ def write_comfy_flux_files(pipe, models: Path, layout_prefix: str = "") -> Path:
     save_file({k: v.contiguous() for k, v in pipe.text_encoder.state_dict().items()}, str(models / "text_encoders" / "clip_l.safetensors"))
     t5 = {k: v.detach().clone().contiguous() for k, v in pipe.text_encoder_2.state_dict().items()}  # unshare tied tensors
     save_file(t5, str(models / "text_encoders" / "t5xxl_fp16.safetensors"))
-    vae = diffusers_convert.convert_vae_state_dict(pipe.vae.state_dict())
-    levels = len(pipe.vae.config.block_out_channels)  # the converter numbers decoder levels for SD's 4-level VAE
-    vae = {re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{int(m.group(1)) - (4 - levels)}.", k): v.contiguous() for k, v in vae.items()}
-    save_file(vae, str(models / "vae" / "ae.safetensors"))
+    save_file(ldm_vae_state(pipe.vae), str(models / "vae" / "ae.safetensors"))
     return models / "diffusion_models" / "flux1-dev.safetensors"
 
 

@@ -43,6 +43,7 @@ PIPELINE_FAMILIES = {  # diffusers pipeline class (model_index.json "_class_name
     "PixArtAlphaPipeline": "pixart",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "ZImagePipeline": "z_image",
 }
 
 
@@ -57,8 +58,10 @@ def _family_class(name: str):
     from training.families.sd3 import SD3Family
     from training.families.sd15 import SD15Family
     from training.families.sdxl import SDXLFamily
+    from training.families.z_image import ZImageFamily
 
-    return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily}[name]
+    return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily,
+            "z_image": ZImageFamily}[name]
 
 
 def known_families() -> list[str]:
@@ -91,6 +94,8 @@ def detect_folder_family(folder: Path) -> str:
                 return "pixart"
             if kind == "SD3Transformer2DModel":
                 return "sd3"
+            if kind == "ZImageTransformer2DModel":
+                return "z_image"
     raise TrainingInputError(
         f"{folder} is not a model folder this trainer knows: expected a diffusers folder with model_index.json "
         f"(one of {', '.join(sorted(PIPELINE_FAMILIES))}) or a {FAMILY_FILE} naming the family. "
@@ -109,10 +114,13 @@ SINGLE_FILE_MARKERS = (
 
 def detect_single_file_family(keys) -> str | None:
     from training.families.flux_files import is_bfl_flux
+    from training.families.z_image_files import is_comfy_z_image
 
     keys = list(keys)
     if is_bfl_flux(keys):  # a Flux diffusion model in Black Forest Labs' layout (ComfyUI's models/diffusion_models)
         return "flux"
+    if is_comfy_z_image(keys):  # a Z-Image diffusion model in ComfyUI's Lumina2 layout
+        return "z_image"
     for family, marker in SINGLE_FILE_MARKERS:
         if any(k.startswith(marker) for k in keys):
             return family
@@ -253,7 +261,7 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
         name = family or detected
         if name is None:
             raise TrainingInputError(
-                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3 or Flux keys found. Pass family= and "
+                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3, Flux or Z-Image keys found. Pass family= and "
                 "config_path= for a supported architecture, or a diffusers model folder."
             )
         if name not in PIPELINE_FAMILIES.values():
@@ -268,6 +276,11 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
 
             with _offline():
                 pipeline = load_sd3_file(path, config_path, dtype)
+        elif name == "z_image":  # the same for Z-Image: Qwen3-4B and the Flux VAE in the sibling folders
+            from training.families.z_image_files import load_z_image_files
+
+            with _offline():
+                pipeline = load_z_image_files(path, config_path, dtype)
         else:
             pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))

@@ -361,11 +361,7 @@ def single_file_state_dict(pipe, family: str) -> dict[str, torch.Tensor]:
         state.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in pipe.text_encoder_3.state_dict().items()})
     else:
         state = _ldm_unet_state(pipe.unet, family)
-    vae = diffusers_convert.convert_vae_state_dict(pipe.vae.state_dict())
-    # that converter numbers decoder levels as for SD's 4-level VAE (up.3 = first up block); renumber for ours
-    levels = len(pipe.vae.config.block_out_channels)
-    vae = {re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{int(m.group(1)) - (4 - levels)}.", k): v for k, v in vae.items()}
-    state.update({f"first_stage_model.{k}": v for k, v in vae.items()})
+    state.update({f"first_stage_model.{k}": v for k, v in ldm_vae_state(pipe.vae).items()})
     if family == "sd15":
         state.update({f"cond_stage_model.transformer.{k}": v for k, v in _clip_checkpoint_keys(pipe.text_encoder).items()})
     elif family == "sdxl":
@@ -375,6 +371,18 @@ def single_file_state_dict(pipe, family: str) -> dict[str, torch.Tensor]:
         openclip = diffusers_convert.convert_text_enc_state_dict_v20(hf)
         state.update({f"conditioner.embedders.1.model.{k}": v for k, v in openclip.items()})
     return {k: v.detach().clone().contiguous() for k, v in state.items()}  # T5 ties shared/embed_tokens: unshare
+
+
+def ldm_vae_state(vae) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's weights in the LDM layout (single files, Flux's ae.safetensors)."""
+    import_comfy()
+    from comfy import diffusers_convert
+
+    state = diffusers_convert.convert_vae_state_dict(vae.state_dict())
+    # that converter numbers decoder levels as for SD's 4-level VAE (up.3 = first up block); renumber for ours
+    levels = len(vae.config.block_out_channels)
+    return {re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{int(m.group(1)) - (4 - levels)}.", k): v.contiguous()
+            for k, v in state.items()}
 
 
 def save_tiny_single_file(family: str, folder: str | os.PathLike, seed: int = 0, **options) -> tuple[Path, Path]:

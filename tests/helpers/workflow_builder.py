@@ -160,6 +160,12 @@ FLUX_VAE = "ae.safetensors"
 FLUX_LORA = "flux_dev_tdm4.safetensors"
 FLUX_FILES = (("diffusion_models", FLUX_UNET), ("text_encoders", FLUX_CLIP_L), ("text_encoders", FLUX_T5), ("vae", FLUX_VAE),
               ("loras", FLUX_LORA))
+ZIMAGE_UNET = "z_image_turbo_bf16.safetensors"  # the names of ComfyUI's own Z-Image-Turbo template
+ZIMAGE_TEXT_ENCODER = "qwen_3_4b.safetensors"
+ZIMAGE_VAE = "ae.safetensors"
+ZIMAGE_LORA = "z_image_turbo_tdm4.safetensors"
+ZIMAGE_FILES = (("diffusion_models", ZIMAGE_UNET), ("text_encoders", ZIMAGE_TEXT_ENCODER), ("vae", ZIMAGE_VAE),
+                ("loras", ZIMAGE_LORA))
 INPUT_IMAGE = "tdm_img2img_input.png"
 PROMPT = "a photo of a red fox in a snowy forest, golden hour, highly detailed"
 SEED = 42
@@ -305,6 +311,30 @@ def flux_tdm_lora(object_info: dict) -> dict:
     return wf.to_json()
 
 
+def z_image_tdm_lora(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    files = "\n".join(f"  models/{folder}/{name}" for folder, name in ZIMAGE_FILES)
+    wf.note((20, 520), (
+        f"Put these files into your ComfyUI models folders (Z-Image-Turbo as ComfyUI's own Z-Image-Turbo template has it):\n\n{files}\n\n"
+        f"{ZIMAGE_LORA}: a Z-Image-Turbo TDM LoRA written by `python -m training.distill --model "
+        f"models/diffusion_models/{ZIMAGE_UNET} --cfg 1` of comfyui-tdm (the turbo model samples without CFG, so it is "
+        "distilled at --cfg 1; a base Z-Image LoRA is distilled with CFG and also samples at CFG 1).\n\n"
+        "Keep CFG at 1 and ModelSamplingAuraFlow's shift at the LoRA's flow shift (3, Z-Image-Turbo's own): the TDM Scheduler "
+        "reads the shift from the model and warns when it differs from the one the LoRA was trained at."))
+    unet = wf.add("UNETLoader", (20, 120), unet_name=ZIMAGE_UNET)
+    clip = wf.add("CLIPLoader", (20, 280), clip_name=ZIMAGE_TEXT_ENCODER, type="lumina2")
+    vae = wf.add("VAELoader", (20, 440), vae_name=ZIMAGE_VAE)
+    lora = wf.add("TDMLoraLoader", (380, 120), model=unet[0], clip=clip[0], lora_name=ZIMAGE_LORA)
+    shifted = wf.add("ModelSamplingAuraFlow", (380, 420), model=lora[0], shift=3.0)
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=lora[1], text=PROMPT)
+    latent = wf.add("EmptySD3LatentImage", (740, 380), width=1024, height=1024, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=shifted[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=latent[0], denoise=1.0)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=vae[0])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix="tdm_z_image_4step")
+    return wf.to_json()
+
+
 def sd15_teacher_vs_tdm(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
     wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "Top row: the teacher (the checkpoint alone, 25 steps, "
@@ -354,6 +384,7 @@ WORKFLOWS = {
     "sd35_tdm_lora": sd35_tdm_lora,
     "sd15_tdm_dreamshaper_release": sd15_tdm_dreamshaper_release,
     "flux_tdm_lora": flux_tdm_lora,
+    "z_image_tdm_lora": z_image_tdm_lora,
     "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
     "sd15_img2img": sd15_img2img,
 }

@@ -153,24 +153,30 @@ def _tokenizers(config_dir: Path):
     return tuple(AutoTokenizer.from_pretrained(str(f), local_files_only=True) for f in found)
 
 
+def load_flux_vae(path: Path, config_dir: Path, dtype=torch.float32):
+    """The Flux autoencoder (``models/vae/ae.safetensors``, LDM layout) with ``config_dir/vae``'s config; Z-Image uses it too."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_single_file(str(path), config=str(config_dir), subfolder="vae", local_files_only=True,
+                                              torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise _input_error(f"cannot read {path} as the VAE of {config_dir} ({err}): pass Flux's ae.safetensors, "
+                           "or --model-config with the diffusers config of this model") from err
+
+
 def load_flux_files(path: Path, config_path: Path | None, dtype=torch.float32):
     """A FluxPipeline from ComfyUI's Flux files (see the module docstring)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     config_dir = Path(config_path) if config_path else CONFIGS
     files = companion_files(path)
     transformer = _transformer(path, config_dir, dtype)
     tokenizer, tokenizer_2 = _tokenizers(config_dir)
-    try:
-        vae = AutoencoderKL.from_single_file(str(files["vae"]), config=str(config_dir), subfolder="vae", local_files_only=True,
-                                             torch_dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {files['vae']} as the VAE of {config_dir} ({err}): pass Flux's ae.safetensors, "
-                           "or --model-config with the diffusers config of this model") from err
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(config_dir), subfolder="scheduler"),
-        vae=vae, transformer=transformer,
+        vae=load_flux_vae(files["vae"], config_dir, dtype), transformer=transformer,
         text_encoder=_text_model(CLIPTextModel, CLIPTextConfig, files["clip_l"], config_dir / "text_encoder", dtype),
         text_encoder_2=_text_model(T5EncoderModel, T5Config, files["t5"], config_dir / "text_encoder_2", dtype),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
