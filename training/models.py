@@ -43,6 +43,7 @@ PIPELINE_FAMILIES = {  # diffusers pipeline class (model_index.json "_class_name
     "PixArtAlphaPipeline": "pixart",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "QwenImagePipeline": "qwen_image",
 }
 
 
@@ -54,11 +55,13 @@ def register_family(name: str, loader: Callable[..., ModelFamily]) -> None:
 def _family_class(name: str):
     from training.families.flux import FluxFamily
     from training.families.pixart import PixArtFamily
+    from training.families.qwen_image import QwenImageFamily
     from training.families.sd3 import SD3Family
     from training.families.sd15 import SD15Family
     from training.families.sdxl import SDXLFamily
 
-    return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily}[name]
+    return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily,
+            "qwen_image": QwenImageFamily}[name]
 
 
 def known_families() -> list[str]:

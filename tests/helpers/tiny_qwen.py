@@ -1,0 +1,89 @@
+"""A tiny random-weight Qwen-Image (diffusers ``QwenImagePipeline``) and ComfyUI's own QwenImage holding the
+same transformer weights, built offline in seconds.
+
+The tokenizer is the real Qwen2.5 one ComfyUI ships (comfy/text_encoders/qwen25_tokenizer), so the prompt
+template and ``drop_idx`` (34 tokens) are exercised as on the real model; the text encoder is a 2-layer
+Qwen2.5-VL whose vocabulary covers that tokenizer. The VAE is a 2-level Qwen-Image (Wan 2.1) video VAE
+with the real ``latents_mean`` / ``latents_std`` (ComfyUI's Wan21 latent format uses the same numbers).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# ComfyUI's QwenImage takes its architecture as unet_config; heads x head width = 32, rope axes add up to 16
+TINY_QWEN = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+             "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": [4, 6, 6]}
+VOCAB_SIZE = 151936  # Qwen2.5's embedding rows (the tokenizer uses 151669 of them)
+
+
+def comfy_tokenizer_folder() -> Path:
+    from tests.helpers.tiny_models import import_comfy
+
+    comfy = import_comfy()
+    return Path(comfy.utils.__file__).resolve().parent / "text_encoders" / "qwen25_tokenizer"
+
+
+def tiny_qwen_transformer():
+    from diffusers import QwenImageTransformer2DModel
+
+    keys = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim")
+    return QwenImageTransformer2DModel(**{k: TINY_QWEN[k] for k in keys}, axes_dims_rope=tuple(TINY_QWEN["axes_dims_rope"]))
+
+
+def tiny_qwen_text_encoder():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=TINY_QWEN["joint_attention_dim"], intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TINY_QWEN["joint_attention_dim"],
+                  fullatt_block_indexes=[0], window_size=28, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)).eval()
+
+
+def tiny_qwen_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    # 2 levels: 2x spatial downsampling, no temporal one (an image is one frame); the real latents_mean / std (defaults)
+    return AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+
+
+def qwen_scheduler():
+    """Qwen-Image's own scheduler config (dynamic shift from the token count, shift_terminal 0.02)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from training.families.qwen_image import CONFIGS
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(str(CONFIGS), subfolder="scheduler")
+
+
+def build_tiny_qwen_pipeline(seed: int = 0):
+    from diffusers import QwenImagePipeline
+    from transformers import Qwen2Tokenizer
+
+    torch.manual_seed(seed)
+    return QwenImagePipeline(scheduler=qwen_scheduler(), vae=tiny_qwen_vae(), text_encoder=tiny_qwen_text_encoder(),
+                             tokenizer=Qwen2Tokenizer.from_pretrained(str(comfy_tokenizer_folder())),
+                             transformer=tiny_qwen_transformer())
+
+
+def save_tiny_qwen_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
+    folder = Path(folder)
+    build_tiny_qwen_pipeline(seed).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def comfy_qwen_from_diffusers_transformer(transformer):
+    """ComfyUI's QwenImage (comfy.supported_models.QwenImage -> comfy.model_base.QwenImage) holding exactly
+    ``transformer``'s weights: ComfyUI's Qwen-Image uses diffusers' own parameter names."""
+    from tests.helpers.tiny_models import import_comfy
+
+    comfy = import_comfy()
+    model = comfy.supported_models.QwenImage(dict(TINY_QWEN)).get_model({})
+    missing, unexpected = model.diffusion_model.load_state_dict(transformer.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI's QwenImage does not match the tiny transformer: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(torch.float32).eval()
