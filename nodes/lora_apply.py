@@ -16,7 +16,8 @@ from .core_import import TDMInfo
 from .lora_keys import convert_peft_layout, guess_lora_architecture, is_text_encoder_key, unmatched_layers
 
 # ComfyUI model config class -> the base_family names training.distill writes in the TDM metadata
-FAMILY_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "PixArtAlpha": "pixart", "PixArtSigma": "pixart", "Flux": "flux"}
+FAMILY_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "PixArtAlpha": "pixart", "PixArtSigma": "pixart", "Flux": "flux",
+                    "QwenImage": "qwen_image"}
 
 
 def model_architecture(model) -> str:
