@@ -14,7 +14,7 @@ import torch
 from tests.helpers.tiny_qwen import save_tiny_qwen_pipeline
 
 torch.set_num_threads(1)
-RESOLUTION = 32  # the tiny VAE halves: 16x16 latents, 8x8 = 64 tokens
+RESOLUTION = 128  # 16x16 latents of the 8x VAE, 8x8 = 64 tokens
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +46,8 @@ def test_shipped_scheduler_config_is_qwen_images_and_the_shift_follows_the_image
     config = scheduler.config
     assert (config.use_dynamic_shifting, config.time_shift_type, config.shift_terminal) == (True, "exponential", 0.02)
     assert (config.base_shift, config.max_shift, config.base_image_seq_len, config.max_image_seq_len) == (0.5, 0.9, 256, 8192)
-    assert family.name == "qwen_image" and family.prediction_type == "flow" and family.vae_scale_factor == 2
-    for resolution in (32, 128):
+    assert family.name == "qwen_image" and family.prediction_type == "flow" and family.vae_scale_factor == 8
+    for resolution in (128, 512):
         family.set_resolution(resolution)
         tokens = (resolution // family.vae_scale_factor // 2) ** 2
         mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
@@ -56,8 +56,8 @@ def test_shipped_scheduler_config_is_qwen_images_and_the_shift_follows_the_image
         ours = family.schedule.flow_sigma(unshifted * family.num_timesteps)
         assert torch.allclose(ours.double(), scheduler.time_shift(mu, 1.0, unshifted).double(), atol=1e-6)
         assert family.schedule.shift == pytest.approx(math.exp(mu))
-    # Qwen-Image at 1024 px has 4096 tokens (shift exp(0.694) = 2.0); the tiny 2x VAE gets them at 256 px
-    family.set_resolution(256)
+    # at 1024 px (4096 tokens) Qwen-Image's config gives shift exp(0.694) = 2.0
+    family.set_resolution(1024)
     assert family.schedule.shift == pytest.approx(math.exp(0.5 + 0.4 * (4096 - 256) / (8192 - 256)))
 
 
@@ -100,7 +100,7 @@ def test_denoise_is_the_pipelines_prompt_encoding_packing_and_transformer_call(f
     # a row alone (no padding at all) gives the same output as in the padded batch
     alone = family.denoise(x[:1], t[:1], family.encode_prompts(prompts[:1]))
     assert torch.allclose(alone, ours[:1], atol=1e-5)
-    with pytest.raises(ValueError, match="multiple of 4 for the qwen_image family"):
+    with pytest.raises(ValueError, match="multiple of 16 for the qwen_image family"):
         family.latent_shape(1, 30)
 
 
@@ -148,7 +148,7 @@ def test_training_distill_distils_qwen_image_into_a_lora(folder, tmp_path):
                  "--validate-every", "2", "--checkpoint-every", "0"]) == EXIT_OK
     tensors, info = read_lora(output)
     assert info.base_family == "qwen_image" and info.prediction_type == "flow" and info.teacher_cfg == 2.5
-    assert info.flow_shift == pytest.approx(math.exp(0.5 + 0.4 * (64 - 256) / (8192 - 256)))  # 64 tokens at 32 px
+    assert info.flow_shift == pytest.approx(math.exp(0.5 + 0.4 * (64 - 256) / (8192 - 256)))  # 64 tokens at 128 px
     assert tensors and all(k.startswith("transformer.transformer_blocks.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     for part in ("attn.to_q", "attn.add_k_proj", "attn.to_add_out", "img_mlp.net.0.proj", "txt_mlp.net.2"):
         assert f"transformer.transformer_blocks.1.{part}.lora_B.weight" in tensors, part

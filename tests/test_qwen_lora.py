@@ -13,7 +13,7 @@ from tests.test_lora_export import comfy_apply_lora, student_and_teacher
 
 torch.set_num_threads(1)
 RANK, ALPHA = 4, 2.0
-RESOLUTION = 32
+RESOLUTION = 128  # 16x16 latents, 64 tokens
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from tests.helpers import comfy_inprocess
 from tests.helpers.tiny_qwen import comfy_qwen_from_diffusers_transformer, save_tiny_qwen_pipeline
 
 torch.set_num_threads(1)
-RESOLUTION = 32  # 16x16 latents of the tiny 2x VAE, 64 tokens
+RESOLUTION = 128  # 16x16 latents of the 8x VAE, 8x8 = 64 tokens
 CFG = 2.5
 
 

@@ -3,7 +3,7 @@ same transformer weights, built offline in seconds.
 
 The tokenizer is the real Qwen2.5 one ComfyUI ships (comfy/text_encoders/qwen25_tokenizer), so the prompt
 template and ``drop_idx`` (34 tokens) are exercised as on the real model; the text encoder is a 2-layer
-Qwen2.5-VL whose vocabulary covers that tokenizer. The VAE is a 2-level Qwen-Image (Wan 2.1) video VAE
+Qwen2.5-VL whose vocabulary covers that tokenizer. The VAE is Qwen-Image's (Wan 2.1) video VAE at 1/12 of its width,
 with the real ``latents_mean`` / ``latents_std`` (ComfyUI's Wan21 latent format uses the same numbers).
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 # ComfyUI's QwenImage takes its architecture as unet_config; heads x head width = 32, rope axes add up to 16
 TINY_QWEN = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": [4, 6, 6]}
+TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+            "temperal_downsample": [False, True, True]}
 VOCAB_SIZE = 151936  # Qwen2.5's embedding rows (the tokenizer uses 151669 of them)
 
 
@@ -47,8 +49,9 @@ def tiny_qwen_text_encoder():
 def tiny_qwen_vae():
     from diffusers import AutoencoderKLQwenImage
 
-    # 2 levels: 2x spatial downsampling, no temporal one (an image is one frame); the real latents_mean / std (defaults)
-    return AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+    # Qwen-Image's levels (8x, which diffusers' Wan VAE converter assumes) at 1/12 of its width; the real
+    # latents_mean / std (the defaults)
+    return AutoencoderKLQwenImage(**TINY_VAE)
 
 
 def qwen_scheduler():
