@@ -112,10 +112,13 @@ SINGLE_FILE_MARKERS = (
 
 def detect_single_file_family(keys) -> str | None:
     from training.families.flux_files import is_bfl_flux
+    from training.families.qwen_image_files import is_qwen_image
 
     keys = list(keys)
     if is_bfl_flux(keys):  # a Flux diffusion model in Black Forest Labs' layout (ComfyUI's models/diffusion_models)
         return "flux"
+    if is_qwen_image(keys):  # a Qwen-Image diffusion model (ComfyUI's models/diffusion_models)
+        return "qwen_image"
     for family, marker in SINGLE_FILE_MARKERS:
         if any(k.startswith(marker) for k in keys):
             return family
@@ -256,7 +259,7 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
         name = family or detected
         if name is None:
             raise TrainingInputError(
-                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3 or Flux keys found. Pass family= and "
+                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3, Flux or Qwen-Image keys found. Pass family= and "
                 "config_path= for a supported architecture, or a diffusers model folder."
             )
         if name not in PIPELINE_FAMILIES.values():
@@ -266,6 +269,11 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
 
             with _offline():
                 pipeline = load_flux_files(path, config_path, dtype)
+        elif name == "qwen_image":  # the same: the text encoder and the VAE in the sibling folders
+            from training.families.qwen_image_files import load_qwen_image_files
+
+            with _offline():
+                pipeline = load_qwen_image_files(path, config_path, dtype)
         else:
             pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))

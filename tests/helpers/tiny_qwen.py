@@ -90,3 +90,66 @@ def comfy_qwen_from_diffusers_transformer(transformer):
     if missing or unexpected:
         raise RuntimeError(f"ComfyUI's QwenImage does not match the tiny transformer: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(torch.float32).eval()
+
+
+# --- ComfyUI's split files: models/diffusion_models + text_encoders + vae --------------------------------
+def comfy_wan_vae():
+    """ComfyUI's own Qwen-Image / Wan 2.1 VAE network (comfy.ldm.wan.vae.WanVAE) of the tiny VAE's shape."""
+    from tests.helpers.tiny_models import import_comfy
+
+    import_comfy()
+    from comfy.ldm.wan.vae import WanVAE
+
+    return WanVAE(dim=TINY_VAE["base_dim"], z_dim=TINY_VAE["z_dim"], dim_mult=TINY_VAE["dim_mult"], num_res_blocks=TINY_VAE["num_res_blocks"],
+                  attn_scales=TINY_VAE["attn_scales"], temperal_downsample=TINY_VAE["temperal_downsample"]).eval()
+
+
+def vae_in_comfy_layout(vae) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKLQwenImage's weights under ComfyUI's (Wan 2.1's original) names: diffusers' own
+    converter, run on ComfyUI's WanVAE keys, tells which ComfyUI tensor each diffusers weight comes from."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    tagged = {k: torch.empty(v.shape) for k, v in comfy_wan_vae().state_dict().items()}
+    source_of = {v.data_ptr(): k for k, v in tagged.items()}
+    converted = convert_wan_vae_to_diffusers(dict(tagged))
+    state = vae.state_dict()
+    return {source_of[v.data_ptr()]: state[k].detach().clone().contiguous() for k, v in converted.items()}
+
+
+def text_encoder_in_original_layout(text_encoder) -> dict[str, torch.Tensor]:
+    """Qwen2.5-VL's weights as the original checkpoints (and ComfyUI's file) name them: model.layers.*, visual.*."""
+    out = {}
+    for key, tensor in text_encoder.state_dict().items():
+        if key.startswith("model.language_model."):
+            out["model." + key[len("model.language_model."):]] = tensor
+        elif key.startswith("model.visual."):
+            out["visual." + key[len("model.visual."):]] = tensor
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}  # tied lm_head: the embedding is enough
+
+
+def scaled_fp8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's "fp8_scaled" layout: each matrix as float8_e4m3fn with a ``scale_weight`` beside it."""
+    out = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, tensor in state.items():
+        if key.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().max().clamp(min=1e-8) / 448.0
+            out[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            out[key] = tensor
+    return out
+
+
+def write_comfy_qwen_files(pipe, models: Path, prefix: str = "", text_encoder_fp8: bool = False) -> Path:
+    """The tiny pipeline's weights as ComfyUI's Qwen-Image files; returns the diffusion-model file."""
+    from safetensors.torch import save_file
+
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+    path = models / "diffusion_models" / "qwen_image_bf16.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(path))
+    text = text_encoder_in_original_layout(pipe.text_encoder)
+    name = "qwen_2.5_vl_7b_fp8_scaled.safetensors" if text_encoder_fp8 else "qwen_2.5_vl_7b.safetensors"
+    save_file(scaled_fp8(text) if text_encoder_fp8 else text, str(models / "text_encoders" / name))
+    save_file(vae_in_comfy_layout(pipe.vae), str(models / "vae" / "qwen_image_vae.safetensors"))
+    return path
