@@ -153,7 +153,7 @@ def test_other_architecture_workflow_passes_validation(e2e, object_info, quick_p
     assert body["node_errors"] == {}
     entry = e2e.server.wait_for_history(body["prompt_id"])
     assert entry["status"]["status_str"] == "error"
-    assert execution_error(entry)["node_type"] in {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader"}
+    assert execution_error(entry)["node_type"] in {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader"}
     assert_server_still_serves(e2e, quick_prompt)
 
 
