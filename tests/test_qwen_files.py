@@ -33,7 +33,7 @@ def family(folder):
     return family
 
 
-@pytest.mark.parametrize("prefix,fp8", [("", False), ("model.diffusion_model.", True)], ids=["bf16-layout", "prefixed+fp8-scaled-text"])
+@pytest.mark.parametrize("prefix,fp8", [("", False), ("model.diffusion_model.", True)], ids=["bf16-layout", "prefixed+fp8-scaled-text-only"])
 def test_comfyui_qwen_image_files_load_as_the_same_model(folder, family, tmp_path, prefix, fp8):
     from safetensors.torch import load_file
 
@@ -109,3 +109,16 @@ def test_bad_input_is_named_and_nothing_is_written(family, folder, tmp_path, cap
     assert "Traceback" not in err
     leftovers = list((tmp_path / "out").rglob("*")) if (tmp_path / "out").exists() else []
     assert not output.exists() and leftovers == []
+
+
+def test_without_a_config_folder_the_tokenizer_is_comfyuis_own():
+    from transformers import Qwen2Tokenizer
+
+    from tests.helpers.tiny_qwen import comfy_tokenizer_folder
+    from training.families.qwen_image import CONFIGS
+    from training.families.qwen_image_files import _tokenizer
+
+    ours = _tokenizer(CONFIGS)  # the shipped configs carry no vocabulary: ComfyUI's comfy/text_encoders/qwen25_tokenizer
+    reference = Qwen2Tokenizer.from_pretrained(str(comfy_tokenizer_folder()))
+    text = "<|im_start|>user\na red fox in the snow<|im_end|>"
+    assert ours(text).input_ids == reference(text).input_ids and len(ours) == len(reference) == 151669

@@ -116,13 +116,13 @@ def vae_in_comfy_layout(vae) -> dict[str, torch.Tensor]:
     return {source_of[v.data_ptr()]: state[k].detach().clone().contiguous() for k, v in converted.items()}
 
 
-def text_encoder_in_original_layout(text_encoder) -> dict[str, torch.Tensor]:
+def text_encoder_in_original_layout(text_encoder, with_vision: bool = True) -> dict[str, torch.Tensor]:
     """Qwen2.5-VL's weights as the original checkpoints (and ComfyUI's file) name them: model.layers.*, visual.*."""
     out = {}
     for key, tensor in text_encoder.state_dict().items():
         if key.startswith("model.language_model."):
             out["model." + key[len("model.language_model."):]] = tensor
-        elif key.startswith("model.visual."):
+        elif key.startswith("model.visual.") and with_vision:
             out["visual." + key[len("model.visual."):]] = tensor
     return {k: v.detach().clone().contiguous() for k, v in out.items()}  # tied lm_head: the embedding is enough
 
@@ -141,14 +141,15 @@ def scaled_fp8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_comfy_qwen_files(pipe, models: Path, prefix: str = "", text_encoder_fp8: bool = False) -> Path:
-    """The tiny pipeline's weights as ComfyUI's Qwen-Image files; returns the diffusion-model file."""
+    """The tiny pipeline's weights as ComfyUI's Qwen-Image files; returns the diffusion-model file.
+    ``text_encoder_fp8``: the text encoder in ComfyUI's scaled fp8, without the vision tower."""
     from safetensors.torch import save_file
 
     for folder in ("diffusion_models", "text_encoders", "vae"):
         (models / folder).mkdir(parents=True, exist_ok=True)
     path = models / "diffusion_models" / "qwen_image_bf16.safetensors"
     save_file({prefix + k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(path))
-    text = text_encoder_in_original_layout(pipe.text_encoder)
+    text = text_encoder_in_original_layout(pipe.text_encoder, with_vision=not text_encoder_fp8)  # a text-only file too
     name = "qwen_2.5_vl_7b_fp8_scaled.safetensors" if text_encoder_fp8 else "qwen_2.5_vl_7b.safetensors"
     save_file(scaled_fp8(text) if text_encoder_fp8 else text, str(models / "text_encoders" / name))
     save_file(vae_in_comfy_layout(pipe.vae), str(models / "vae" / "qwen_image_vae.safetensors"))
