@@ -154,3 +154,46 @@ def write_comfy_qwen_files(pipe, models: Path, prefix: str = "", text_encoder_fp
     save_file(scaled_fp8(text) if text_encoder_fp8 else text, str(models / "text_encoders" / name))
     save_file(vae_in_comfy_layout(pipe.vae), str(models / "vae" / "qwen_image_vae.safetensors"))
     return path
+
+
+# --- ComfyUI's own Qwen-Image text encoding at a tiny size ----------------------------------------------
+# ComfyUI's Qwen2.5-VL fixes the head width at 128 and the rope sections at Qwen2.5-VL's (16, 24, 24): one head
+TINY_QWEN_LLM = {"vocab_size": VOCAB_SIZE, "hidden_size": 128, "intermediate_size": 37, "num_hidden_layers": 2,
+                 "num_attention_heads": 1, "num_key_value_heads": 1, "max_position_embeddings": 2048}
+
+
+def tiny_qwen_text_encoder_128():
+    """A Qwen2.5-VL text encoder ComfyUI's own Qwen-Image text-encoder classes can hold (128-wide heads)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(TINY_QWEN_LLM, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=128, fullatt_block_indexes=[0])
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)).eval()
+
+
+def comfy_qwen_text_encoder(text_encoder):
+    """ComfyUI's QwenImageTEModel (what CLIPLoader type qwen_image builds) at TINY_QWEN_LLM's size, holding
+    ``text_encoder``'s language-model weights (its fixed-size vision tower stays unused and uninitialised)."""
+    from tests.helpers.tiny_models import import_comfy
+
+    import_comfy()
+    import comfy.sd1_clip
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.qwen_image
+
+    class TinyQwen25VL(comfy.sd1_clip.SDClipModel):  # Qwen25_7BVLIModel with a config instead of the 7B one
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True, model_options={}):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(TINY_QWEN_LLM), dtype=dtype,
+                             special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=comfy.text_encoders.llama.Qwen25_7BVLI,
+                             enable_attention_masks=attention_mask, return_attention_masks=attention_mask, model_options=model_options)
+
+    class TinyQwenImageTE(comfy.text_encoders.qwen_image.QwenImageTEModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name="qwen25_7b", clip_model=TinyQwen25VL,
+                                                 model_options=model_options)
+
+    model = TinyQwenImageTE(dtype=torch.float32)
+    missing, unexpected = model.qwen25_7b.transformer.load_state_dict(text_encoder_in_original_layout(text_encoder, with_vision=False), strict=False)
+    if unexpected or [k for k in missing if not k.startswith("visual.")]:
+        raise RuntimeError(f"ComfyUI's Qwen2.5-VL does not match the tiny text encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), comfy.text_encoders.qwen_image.QwenImageTokenizer()
