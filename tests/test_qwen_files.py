@@ -122,3 +122,20 @@ def test_without_a_config_folder_the_tokenizer_is_comfyuis_own():
     reference = Qwen2Tokenizer.from_pretrained(str(comfy_tokenizer_folder()))
     text = "<|im_start|>user\na red fox in the snow<|im_end|>"
     assert ours(text).input_ids == reference(text).input_ids and len(ours) == len(reference) == 151669
+
+
+def test_training_distill_runs_from_the_comfyui_files(family, folder, tmp_path):
+    from training.distill import EXIT_OK, main
+    from training.lora_io import read_lora
+    from training.models import file_sha256
+
+    path = write_comfy_qwen_files(family.pipeline, tmp_path / "ComfyUI" / "models")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    output = tmp_path / "ComfyUI" / "models" / "loras" / "qwen_image_tdm4.safetensors"
+    assert main(["--model", str(path), "--model-config", str(folder), "--prompts", str(prompts), "--output", str(output),
+                 "--resolution", str(RESOLUTION), "--batch-size", "1", "--lora-rank", "4", "--cfg", "2.5", "--max-train-steps", "1",
+                 "--validate-every", "0", "--checkpoint-every", "0"]) == EXIT_OK
+    tensors, info = read_lora(output)
+    assert info.base_family == "qwen_image" and info.base_hash == file_sha256(path) and info.teacher_cfg == 2.5
+    assert tensors and all(k.startswith("transformer.transformer_blocks.") for k in tensors)

@@ -16,8 +16,8 @@ sigma is 0.02), not to the noise of a timestep, and the TDM student samples on i
 it as well.
 
 Guidance: Qwen-Image is not guidance-distilled; it uses true classifier-free guidance with a negative prompt.
-The method's CFG term uses the empty prompt (:meth:`null_condition`, ComfyUI's Qwen-Image template uses an
-empty negative prompt) as the unconditional branch, ``x0_uncond + w (x0_cond - x0_uncond)`` (METHOD.md).
+The method's CFG term uses the empty prompt (:meth:`null_condition`; in ComfyUI an empty negative
+CLIPTextEncode gives the same embeddings) as the unconditional branch, ``x0_uncond + w (x0_cond - x0_uncond)`` (METHOD.md).
 diffusers' ``true_cfg_scale`` does two things differently: it applies CFG only when a negative prompt is given,
 and it rescales the combined velocity per token to the norm of the conditional one
 (``comb * |cond| / |comb|``). The trainer does not rescale: the method's target is the plain CFG difference in
