@@ -64,6 +64,8 @@ def tdm_info_of(model) -> Optional[TDMInfo]:
     return getter(TDM_INFO_ATTACHMENT) if getter is not None else None
 
 
+# families whose shift is set with a plain-shift node (sigma(t) at multiplier 1), whatever their default sampling
+SHIFT_NODE_OF_FAMILY = {"qwen_image": "ModelSamplingAuraFlow"}
 SHIFT_TOLERANCE = 0.01  # relative; a different shift moves every grid point off the trained one
 
 
@@ -89,6 +91,8 @@ def warn_on_shift_mismatch(model_sampling, info: Optional[TDMInfo]) -> None:
         return
     fix = ("set ModelSamplingFlux's width and height to the training resolution" if is_flux_sampling(model_sampling)
            else f"set {flow_shift_node(model_sampling)}'s shift to {trained:.3g}")
+    if info.base_family in SHIFT_NODE_OF_FAMILY:  # e.g. Qwen-Image: ModelSamplingFlux's defaults are Flux's, not its own
+        fix = f"set {SHIFT_NODE_OF_FAMILY[info.base_family]}'s shift to {trained:.3g}"
     logging.warning(f"TDM Scheduler: the model samples with flow shift {used:.3g} but its TDM LoRA was trained at "
                     f"{trained:.3g}; {fix}.")
 

@@ -44,6 +44,7 @@ PIPELINE_FAMILIES = {  # diffusers pipeline class (model_index.json "_class_name
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "ZImagePipeline": "z_image",
+    "QwenImagePipeline": "qwen_image",
 }
 
 
@@ -55,13 +56,14 @@ def register_family(name: str, loader: Callable[..., ModelFamily]) -> None:
 def _family_class(name: str):
     from training.families.flux import FluxFamily
     from training.families.pixart import PixArtFamily
+    from training.families.qwen_image import QwenImageFamily
     from training.families.sd3 import SD3Family
     from training.families.sd15 import SD15Family
     from training.families.sdxl import SDXLFamily
     from training.families.z_image import ZImageFamily
 
     return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily,
-            "z_image": ZImageFamily}[name]
+            "z_image": ZImageFamily, "qwen_image": QwenImageFamily}[name]
 
 
 def known_families() -> list[str]:
@@ -114,6 +116,7 @@ SINGLE_FILE_MARKERS = (
 
 def detect_single_file_family(keys) -> str | None:
     from training.families.flux_files import is_bfl_flux
+    from training.families.qwen_image_files import is_qwen_image
     from training.families.z_image_files import is_comfy_z_image
 
     keys = list(keys)
@@ -121,6 +124,8 @@ def detect_single_file_family(keys) -> str | None:
         return "flux"
     if is_comfy_z_image(keys):  # a Z-Image diffusion model in ComfyUI's Lumina2 layout
         return "z_image"
+    if is_qwen_image(keys):  # a Qwen-Image diffusion model (ComfyUI's models/diffusion_models)
+        return "qwen_image"
     for family, marker in SINGLE_FILE_MARKERS:
         if any(k.startswith(marker) for k in keys):
             return family
@@ -261,7 +266,7 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
         name = family or detected
         if name is None:
             raise TrainingInputError(
-                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3, Flux or Z-Image keys found. Pass family= and "
+                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3, Flux, Z-Image or Qwen-Image keys found. Pass family= and "
                 "config_path= for a supported architecture, or a diffusers model folder."
             )
         if name not in PIPELINE_FAMILIES.values():
@@ -281,6 +286,11 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
 
             with _offline():
                 pipeline = load_z_image_files(path, config_path, dtype)
+        elif name == "qwen_image":  # the same: the text encoder and the VAE in the sibling folders
+            from training.families.qwen_image_files import load_qwen_image_files
+
+            with _offline():
+                pipeline = load_qwen_image_files(path, config_path, dtype)
         else:
             pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))

@@ -166,6 +166,12 @@ ZIMAGE_VAE = "ae.safetensors"
 ZIMAGE_LORA = "z_image_turbo_tdm4.safetensors"
 ZIMAGE_FILES = (("diffusion_models", ZIMAGE_UNET), ("text_encoders", ZIMAGE_TEXT_ENCODER), ("vae", ZIMAGE_VAE),
                 ("loras", ZIMAGE_LORA))
+QWEN_UNET = "qwen_image_fp8_e4m3fn.safetensors"  # the names of ComfyUI's own Qwen-Image template
+QWEN_TEXT_ENCODER = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+QWEN_VAE = "qwen_image_vae.safetensors"
+QWEN_LORA = "qwen_image_tdm4.safetensors"
+QWEN_FILES = (("diffusion_models", QWEN_UNET), ("text_encoders", QWEN_TEXT_ENCODER), ("vae", QWEN_VAE), ("loras", QWEN_LORA))
+QWEN_SHIFT = 2.0  # Qwen-Image's own dynamic shift at 1024 x 1024 (4096 tokens): exp(0.694)
 INPUT_IMAGE = "tdm_img2img_input.png"
 PROMPT = "a photo of a red fox in a snowy forest, golden hour, highly detailed"
 SEED = 42
@@ -335,6 +341,32 @@ def z_image_tdm_lora(object_info: dict) -> dict:
     return wf.to_json()
 
 
+def qwen_image_tdm_lora(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    files = "\n".join(f"  models/{folder}/{name}" for folder, name in QWEN_FILES)
+    wf.note((20, 520), (
+        f"Put these files into your ComfyUI models folders (Qwen-Image as ComfyUI's own Qwen-Image template has it; "
+        f"qwen_image_bf16.safetensors works too):\n\n{files}\n\n"
+        f"{QWEN_LORA}: a Qwen-Image TDM LoRA written by `python -m training.distill --cfg 2.5 --resolution 1024` of "
+        "comfyui-tdm (--model: the diffusion-model file above, the text encoder and VAE are found beside it).\n\n"
+        "Qwen-Image uses true CFG; the student was distilled with the teacher's CFG (and the empty negative prompt) "
+        "built in, so it samples at CFG 1 with no negative prompt. Set ModelSamplingAuraFlow's shift to the LoRA's "
+        f"flow shift: {QWEN_SHIFT} for a LoRA trained at 1024 px (Qwen-Image's own shift there; the TDM Scheduler "
+        "says in the log when the model samples at another one). ComfyUI's template uses 3.1 for the 20-step teacher."))
+    unet = wf.add("UNETLoader", (20, 120), unet_name=QWEN_UNET, weight_dtype="default")
+    clip = wf.add("CLIPLoader", (20, 280), clip_name=QWEN_TEXT_ENCODER, type="qwen_image")
+    vae = wf.add("VAELoader", (20, 440), vae_name=QWEN_VAE)
+    lora = wf.add("TDMLoraLoader", (380, 120), model=unet[0], lora_name=QWEN_LORA)
+    shifted = wf.add("ModelSamplingAuraFlow", (380, 420), model=lora[0], shift=QWEN_SHIFT)
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=clip[0], text=PROMPT)
+    latent = wf.add("EmptySD3LatentImage", (740, 380), width=1024, height=1024, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=shifted[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=latent[0], denoise=1.0)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=vae[0])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix="tdm_qwen_image_4step")
+    return wf.to_json()
+
+
 def sd15_teacher_vs_tdm(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
     wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "Top row: the teacher (the checkpoint alone, 25 steps, "
@@ -385,6 +417,7 @@ WORKFLOWS = {
     "sd15_tdm_dreamshaper_release": sd15_tdm_dreamshaper_release,
     "flux_tdm_lora": flux_tdm_lora,
     "z_image_tdm_lora": z_image_tdm_lora,
+    "qwen_image_tdm_lora": qwen_image_tdm_lora,
     "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
     "sd15_img2img": sd15_img2img,
 }

@@ -53,13 +53,17 @@ class PipelineFamily:
         self.schedule = schedule_from_scheduler_config(scheduler_config)
         self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         self.prediction_type = self._prediction_type(scheduler_config)
-        self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor()
         self.latent_channels = self._latent_channels()
         self.resolution = self._native_resolution()  # native training size
         self.prompt_cache: dict[str, Cond] = {}
 
     def _prediction_type(self, scheduler_config: dict) -> str:
         return scheduler_config.get("prediction_type", "epsilon")
+
+    def _vae_scale_factor(self) -> int:
+        # an AutoencoderKL halves the size per level but the last; video VAEs (Qwen-Image) say it otherwise
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
 
     def _latent_channels(self) -> int:
         return int(self.network.config.in_channels)
