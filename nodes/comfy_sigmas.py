@@ -106,7 +106,7 @@ def tdm_sigmas(model, steps: int, grid: str, custom_timesteps: str, denoise: flo
         return torch.FloatTensor([])
     info = tdm_info_of(model)
     warn_on_shift_mismatch(model_sampling, info)
-    timesteps = select_grid(grid, steps, info, custom_timesteps, num_timesteps_of(model_sampling))
+    timesteps = select_grid(grid, steps, info, custom_timesteps, num_timesteps_of(model_sampling), is_flow_sampling(model_sampling))
     if denoise < 1.0:
         timesteps = grids.tail_for_denoise(timesteps, denoise)
     return sigmas_for_timesteps(model_sampling, timesteps)

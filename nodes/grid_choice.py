@@ -19,7 +19,7 @@ DEFAULT_CUSTOM_TIMESTEPS = "999, 856, 665, 399"
 DEFAULT_TOTAL_STEPS = 900  # T of the reference rule when no TDM metadata says otherwise (METHOD.md)
 
 
-def grid_for_auto(steps: int, info: Optional[TDMInfo], num_timesteps: int) -> list[int]:
+def grid_for_auto(steps: int, info: Optional[TDMInfo], num_timesteps: int, flow: bool = False) -> list[int]:
     """The grid the LoRA was trained on when its metadata has one for this K, else the reference
     rule with the LoRA's own T (steps-aware LoRAs store K choices, not one grid)."""
     if info is None:
@@ -29,18 +29,19 @@ def grid_for_auto(steps: int, info: Optional[TDMInfo], num_timesteps: int) -> li
     elif not info.k_choices and info.num_steps and steps != info.num_steps:
         logging.warning("TDM: this LoRA was trained for %d steps, sampling with %d", info.num_steps, steps)
     if info.grid and len(info.grid) == steps:
-        return grids.check_grid(list(info.grid), num_timesteps)
+        return grids.check_grid(list(info.grid), num_timesteps, flow)
     return grids.reference_grid(steps, min(info.total_steps or DEFAULT_TOTAL_STEPS, num_timesteps))
 
 
-def select_grid(choice: str, steps: int, info: Optional[TDMInfo] = None, custom_timesteps: str = DEFAULT_CUSTOM_TIMESTEPS, num_timesteps: int = 1000) -> list[int]:
+def select_grid(choice: str, steps: int, info: Optional[TDMInfo] = None, custom_timesteps: str = DEFAULT_CUSTOM_TIMESTEPS, num_timesteps: int = 1000,
+                flow: bool = False) -> list[int]:
     """Timesteps ``t_0 > ... > t_{K-1}`` (integers of the model's discrete schedule) for a grid choice.
 
     ``custom`` and ``cogvideox`` fix their own number of steps; the others follow ``steps``."""
     if choice not in GRID_CHOICES:
         raise ValueError(f"unknown TDM grid {choice!r}: pick one of {', '.join(GRID_CHOICES)}")
     if choice == "auto":
-        return grid_for_auto(steps, info, num_timesteps)
+        return grid_for_auto(steps, info, num_timesteps, flow)
     if choice == "reference":
         return grids.reference_grid(steps, min(DEFAULT_TOTAL_STEPS, num_timesteps))
     if choice == "diffusers_leading":  # DDIMScheduler with the SD1.5 config (leading, steps_offset 1)

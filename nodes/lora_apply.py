@@ -51,6 +51,16 @@ def recognised_release(model, lora_sd: dict, metadata: dict, lora_name: str) -> 
     return release
 
 
+def named_release_tensors(model, release, lora_sd: dict) -> dict:
+    """A positional release (TDM-R1: tensors without names) named for this model from its own architecture
+    (the depth ComfyUI read from the checkpoint), in ComfyUI's Z-Image LoRA namespace."""
+    if release.layout != "positional":
+        return lora_sd
+    config = model.model.model_config.unet_config
+    names = releases.z_image_peft_order(int(config["n_layers"]), int(config.get("n_refiner_layers", 2)))
+    return releases.name_positional(lora_sd, names, release, "diffusion_model.", width=config.get("dim"))
+
+
 def apply_release_shift(model, info: Optional[TDMInfo], lora_name: str):
     """A release's documented flow shift (raw, or converted by training.convert), set on the model as ComfyUI's
     ModelSamplingSD3 node does, unless the model already samples at a shift of the user's choosing (not its
@@ -143,6 +153,7 @@ def apply_lora(model, clip, lora_sd: dict, metadata: dict, strength_model: float
     release = recognised_release(model, lora_sd, metadata, lora_name) if info is None else None
     if release is not None:
         info = release.info()
+        lora_sd = named_release_tensors(model, release, lora_sd)
     check_family(model, info, lora_name)
     lora = comfy.lora_convert.convert_lora(convert_peft_layout(lora_sd, metadata))
     key_map = lora_key_map(model, clip)

@@ -138,6 +138,8 @@ def guess_lora_architecture(lora: dict[str, torch.Tensor]) -> str:
     """A human description of what a LoRA was made for, from its key names and shapes."""
     keys = list(lora)
     joined = "\n".join(keys)
+    if keys and all(k.startswith(lora_files.POSITIONAL_KEY + ".") for k in keys):
+        return "Z-Image-Turbo (TDM-R1's positional parameter list, no key names)"
     if "double_blocks" in joined or "single_blocks" in joined or "single_transformer_blocks" in joined:
         return "Flux (double/single stream blocks)"
     if "context_refiner" in joined or "noise_refiner" in joined:

@@ -77,11 +77,14 @@ def check_num_steps(num_steps: int, total_steps: int) -> None:
         raise ValueError(f"number of steps K={num_steps} is outside 1..{total_steps}: pick K between 1 and 8")
 
 
-def check_grid(grid: list[int], num_timesteps: int = 1000) -> list[int]:
+def check_grid(grid: list[int], num_timesteps: int = 1000, flow: bool = False) -> list[int]:
+    """``flow``: a rectified flow also takes t = T (sigma 1, pure noise), where the Z-Image TDM-R1 release starts;
+    a discrete VP schedule ends at T - 1."""
     if not grid:
         raise ValueError("the trajectory grid is empty: give at least one timestep")
-    if any(not 0 <= t < num_timesteps for t in grid):
-        raise ValueError(f"grid {grid} has timesteps outside 0..{num_timesteps - 1}")
+    last = num_timesteps if flow else num_timesteps - 1
+    if any(not 0 <= t <= last for t in grid):
+        raise ValueError(f"grid {grid} has timesteps outside 0..{last}")
     if any(b >= a for a, b in zip(grid, grid[1:])):
         raise ValueError(f"grid {grid} must be strictly decreasing, e.g. 999, 856, 665, 399")
     return list(grid)

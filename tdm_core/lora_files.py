@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+POSITIONAL_KEY = "ema_parameters"  # the TDM-R1 release: {"ema_parameters": [tensor, ...]} in PEFT's parameter order
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -40,6 +41,15 @@ def read_pickled_weights(path: str, name: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"LoRA file '{name}' could not be read as a torch weights file ({type(err).__name__}: {err}); it may be truncated or corrupt") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
+    if isinstance(obj, dict) and isinstance(obj.get(POSITIONAL_KEY), (list, tuple)):  # TDM-R1: tensors without names
+        obj = positional_state(obj[POSITIONAL_KEY], name)
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"LoRA file '{name}' does not contain a flat dictionary of named tensors: it is not a LoRA")
     return obj
+
+
+def positional_state(tensors, name: str) -> dict[str, torch.Tensor]:
+    """A positional parameter list as ``{"ema_parameters.<i>": tensor}`` (names come later: tdm_core.releases)."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ValueError(f"LoRA file '{name}' has a '{POSITIONAL_KEY}' list with entries that are not tensors: it is not a TDM-R1 file")
+    return {f"{POSITIONAL_KEY}.{i}": t for i, t in enumerate(tensors)}

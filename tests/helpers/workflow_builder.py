@@ -170,6 +170,8 @@ QWEN_UNET = "qwen_image_fp8_e4m3fn.safetensors"  # the names of ComfyUI's own Qw
 QWEN_TEXT_ENCODER = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 QWEN_VAE = "qwen_image_vae.safetensors"
 QWEN_LORA = "qwen_image_tdm4.safetensors"
+TDMR1_LORA = "tdmr1_zimage_ema.ckpt"  # the TDM-R1 release's own file name
+TDMR1_FILES = (*ZIMAGE_FILES[:3], ("loras", TDMR1_LORA))
 QWEN_FILES = (("diffusion_models", QWEN_UNET), ("text_encoders", QWEN_TEXT_ENCODER), ("vae", QWEN_VAE), ("loras", QWEN_LORA))
 QWEN_SHIFT = 2.0  # Qwen-Image's own dynamic shift at 1024 x 1024 (4096 tokens): exp(0.694)
 INPUT_IMAGE = "tdm_img2img_input.png"
@@ -341,6 +343,32 @@ def z_image_tdm_lora(object_info: dict) -> dict:
     return wf.to_json()
 
 
+def z_image_tdmr1_release(object_info: dict) -> dict:
+    """The TDM-R1 Z-Image-Turbo release as published (a positional .ckpt) on the nodes' defaults."""
+    wf = UIWorkflow(object_info)
+    files = "\n".join(f"  models/{folder}/{name}" for folder, name in TDMR1_FILES)
+    wf.note((20, 620), (
+        f"Put these files into your ComfyUI models folders (Z-Image-Turbo as ComfyUI's own template has it):\n\n{files}\n\n"
+        f"{TDMR1_LORA}: the TDM-R1 release (Luo-Yihong/TDM-R1), as downloaded. It lists its LoRA tensors without names; "
+        "the TDM LoRA Loader names them from the model's own depth (the order peft enumerates Z-Image-Turbo's trainable "
+        "parameters in, r 32, alpha 64) and applies the authors' settings, nothing to set by hand: strength 1, 4 steps on "
+        "the timesteps 1000, 750, 500, 250 at Z-Image-Turbo's shift 3 (their num_inference_steps=5), CFG 1 (their guidance 0). "
+        "The loader's 'settings' output (shown here) says what it applied. `python -m training.convert` of comfyui-tdm "
+        "writes it as a named .safetensors with these settings in its metadata."))
+    unet = wf.add("UNETLoader", (20, 120), unet_name=ZIMAGE_UNET)
+    clip = wf.add("CLIPLoader", (20, 280), clip_name=ZIMAGE_TEXT_ENCODER, type="lumina2")
+    vae = wf.add("VAELoader", (20, 440), vae_name=ZIMAGE_VAE)
+    lora = wf.add("TDMLoraLoader", (380, 120), model=unet[0], lora_name=TDMR1_LORA)
+    wf.add("PreviewAny", (380, 420), title="What the loader applied", source=lora[2])
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=clip[0], text=PROMPT)
+    latent = wf.add("EmptySD3LatentImage", (740, 380), width=1024, height=1024, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=lora[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=latent[0], denoise=1.0)
+    image = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=vae[0])
+    wf.add("SaveImage", (1700, 120), images=image[0], filename_prefix="tdmr1_z_image_4step")
+    return wf.to_json()
+
+
 def qwen_image_tdm_lora(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
     files = "\n".join(f"  models/{folder}/{name}" for folder, name in QWEN_FILES)
@@ -417,6 +445,7 @@ WORKFLOWS = {
     "sd15_tdm_dreamshaper_release": sd15_tdm_dreamshaper_release,
     "flux_tdm_lora": flux_tdm_lora,
     "z_image_tdm_lora": z_image_tdm_lora,
+    "z_image_tdmr1_release": z_image_tdmr1_release,
     "qwen_image_tdm_lora": qwen_image_tdm_lora,
     "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
     "sd15_img2img": sd15_img2img,
