@@ -22,6 +22,8 @@ SD35_PEFT = SD3_PEFT + ["transformer.transformer_blocks.0.attn2.to_q.lora_A.weig
     (SD35_PEFT, "pytorch_lora_weights.safetensors", "sd3", "tdm_sd35_medium"),  # attn2 exists only in SD3.5
     (SD3_PEFT + ["transformer.transformer_blocks.0.attn.to_q.alpha"], "x.safetensors", "sd3", None),
     (SD3_PEFT, "pytorch_lora_weights.safetensors", "flux", None),
+    (["ema_parameters.0", "ema_parameters.1"], "tdmr1_zimage_ema.ckpt", "z_image", "tdmr1_z_image_turbo"),
+    (["ema_parameters.0", "ema_parameters.1"], "tdmr1_zimage_ema.ckpt", "sd15", None),
 ])
 def test_a_release_is_told_by_keys_container_and_base(keys, file, base, expected):
     release = recognise_release(keys, {"format": "pt"}, file, base)
@@ -38,3 +40,11 @@ def test_release_metadata_round_trips_with_its_fractional_grid():
     assert info.grid == [999.0, 749.25, 499.5, 249.75] and info.recommended_strength == 0.125 and info.solver == "dpmpp_2m"
     assert TDMInfo.from_safetensors_metadata(info.to_safetensors_metadata()) == info
     assert RELEASES["tdm_dreamshaper"].info().grid == [801, 601, 401, 201]  # diffusers' DPM-Solver, SD1.5 config, 4 steps
+
+
+def test_a_flow_grid_may_start_at_pure_noise_a_vp_grid_may_not():
+    from tdm_core.grids import check_grid
+
+    assert check_grid([1000, 750, 500, 250], 1000, flow=True) == [1000, 750, 500, 250]
+    with pytest.raises(ValueError, match="outside 0..999"):
+        check_grid([1000, 750, 500, 250], 1000)
