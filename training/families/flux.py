@@ -14,36 +14,17 @@ empty-prompt pass, as for SD3 (schnell is meant for ``--cfg 1``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from tdm_core.schedules import FlowSchedule
-
 from .base import Cond
-from .pipeline_family import PipelineFamily
+from .patched_flow import PATCH, PatchedFlowFamily
 
-PATCH = 2  # Flux packs 2x2 latent patches into one token
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 128 latents = 1024 px
 
 
-def flux_shift(image_seq_len: int, scheduler_config: dict) -> float:
-    """The flow shift FluxPipeline uses for ``image_seq_len`` tokens: ``exp(mu)`` with ``mu`` linear in the
-    token count between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as its
-    ``calculate_shift``; time shift ``exp(mu) / (exp(mu) + 1/sigma - 1)`` is tdm_core's flow shift by ``exp(mu)``.
-    Without dynamic shifting: the config's fixed ``shift``."""
-    if not scheduler_config.get("use_dynamic_shifting", False):
-        return float(scheduler_config.get("shift", 1.0))
-    base_len, max_len = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    mu = base_shift + slope * (image_seq_len - base_len)
-    return math.exp(mu)
-
-
-class FluxFamily(PipelineFamily):
+class FluxFamily(PatchedFlowFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
     network_attribute = "transformer"
@@ -61,28 +42,12 @@ class FluxFamily(PipelineFamily):
         self.guidance = 1.0
         self.set_resolution(None)
 
-    def _prediction_type(self, scheduler_config: dict) -> str:
-        return "flow"
-
     def _latent_channels(self) -> int:
         return int(self.network.config.in_channels) // (PATCH * PATCH)
 
     def _native_resolution(self) -> int:
         # FluxPipeline's default is 128 latents (1024 px), which is what Flux.1's VAE config says too
         return int(self.pipeline.vae.config.get("sample_size") or DEFAULT_SAMPLE_SIZE * self.vae_scale_factor)
-
-    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, ...]:
-        resolution = self.resolution if resolution is None else int(resolution)
-        step = self.vae_scale_factor * PATCH
-        if resolution <= 0 or resolution % step:
-            raise ValueError(f"resolution {resolution} is not a positive multiple of {step} for the flux family: pick e.g. {self.resolution}")
-        side = resolution // self.vae_scale_factor
-        return (batch_size, self.latent_channels, side, side)
-
-    def set_resolution(self, resolution: int | None) -> None:
-        side = self.latent_shape(1, resolution)[-1]
-        shift = flux_shift((side // PATCH) ** 2, dict(self.pipeline.scheduler.config))
-        self.schedule = FlowSchedule(shift=shift, num_timesteps=self.num_timesteps)
 
     def apply_guidance(self, scale: float) -> float:
         if not self.network.config.guidance_embeds:

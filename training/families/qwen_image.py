@@ -38,13 +38,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from tdm_core.schedules import FlowSchedule
-
 from .base import Cond, cat_conditions
-from .flux import flux_shift
-from .pipeline_family import PipelineFamily
+from .patched_flow import PATCH, PatchedFlowFamily, flux_shift
 
-PATCH = 2  # 2x2 latent patches per token
 MAX_SEQUENCE_LENGTH = 1024  # QwenImagePipeline's tokenizer_max_length (prompt tokens after the template)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "qwen_image"
 
@@ -58,7 +54,7 @@ def qwen_shift(image_seq_len: int, scheduler_config: dict) -> float:
     return shift
 
 
-class QwenImageFamily(PipelineFamily):
+class QwenImageFamily(PatchedFlowFamily):
     name = "qwen_image"
     pipeline_class = "QwenImagePipeline"
     network_attribute = "transformer"
@@ -74,9 +70,6 @@ class QwenImageFamily(PipelineFamily):
         super().__init__(pipeline, device=device, dtype=dtype, source_path=source_path)
         self.set_resolution(None)
 
-    def _prediction_type(self, scheduler_config: dict) -> str:
-        return "flow"
-
     def _vae_scale_factor(self) -> int:
         return 2 ** len(self.pipeline.vae.temperal_downsample)  # as QwenImagePipeline: 8 for Qwen-Image's VAE
 
@@ -86,18 +79,8 @@ class QwenImageFamily(PipelineFamily):
     def _native_resolution(self) -> int:
         return int(self.pipeline.default_sample_size) * self.vae_scale_factor  # 1024 px for Qwen-Image
 
-    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, ...]:
-        resolution = self.resolution if resolution is None else int(resolution)
-        step = self.vae_scale_factor * PATCH
-        if resolution <= 0 or resolution % step:
-            raise ValueError(f"resolution {resolution} is not a positive multiple of {step} for the qwen_image family: pick e.g. {self.resolution}")
-        side = resolution // self.vae_scale_factor
-        return (batch_size, self.latent_channels, side, side)
-
-    def set_resolution(self, resolution: int | None) -> None:
-        side = self.latent_shape(1, resolution)[-1]
-        shift = qwen_shift((side // PATCH) ** 2, dict(self.pipeline.scheduler.config))
-        self.schedule = FlowSchedule(shift=shift, num_timesteps=self.num_timesteps)
+    def image_shift(self, image_seq_len: int) -> float:
+        return qwen_shift(image_seq_len, dict(self.pipeline.scheduler.config))
 
     def apply_guidance(self, scale: float) -> float:
         return scale  # true CFG: the method adds the empty-prompt pass

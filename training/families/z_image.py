@@ -11,7 +11,7 @@ What this family matches of ``ZImagePipeline`` (and tests/test_z_image_family.py
   velocity (the pipeline negates it before the scheduler step); :meth:`denoise` returns the velocity
   ``eps - x0`` tdm_core's "flow" prediction means.
 - Shift: the scheduler config's (Z-Image-Turbo: static 3.0; a dynamic-shift config is followed per size as
-  the pipeline's ``calculate_shift`` does, through the Flux family's ``flux_shift``).
+  the pipeline's ``calculate_shift`` does, through ``patched_flow.flux_shift``).
 
 Guidance: ``--cfg`` is ordinary CFG scale ``w`` (``uncond + w (cond - uncond)``, ComfyUI's cfg). diffusers'
 ``guidance_scale`` ``g`` for Z-Image means ``cond + g (cond - uncond)``, i.e. ``w = g + 1``. Z-Image-Turbo is
@@ -23,13 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tdm_core.schedules import FlowSchedule
-
 from .base import Cond
-from .flux import flux_shift
-from .pipeline_family import PipelineFamily
+from .patched_flow import PatchedFlowFamily
 
-PATCH = 2  # ZImageTransformer2DModel's all_patch_size (2,): 2x2 latent patches per token
 DEFAULT_RESOLUTION = 1024  # ZImagePipeline's default height and width
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline.encode_prompt's default truncation
 # The TDM-R1 release put peft LoraConfig(r=32, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0",
@@ -41,7 +37,7 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "f
 TURBO_MARKER = "turbo"  # in the model's folder or file name (Tongyi-MAI/Z-Image-Turbo, z_image_turbo_bf16.safetensors)
 
 
-class ZImageFamily(PipelineFamily):
+class ZImageFamily(PatchedFlowFamily):
     name = "z_image"
     pipeline_class = "ZImagePipeline"
     network_attribute = "transformer"
@@ -64,19 +60,6 @@ class ZImageFamily(PipelineFamily):
     @property
     def is_turbo(self) -> bool:
         return TURBO_MARKER in str(self.source_path).lower()
-
-    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, ...]:
-        resolution = self.resolution if resolution is None else int(resolution)
-        step = self.vae_scale_factor * PATCH
-        if resolution <= 0 or resolution % step:
-            raise ValueError(f"resolution {resolution} is not a positive multiple of {step} for the z_image family: pick e.g. {self.resolution}")
-        side = resolution // self.vae_scale_factor
-        return (batch_size, self.latent_channels, side, side)
-
-    def set_resolution(self, resolution: int | None) -> None:
-        side = self.latent_shape(1, resolution)[-1]
-        shift = flux_shift((side // PATCH) ** 2, dict(self.pipeline.scheduler.config))
-        self.schedule = FlowSchedule(shift=shift, num_timesteps=self.num_timesteps)
 
     def apply_guidance(self, scale: float) -> float:
         """True CFG with the empty prompt (base Z-Image); Z-Image-Turbo samples without CFG, so only ``--cfg 1``."""
