@@ -44,16 +44,6 @@ def comfy_noise(latent):
     return comfy.sample.prepare_noise(latent["samples"], SEED)
 
 
-def diffusers_sample(unet, scheduler, noise, cond):
-    """The diffusers pipeline loop (DDIM eta 0 or DPM-Solver++), cfg 1, from the same unscaled noise."""
-    latents = noise * scheduler.init_noise_sigma
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
-            latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
-
-
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
 
 
@@ -83,7 +73,7 @@ def test_tdm_ksampler_with_lora_matches_diffusers_ddim(setup, layout, grid):
     got = TDMKSampler.execute(model, SEED, 4, grid, 1.0, cond, latent, 1.0).result[0]["samples"]
 
     scheduler = ddim(grid.split("_")[1])
-    expected = diffusers_sample(setup["unet"], scheduler, comfy_noise(latent), cond[0][0])
+    expected = h.diffusers_unet_sample(setup["unet"], scheduler, comfy_noise(latent), cond[0][0])
     expected = setup["base"].model.process_latent_out(expected)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
@@ -118,7 +108,7 @@ def test_dpmsolver_preset_matches_diffusers_dpmsolver_multistep(setup):
     scheduler = dpmsolver()
     ms = model.get_model_object("model_sampling")
     torch.testing.assert_close(sigmas[:-1], ms.sigma(scheduler.timesteps.float()))  # same grid as diffusers picks
-    expected = setup["base"].model.process_latent_out(diffusers_sample(setup["unet"], scheduler, noise, cond[0][0]))
+    expected = setup["base"].model.process_latent_out(h.diffusers_unet_sample(setup["unet"], scheduler, noise, cond[0][0]))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
 

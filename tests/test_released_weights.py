@@ -81,12 +81,7 @@ def diffusers_sd15_recipe(unet, lora_path, noise, cond):
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="tdm")
     scheduler = DPMSolverMultistepScheduler(**SD15_DPM)
     scheduler.set_timesteps(STEPS)
-    latents = noise * scheduler.init_noise_sigma
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
-            latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
+    return h.diffusers_unet_sample(unet, scheduler, noise, cond)
 
 
 def test_dreamshaper_release_samples_as_its_diffusers_recipe_with_node_defaults(sd15):

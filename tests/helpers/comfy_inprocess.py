@@ -290,3 +290,13 @@ def build_clip(seed: int = 5):
     clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1Clip))
     fill_random_(clip.cond_stage_model, seed)
     return clip
+
+
+def diffusers_unet_sample(unet, scheduler, noise, cond):
+    """The diffusers pipeline loop (DDIM eta 0 or DPM-Solver++) at CFG 1 on a UNet, from the same unscaled noise."""
+    latents = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
+            latents = scheduler.step(eps, t, latents).prev_sample
+    return latents

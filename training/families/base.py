@@ -1,4 +1,5 @@
-"""What the trainer needs from a model family (SD1.5, SDXL, PixArt, SD3, Flux.1, the digits demo teacher).
+"""What the trainer needs from a model family (SD1.5, SDXL, PixArt, SD3/SD3.5, Flux.1, Z-Image, Qwen-Image, the digits
+demo teacher).
 
 A family wraps one frozen base network; the trainer puts the student and fake-score LoRA adapters
 on ``family.network`` and calls :meth:`denoise` with adapters on or off.
@@ -14,7 +15,7 @@ Cond = dict  # keyword arguments of the network beyond (x, t), batched along dim
 
 
 class ModelFamily(Protocol):
-    name: str  # "sd15", "sdxl", "pixart", "sd3", "flux", "digits"
+    name: str  # "sd15", "sdxl", "pixart", "sd3", "flux", "z_image", "qwen_image", "digits"
     network: torch.nn.Module  # the frozen base denoiser the LoRA adapters go on
     schedule: object  # a tdm_core schedule (VPSchedule or FlowSchedule)
     prediction_type: str  # a tdm_core.PREDICTION_TYPES value
