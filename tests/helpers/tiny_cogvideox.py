@@ -53,3 +53,35 @@ def save_tiny_cogvideox(folder: str | os.PathLike, seed: int = 0, rotary: bool =
     folder = Path(folder)
     build_tiny_cogvideox(folder.parent / f".{folder.name}_build", seed=seed, rotary=rotary).save_pretrained(str(folder))
     return folder
+
+
+def cogvideox_student(folder: str | os.PathLike, seed: int = 7, rank: int = 4, alpha: float = 2.0):
+    """The family of ``folder`` with both TDM adapters, the student's weights random (as if trained)."""
+    from training.models import FAKE_SCORE, STUDENT, adapter_parameters, add_tdm_adapters, load_family
+
+    family = load_family(str(folder))
+    add_tdm_adapters(family, rank=rank, alpha=alpha)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in (STUDENT, FAKE_SCORE):
+            for p in adapter_parameters(family.network, name):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return family
+
+
+def save_release_layout_lora(folder: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 3) -> Path:
+    """A LoRA in the released TDM CogVideoX-2B's layout, written by diffusers' own ``CogVideoXPipeline.save_lora_weights``
+    (as the authors' diffusers training saves it: ``pytorch_lora_weights.safetensors``, lora_A/B, no alpha, no TDM
+    metadata) from a peft LoRA (r 8, the attention projections) with random weights on the tiny transformer."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(str(Path(folder) / "transformer"))
+    transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=True))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    CogVideoXPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
