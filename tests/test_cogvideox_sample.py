@@ -128,6 +128,18 @@ def test_release_layout_file_loads_with_no_key_skipped_and_on_its_grid(trained, 
     assert "transformer_blocks.5.attn1.to_q" in capsys.readouterr().err and not out.exists()
 
 
+def test_bf16_renders_under_autocast(trained, tmp_path):
+    from PIL import Image
+
+    from training.sample import main
+
+    out = tmp_path / "bf16.webp"
+    assert main(["--model", str(trained["folder"]), "--lora", str(trained["lora"]), "--prompt", "a red cat", "--output", str(out),
+                 "--resolution", "16", "--num-frames", "9", "--teacher-steps", "1", "--mixed-precision", "bf16"]) == 0
+    with Image.open(out) as webp:
+        assert webp.n_frames == 9 and webp.size == (32, 16)
+
+
 def test_bad_sampler_inputs_are_named_and_nothing_is_written(trained, tmp_path, capsys):
     from tests.helpers.tiny_models import save_tiny_pipeline
     from training.sample import main

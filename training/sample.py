@@ -26,11 +26,11 @@ from tdm_core.lora_files import read_lora_file
 from tdm_core.metadata import TDMInfo
 from training.atomic import atomic_write
 from training.models import TrainingInputError, load_family
+from training.precision import WEIGHT_DTYPES, Precision
 
 EXIT_BAD_INPUT = 2
 ADAPTER = "tdm"
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strength", type=float, default=1.0, help="LoRA weight (1: as trained / as the authors load it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shared starting noise")
     parser.add_argument("--fps", type=float, default=8.0, help="frames per second of the .webp (CogVideoX makes 8)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (bf16 on a GPU)")
+    parser.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
+                        help="the base's dtype, forwards under autocast as in training.distill (bf16 on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
     return parser.parse_args(argv)
 
@@ -152,7 +153,8 @@ def check_args(args: argparse.Namespace) -> None:
 def render(args: argparse.Namespace) -> Path:
     check_args(args)
     lora, info, release = read_video_lora(args.lora)
-    family = load_family(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    precision = Precision(args.mixed_precision, torch.device(args.device).type)
+    family = load_family(args.model, device=args.device, dtype=precision.weight_dtype)
     if not getattr(family, "is_video", False):
         raise TrainingInputError(f"{args.model} is a {family.name} model, which makes images: training.sample renders video "
                                  "families (CogVideoX); see the images with the ComfyUI TDM nodes")
@@ -164,7 +166,7 @@ def render(args: argparse.Namespace) -> Path:
         raise TrainingInputError(str(err)) from err
     layers = load_lora(family, lora, args.strength, Path(args.lora).name)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast():
         latents = [student_latents(family, family.encode_prompts([args.prompt]), noise, grid)]
         if args.teacher_steps:
             latents.insert(0, teacher_latents(family, args.prompt, noise, args.teacher_steps, args.teacher_cfg))
