@@ -29,7 +29,7 @@ class Release:
     name: str  # TDMInfo.release
     title: str
     base_family: str  # TDMInfo.base_family
-    base_model: str  # the base it fits: "sd15", "sd3" (SD3-Medium) or "sd35" (SD3.5-Medium, MMDiT-X)
+    base_model: str  # the base it fits: "sd15", "sd3" (SD3-Medium), "sd35" (SD3.5-Medium, MMDiT-X), "cogvideox"
     prediction_type: str
     grid: tuple[float, ...]  # the timesteps its documented sampler visits (4 steps)
     solver: str  # TDMInfo.solver
@@ -71,6 +71,10 @@ RELEASES = {r.name: r for r in (
             6.0, 1.0, "Luo-Yihong/TDM_sd3-5_lora", "transformer", ("safetensors",),
             note="the authors document no adapter weight or shift for it: 1 as diffusers' load_lora_weights applies, "
                  "the SD3 release's DPM-Solver++ shift 6; if images look burnt, lower the strength (0.125 as for SD3)"),
+    # no ComfyUI model: used by the headless sampler (training.sample) and training.convert; the authors sample it at
+    # guidance 1, 4 steps; the pack uses the grid it was trained on (they call the default uniform scheduler inferior)
+    Release("tdm_cogvideox_2b", "TDM CogVideoX-2B LoRA", "cogvideox", "cogvideox", "v_prediction", grids.RELEASED_GRIDS["cogvideox_2b"],
+            "tdm", None, 1.0, "Luo-Yihong/TDM_CogVideoX-2B_LoRA: pytorch_lora_weights.safetensors", "transformer", ("safetensors",)),
     Release("tdmr1_z_image_turbo", "TDM-R1 Z-Image-Turbo LoRA", "z_image", "z_image", "flow", Z_IMAGE_R1_GRID, "tdm",
             3.0, 1.0, "Luo-Yihong/TDM-R1: tdmr1_zimage_ema.ckpt", "positional", ("pickle",), lora_config=TDMR1_LORA_CONFIG),
 )}
@@ -98,8 +102,14 @@ def layout_of(keys: Iterable[str]) -> Optional[str]:
 
 
 def lora_base_model(keys: Iterable[str]) -> Optional[str]:
-    """What the keys alone tell: MMDiT-X's second attention (``attn2``) only exists in SD3.5."""
-    return "sd35" if any(".attn2." in k for k in keys) else None
+    """What the keys alone tell: MMDiT-X's second attention (``attn2``) only exists in SD3.5; transformer blocks
+    with ``attn1`` and no ``attn2`` (no cross-attention) are CogVideoX's."""
+    keys = list(keys)
+    if any(".attn2." in k for k in keys):
+        return "sd35"
+    if any(k.startswith(TRANSFORMER_PREFIX + "transformer_blocks.") and ".attn1." in k for k in keys):
+        return "cogvideox"
+    return None
 
 
 def recognise_release(keys: Iterable[str], metadata: Optional[Mapping[str, str]], file_name: str,

@@ -9,6 +9,7 @@ from tdm_core.releases import RELEASES, recognise_release
 KOHYA_UNET = ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"]
 SD3_PEFT = ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+COGVIDEOX_PEFT = ["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight", "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
 SD35_PEFT = SD3_PEFT + ["transformer.transformer_blocks.0.attn2.to_q.lora_A.weight", "transformer.transformer_blocks.0.attn2.to_q.lora_B.weight"]
 
 
@@ -22,6 +23,9 @@ SD35_PEFT = SD3_PEFT + ["transformer.transformer_blocks.0.attn2.to_q.lora_A.weig
     (SD35_PEFT, "pytorch_lora_weights.safetensors", "sd3", "tdm_sd35_medium"),  # attn2 exists only in SD3.5
     (SD3_PEFT + ["transformer.transformer_blocks.0.attn.to_q.alpha"], "x.safetensors", "sd3", None),
     (SD3_PEFT, "pytorch_lora_weights.safetensors", "flux", None),
+    (COGVIDEOX_PEFT, "pytorch_lora_weights.safetensors", None, "tdm_cogvideox_2b"),  # attn1 without attn2: CogVideoX
+    (COGVIDEOX_PEFT, "pytorch_lora_weights.safetensors", "sd3", "tdm_cogvideox_2b"),
+    (COGVIDEOX_PEFT, "tdm.pt", "cogvideox", None),  # published as safetensors only
     (["ema_parameters.0", "ema_parameters.1"], "tdmr1_zimage_ema.ckpt", "z_image", "tdmr1_z_image_turbo"),
     (["ema_parameters.0", "ema_parameters.1"], "tdmr1_zimage_ema.ckpt", "sd15", None),
 ])

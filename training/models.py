@@ -45,6 +45,7 @@ PIPELINE_FAMILIES = {  # diffusers pipeline class (model_index.json "_class_name
     "FluxPipeline": "flux",
     "ZImagePipeline": "z_image",
     "QwenImagePipeline": "qwen_image",
+    "CogVideoXPipeline": "cogvideox",
 }
 
 
@@ -54,6 +55,7 @@ def register_family(name: str, loader: Callable[..., ModelFamily]) -> None:
 
 
 def _family_class(name: str):
+    from training.families.cogvideox import CogVideoXFamily
     from training.families.flux import FluxFamily
     from training.families.pixart import PixArtFamily
     from training.families.qwen_image import QwenImageFamily
@@ -63,7 +65,7 @@ def _family_class(name: str):
     from training.families.z_image import ZImageFamily
 
     return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily,
-            "z_image": ZImageFamily, "qwen_image": QwenImageFamily}[name]
+            "z_image": ZImageFamily, "qwen_image": QwenImageFamily, "cogvideox": CogVideoXFamily}[name]
 
 
 def known_families() -> list[str]:
@@ -271,6 +273,10 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
             )
         if name not in PIPELINE_FAMILIES.values():
             return _load_registered(name, path, device, dtype, config_path)
+        if name == "cogvideox":  # no single-file layout: diffusers' folder (THUDM/CogVideoX-2b) only
+            found = f" ({path.name} holds a {detected} model)" if detected else ""
+            raise TrainingInputError(f"CogVideoX loads from a diffusers folder (model_index.json), not a single file{found}: "
+                                     "pass the CogVideoX-2b / 5b diffusers folder as --model.")
         if name == "flux":  # ComfyUI's split files: the text encoders and the VAE sit in the sibling folders
             from training.families.flux_files import load_flux_files
 

@@ -38,7 +38,8 @@ def student_grids(trained_grid: list[int], total_steps: int) -> list[list[int]]:
 @torch.no_grad()
 def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
                        trained_grid: list[int], total_steps: int, cfg_scale: float, teacher_steps: int) -> list[torch.Tensor]:
-    """Decoded images ``[teacher, student@1, student@2, student@4]``, each ``(B, 3, H, W)`` in [0, 1]."""
+    """Decoded images ``[teacher, student@1, student@2, student@4]``, each ``(B, 3, H, W)`` in [0, 1] (videos: the
+    middle frame)."""
     gen = torch.Generator().manual_seed(VALIDATION_SEED)
     noise = torch.randn(family.latent_shape(batch_size, resolution), generator=gen).to(device)
     schedule, prediction = family.schedule, family.prediction_type
@@ -49,7 +50,12 @@ def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, res
         for grid in student_grids(trained_grid, total_steps):
             with num_steps(family.network, len(grid)):  # a steps-aware student runs as a len(grid)-step model
                 columns.append(sample_tdm(_denoiser(family, cond), noise, grid, schedule, prediction))
-    return [family.decode(latents).float().clamp(0, 1).cpu() for latents in columns]
+    return [middle_frame(family.decode(latents)).float().clamp(0, 1).cpu() for latents in columns]
+
+
+def middle_frame(images: torch.Tensor) -> torch.Tensor:
+    """Video families decode ``(B, 3, F, H, W)``: the grid shows each video's middle frame; images pass as they are."""
+    return images[:, :, images.shape[2] // 2] if images.ndim == 5 else images
 
 
 def grid_image(columns: list[torch.Tensor]) -> Image.Image:
