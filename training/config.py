@@ -72,6 +72,7 @@ class DistillConfig:
     lr_warmup_steps: int = _opt(10, "warm-up steps of the learning-rate schedule")
     lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
     resolution: Optional[int] = _opt(None, "image size in pixels (the family maps it to its latent size); default: the model's native size")
+    num_frames: Optional[int] = _opt(None, "video families (Wan): frames per sample, 4k + 1 (e.g. 33, 81); default: the family's own (81 for Wan); an error on image families")
     mixed_precision: str = _opt("no", "mixed precision: no, fp16 or bf16 (the frozen base in that dtype, the LoRA weights and optimiser state in fp32, forwards under autocast)")
     save_precision: str = _opt("auto", "dtype of the exported LoRA: auto (that of --mixed-precision), fp32, fp16 or bf16")
     batch_cfg: bool = _opt(True, "run the teacher's conditional and unconditional passes as one batch (--no-batch-cfg: two passes, less memory)")
@@ -222,6 +223,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm} must be positive")
     _check(cfg.lr_scheduler in LR_SCHEDULERS, f"unknown --lr-scheduler {cfg.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
     _check(cfg.resolution is None or (cfg.resolution >= 8 and cfg.resolution % 8 == 0), f"--resolution {cfg.resolution} must be a positive multiple of 8")
+    _check(cfg.num_frames is None or cfg.num_frames >= 1, f"--num-frames {cfg.num_frames} must be at least 1")
     _check(cfg.mixed_precision in MIXED_PRECISION, f"unknown --mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
     _check(cfg.save_precision in SAVE_PRECISION, f"unknown --save-precision {cfg.save_precision!r}: use {', '.join(SAVE_PRECISION)}")
     _check(cfg.checkpoint_every >= 0 and cfg.validate_every >= 0 and cfg.probe_every >= 0,

@@ -219,6 +219,15 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
     parts.accelerator.wait_for_everyone()
 
 
+def set_num_frames(family, num_frames) -> None:
+    """--num-frames reaches a video family's ``set_num_frames``; an image family has no frames to set."""
+    setter = getattr(family, "set_num_frames", None)
+    if setter is not None:
+        setter(num_frames)
+    elif num_frames is not None:
+        raise ConfigError(f"--num-frames {num_frames}: the {family.name} family makes images, not videos; drop --num-frames")
+
+
 def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, ...]]:
     """Teacher with both adapters (sharded under FSDP2), optimisers, schedules and the run's generator;
     the latent shape."""
@@ -232,6 +241,7 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
     precision = Precision(cfg.mixed_precision, accelerator.device.type)
     family, grid = load_teacher(cfg, accelerator, precision, load_device(accelerator, plugin))
     try:
+        set_num_frames(family, cfg.num_frames)  # video families: before the latent shape
         latent_shape = family.latent_shape(cfg.batch_size, cfg.resolution)
         family.set_resolution(cfg.resolution)  # Flux: the shift of this image size
         cfg_scale = family.apply_guidance(cfg.cfg)  # Flux.1-dev: --cfg is the guidance input, no CFG pass

@@ -45,6 +45,7 @@ PIPELINE_FAMILIES = {  # diffusers pipeline class (model_index.json "_class_name
     "FluxPipeline": "flux",
     "ZImagePipeline": "z_image",
     "QwenImagePipeline": "qwen_image",
+    "WanPipeline": "wan",
 }
 
 
@@ -60,10 +61,11 @@ def _family_class(name: str):
     from training.families.sd3 import SD3Family
     from training.families.sd15 import SD15Family
     from training.families.sdxl import SDXLFamily
+    from training.families.wan import WanFamily
     from training.families.z_image import ZImageFamily
 
     return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily,
-            "z_image": ZImageFamily, "qwen_image": QwenImageFamily}[name]
+            "z_image": ZImageFamily, "qwen_image": QwenImageFamily, "wan": WanFamily}[name]
 
 
 def known_families() -> list[str]:
