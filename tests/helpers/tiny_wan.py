@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 # ComfyUI's WanModel takes its architecture as unet_config: 2 heads of 12 (rope axes 4 + 4 + 4)
+# (the VAE keeps Wan 2.1's two res blocks per level: diffusers' Wan VAE converter assumes them)
 TINY_WAN = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 24, "ffn_dim": 48,
             "freq_dim": 16, "text_dim": 32, "out_dim": 16, "num_heads": 2, "num_layers": 2}
-TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_scales": [],
+TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
             "temperal_downsample": [False, True, True]}
 
 
@@ -96,3 +97,45 @@ def comfy_wan_from_diffusers_transformer(transformer):
     if missing or unexpected or len(weights) != len(transformer.state_dict()):
         raise RuntimeError(f"ComfyUI's WanModel does not match the tiny transformer: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(torch.float32).eval()
+
+
+# --- ComfyUI's split files: models/diffusion_models + text_encoders + vae --------------------------------
+def comfy_wan_vae():
+    """ComfyUI's own Wan 2.1 VAE network (comfy.ldm.wan.vae.WanVAE) of the tiny VAE's shape."""
+    from tests.helpers.tiny_models import import_comfy
+
+    import_comfy()
+    from comfy.ldm.wan.vae import WanVAE
+
+    return WanVAE(dim=TINY_VAE["base_dim"], z_dim=TINY_VAE["z_dim"], dim_mult=TINY_VAE["dim_mult"], num_res_blocks=TINY_VAE["num_res_blocks"],
+                  attn_scales=TINY_VAE["attn_scales"], temperal_downsample=TINY_VAE["temperal_downsample"]).eval()
+
+
+def vae_in_comfy_layout(vae) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKLWan's weights under ComfyUI's (Wan 2.1's original) names, by diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    tagged = {k: torch.empty(v.shape) for k, v in comfy_wan_vae().state_dict().items()}
+    source_of = {v.data_ptr(): k for k, v in tagged.items()}
+    converted = convert_wan_vae_to_diffusers(dict(tagged))
+    state = vae.state_dict()
+    return {source_of[v.data_ptr()]: state[k].detach().clone().contiguous() for k, v in converted.items()}
+
+
+def write_comfy_wan_files(pipe, models: Path, prefix: str = "", fp8: bool = False) -> Path:
+    """The tiny pipeline's weights as ComfyUI's Wan 2.1 template files; returns the diffusion-model file.
+    ``fp8``: the text encoder in ComfyUI's scaled fp8 (umt5_xxl_fp8_e4m3fn_scaled)."""
+    from safetensors.torch import save_file
+
+    from tests.helpers.tiny_qwen import scaled_fp8
+
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+    path = models / "diffusion_models" / "wan2.1_t2v_1.3B_bf16.safetensors"
+    weights = transformer_in_comfy_layout(pipe.transformer, comfy_wan_model().diffusion_model.state_dict())
+    save_file({prefix + k: v for k, v in weights.items()}, str(path))
+    text = {k: v.detach().clone().contiguous() for k, v in pipe.text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    name = "umt5_xxl_fp8_e4m3fn_scaled.safetensors" if fp8 else "umt5_xxl_fp16.safetensors"
+    save_file(scaled_fp8(text) if fp8 else text, str(models / "text_encoders" / name))
+    save_file(vae_in_comfy_layout(pipe.vae), str(models / "vae" / "wan_2.1_vae.safetensors"))
+    return path
