@@ -131,7 +131,7 @@ def write_comfy_wan_files(pipe, models: Path, prefix: str = "", fp8: bool = Fals
 
     for folder in ("diffusion_models", "text_encoders", "vae"):
         (models / folder).mkdir(parents=True, exist_ok=True)
-    path = models / "diffusion_models" / "wan2.1_t2v_1.3B_bf16.safetensors"
+    path = models / "diffusion_models" / "wan2.1_t2v_1.3B_fp16.safetensors"
     weights = transformer_in_comfy_layout(pipe.transformer, comfy_wan_model().diffusion_model.state_dict())
     save_file({prefix + k: v for k, v in weights.items()}, str(path))
     text = {k: v.detach().clone().contiguous() for k, v in pipe.text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}

@@ -1,6 +1,6 @@
 """Wan from the files a ComfyUI user has (the names of ComfyUI's own Wan templates), into a diffusers ``WanPipeline``.
 
-    models/diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors   the transformer in Wan's original layout (also the
+    models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors   the transformer in Wan's original layout (also the
                                                                14B, fp8 / fp8_scaled, wan2.2_ti2v_5B_fp16; any name)
     models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors UMT5-XXL's encoder (transformers' names; ComfyUI's
                                                                scaled fp8 dequantised as weight * scale_weight)
@@ -94,7 +94,7 @@ def load_transformer(path: Path, config_dir: Path | None, dtype):
     state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in dequantize(_load(path), dtype).items()}
     if not is_wan(state):
         raise _input_error(f"{path.name} is not a Wan diffusion model (no {', '.join(MARKERS)}): pass ComfyUI's "
-                           "models/diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors or a diffusers Wan folder, or drop --family wan")
+                           "models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors or a diffusers Wan folder, or drop --family wan")
     config = _transformer_config(state, config_dir)
     converted = convert_wan_transformer_to_diffusers(state)
     with init_empty_weights():
