@@ -139,3 +139,46 @@ def write_comfy_wan_files(pipe, models: Path, prefix: str = "", fp8: bool = Fals
     save_file(scaled_fp8(text) if fp8 else text, str(models / "text_encoders" / name))
     save_file(vae_in_comfy_layout(pipe.vae), str(models / "vae" / "wan_2.1_vae.safetensors"))
     return path
+
+
+# --- Wan 2.2 TI2V-5B: 48 latent channels, a 16x VAE, per-token timesteps in WanPipeline ------------------------
+TINY_WAN22 = dict(TINY_WAN, in_dim=48, out_dim=48)
+
+
+def wan22_latent_numbers() -> tuple[list[float], list[float]]:
+    """Wan 2.2's VAE latents_mean / latents_std as ComfyUI's own Wan22 latent format holds them."""
+    from tests.helpers.tiny_models import import_comfy
+
+    comfy = import_comfy()
+    fmt = comfy.latent_formats.Wan22()
+    return fmt.latents_mean.flatten().tolist(), fmt.latents_std.flatten().tolist()
+
+
+def build_tiny_wan22_pipeline(seed: int = 0):
+    """A tiny Wan 2.2 TI2V-5B-shaped WanPipeline: Wan 2.2's residual VAE (patch 2, 16x) with 48 channels."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import T5TokenizerFast
+
+    torch.manual_seed(seed)
+    mean, std = wan22_latent_numbers()
+    vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                           temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                           scale_factor_spatial=16, latents_mean=mean, latents_std=std)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48, out_channels=48,
+                                        text_dim=TINY_WAN["text_dim"], freq_dim=TINY_WAN["freq_dim"], ffn_dim=TINY_WAN["ffn_dim"],
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    return WanPipeline(tokenizer=T5TokenizerFast.from_pretrained(str(comfy_t5_tokenizer_folder())), text_encoder=tiny_umt5(), vae=vae,
+                       scheduler=wan_scheduler(), transformer=transformer, expand_timesteps=True)
+
+
+def comfy_wan22_from_diffusers_transformer(transformer):
+    """ComfyUI's own WAN22 (comfy.supported_models.WAN22_T2V) holding exactly ``transformer``'s weights."""
+    from tests.helpers.tiny_models import import_comfy
+
+    comfy = import_comfy()
+    model = comfy.supported_models.WAN22_T2V(dict(TINY_WAN22)).get_model({})
+    weights = transformer_in_comfy_layout(transformer, model.diffusion_model.state_dict())
+    missing, unexpected = model.diffusion_model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI's Wan 2.2 WanModel does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(torch.float32).eval()
