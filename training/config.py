@@ -43,7 +43,7 @@ def _opt(default, help: str, **extra):
 @dataclass
 class DistillConfig:
     model: str = _opt("", "teacher: a diffusers model folder or a single-file .safetensors checkpoint (required)")
-    family: str = _opt("auto", "model family: auto (detect from the model), sd15, sdxl, pixart, sd3, flux, digits")
+    family: str = _opt("auto", "model family: auto (detect from the model), sd15, sdxl, pixart, sd3, flux, z_image, qwen_image, wan, digits")
     model_config: Optional[str] = _opt(None, "config folder/file for a single-file checkpoint (no hub access at run time)")
     prompts: str = _opt("", "prompt file: .txt (one prompt per line) or .jsonl (a 'prompt' field per line) (required)")
     output: str = _opt("", "the final LoRA, a .safetensors file (may point into ComfyUI's models/loras) (required)")
