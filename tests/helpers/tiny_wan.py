@@ -42,7 +42,7 @@ def tiny_umt5():
     from transformers import UMT5Config, UMT5EncoderModel
 
     return UMT5EncoderModel(UMT5Config(vocab_size=32128, d_model=TINY_WAN["text_dim"], d_kv=8, d_ff=37, num_layers=2, num_heads=2,
-                                       feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)).eval()
+                                       feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)).eval()  # UMT5-XXL's (ComfyUI fixes it)
 
 
 def wan_scheduler():
