@@ -1,8 +1,8 @@
 """Wan from ComfyUI's split files (models/diffusion_models + text_encoders + vae, the names of ComfyUI's Wan 2.1
 template), written by the test from a tiny diffusers WanPipeline: the trainer detects the file, finds its
 companions and builds the same model (prompt embeddings, network output, decoding; the VAE file also decodes
-as ComfyUI's own WanVAE). Bad input: a diffusion model without its VAE, and a non-Wan file given as --family wan,
-are refused by training.distill naming the fix, nothing written."""
+as ComfyUI's own WanVAE). Bad input: a diffusion model without its VAE, a non-Wan file given as --family wan and one expert of Wan 2.2 A14B (told by ComfyUI's file name), are refused by training.distill naming the fix,
+nothing written."""
 from __future__ import annotations
 
 import pytest
@@ -114,4 +114,8 @@ def test_missing_vae_and_a_non_wan_file_are_refused_and_nothing_is_written(folde
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(other))
     assert main(["--model", str(other), "--family", "wan"] + common) != EXIT_OK
     assert "not_wan.safetensors is not a Wan diffusion model" in capsys.readouterr().err
+    expert = models / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"  # ComfyUI's A14B file name
+    expert.symlink_to(path)
+    assert main(["--model", str(expert)] + common) != EXIT_OK
+    assert "is one expert of the two-expert Wan 2.2 A14B: TDM for it is designed (one LoRA pair per expert" in capsys.readouterr().err
     assert not output.exists() and not (tmp_path / "out").exists()

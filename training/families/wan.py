@@ -62,12 +62,13 @@ def wan_flow_shift(scheduler_config: dict) -> float:
     raise TrainingInputError("the Wan scheduler config has neither flow_shift nor shift: use the model's own scheduler/scheduler_config.json")
 
 
+A14B_REFUSAL = ("TDM for it is designed (one LoRA pair per expert, the K-step grid split at the boundary timestep; "
+                "training/families/wan.py) but not implemented. Distil Wan 2.1 T2V (1.3B / 14B) or Wan 2.2 TI2V-5B instead.")
+
+
 def check_single_expert(pipeline) -> None:
     if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
-        raise TrainingInputError(
-            "this is a two-expert Wan 2.2 A14B model (transformer + transformer_2 split at boundary_ratio): TDM for it is "
-            "designed (one LoRA pair per expert, the K-step grid split at the boundary timestep; training/families/wan.py) "
-            "but not implemented. Distil Wan 2.1 T2V (1.3B / 14B) or Wan 2.2 TI2V-5B instead.")
+        raise TrainingInputError(f"this is a two-expert Wan 2.2 A14B model (transformer + transformer_2 split at boundary_ratio): {A14B_REFUSAL}")
 
 
 def latent_frames(num_frames: int, temporal: int) -> int:

@@ -152,10 +152,22 @@ def _tokenizer(config_dir: Path):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+A14B_EXPERT_NAMES = ("high_noise", "low_noise")  # ComfyUI's Wan 2.2 A14B files: wan2.2_t2v_{high,low}_noise_14B_*.safetensors
+
+
+def check_not_an_a14b_expert(path: Path) -> None:
+    """An A14B expert has the 14B's architecture, so only its name tells it: one expert is not the whole model."""
+    if any(tag in path.name.lower() for tag in A14B_EXPERT_NAMES):
+        from .wan import A14B_REFUSAL
+
+        raise _input_error(f"{path.name} is one expert of the two-expert Wan 2.2 A14B: {A14B_REFUSAL}")
+
+
 def load_wan_files(path: Path, config_path: Path | None, dtype=torch.float32):
     """A WanPipeline from ComfyUI's Wan files (see the module docstring)."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
+    check_not_an_a14b_expert(path)
     config_dir = Path(config_path) if config_path else None
     transformer = load_transformer(path, config_dir, dtype)  # first: a file of an unknown width is named before anything loads
     channels = int(transformer.config.in_channels)
