@@ -31,7 +31,7 @@ def check_supported_sampling(model_sampling) -> None:
     """TDM needs a discrete VP schedule (eps / v models) or a rectified flow (SD3's discrete one, Flux's)."""
     if is_flow_sampling(model_sampling):
         if not isinstance(model_sampling, (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.ModelSamplingFlux)):
-            raise ValueError(f"TDM supports the flow models SD3, SD3.5, Flux.1 and Z-Image, not {type(model_sampling).__mro__[1].__name__}: use a stock sampler for this model")
+            raise ValueError(f"TDM supports the flow models SD3, SD3.5, Flux.1, Z-Image, Qwen-Image and Wan, not {type(model_sampling).__mro__[1].__name__}: use a stock sampler for this model")
         return
     vp_output = isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(model_sampling, comfy.model_sampling.EDM)
     if not (vp_output and isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)):

@@ -138,7 +138,7 @@ def test_training_distill_runs_end_to_end_on_video_latents(folders, tmp_path, ca
     from PIL import Image
 
     grid = Image.open(next((tmp_path / "cog_tdm_run" / "validation").glob("step-*.png")))
-    assert grid.size == (4 * 32, 2 * 32)  # the middle frame of each video: teacher + student at 1, 2, 4 steps
+    assert grid.size == (4 * 3 * 32, 2 * 32)  # first, middle and last frame of each video: teacher + student at 1, 2, 4 steps
 
 
 def test_image_inputs_to_the_video_family_are_refused(folders, tmp_path, capsys):

@@ -128,7 +128,7 @@ def test_every_workflow_names_its_model_files_in_a_note():
         for node in workflow["nodes"]:
             if node["type"] in ("CheckpointLoaderSimple", "TDMLoraLoader"):
                 assert node["widgets_values"][0] in notes, f"{path.name}: {node['widgets_values'][0]} not in a note"
-        assert any(n["type"] == "SaveImage" for n in workflow["nodes"]), path.name
+        assert any(n["type"] in ("SaveImage", "SaveAnimatedWEBP") for n in workflow["nodes"]), path.name  # Wan: a video
 
 
 # --- the workflows run -----------------------------------------------------------------------

@@ -43,7 +43,7 @@ def _opt(default, help: str, **extra):
 @dataclass
 class DistillConfig:
     model: str = _opt("", "teacher: a diffusers model folder or a single-file .safetensors checkpoint (required)")
-    family: str = _opt("auto", "model family: auto (detect from the model), sd15, sdxl, pixart, sd3, flux, digits")
+    family: str = _opt("auto", "model family: auto (detect from the model), sd15, sdxl, pixart, sd3, flux, z_image, qwen_image, wan, digits")
     model_config: Optional[str] = _opt(None, "config folder/file for a single-file checkpoint (no hub access at run time)")
     prompts: str = _opt("", "prompt file: .txt (one prompt per line) or .jsonl (a 'prompt' field per line) (required)")
     output: str = _opt("", "the final LoRA, a .safetensors file (may point into ComfyUI's models/loras) (required)")
@@ -72,7 +72,7 @@ class DistillConfig:
     lr_warmup_steps: int = _opt(10, "warm-up steps of the learning-rate schedule")
     lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
     resolution: Optional[int] = _opt(None, "image size in pixels (the family maps it to its latent size); default: the model's native size")
-    num_frames: Optional[int] = _opt(None, "video families: frames per training video (CogVideoX / Wan: 4k + 1); default: the model's own; not for image families")
+    num_frames: Optional[int] = _opt(None, "video families (Wan, CogVideoX): frames per sample, 4k + 1 (e.g. 33, 49, 81); default: the model's own; an error on image families")
     mixed_precision: str = _opt("no", "mixed precision: no, fp16 or bf16 (the frozen base in that dtype, the LoRA weights and optimiser state in fp32, forwards under autocast)")
     save_precision: str = _opt("auto", "dtype of the exported LoRA: auto (that of --mixed-precision), fp32, fp16 or bf16")
     batch_cfg: bool = _opt(True, "run the teacher's conditional and unconditional passes as one batch (--no-batch-cfg: two passes, less memory)")

@@ -84,6 +84,16 @@ def kohya_to_adapter(lora: dict[str, torch.Tensor], network: torch.nn.Module, pr
     return out
 
 
+def renamed_modules(adapter_state: dict[str, torch.Tensor], rename) -> dict[str, torch.Tensor]:
+    """PEFT tensors ``<path>.lora_A/B.weight`` under ``rename(<path>)``, for a family whose loaders know its
+    modules by other names than diffusers'."""
+    out = {}
+    for name, tensor in adapter_state.items():
+        suffix = LORA_A if name.endswith(LORA_A) else LORA_B
+        out[rename(name[: -len(suffix)]) + suffix] = tensor
+    return out
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write to a temporary file in the target folder, then rename: a crash never leaves a half file."""
     from safetensors.torch import save_file
@@ -108,6 +118,9 @@ def export_student_lora(family, path: str | os.PathLike, info: TDMInfo, dtype=No
         base_hash = base_model_hash(family.source_path)
     info.base_hash = base_hash or info.base_hash
     adapter = adapter_state_dict(family.network, STUDENT)
+    rename = getattr(family, "lora_module_path", None)  # Wan: ComfyUI maps only the original, non-diffusers names
+    if rename is not None:
+        adapter = renamed_modules(adapter, rename)
     if getattr(family, "lora_layout", "kohya") == "peft":
         tensors = adapter_to_peft_layout(adapter, family.kohya_prefix, config.lora_alpha, config.r, dtype)
     else:

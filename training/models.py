@@ -46,6 +46,7 @@ PIPELINE_FAMILIES = {  # diffusers pipeline class (model_index.json "_class_name
     "ZImagePipeline": "z_image",
     "QwenImagePipeline": "qwen_image",
     "CogVideoXPipeline": "cogvideox",
+    "WanPipeline": "wan",
 }
 
 
@@ -62,10 +63,11 @@ def _family_class(name: str):
     from training.families.sd3 import SD3Family
     from training.families.sd15 import SD15Family
     from training.families.sdxl import SDXLFamily
+    from training.families.wan import WanFamily
     from training.families.z_image import ZImageFamily
 
     return {"sd15": SD15Family, "sdxl": SDXLFamily, "pixart": PixArtFamily, "sd3": SD3Family, "flux": FluxFamily,
-            "z_image": ZImageFamily, "qwen_image": QwenImageFamily, "cogvideox": CogVideoXFamily}[name]
+            "z_image": ZImageFamily, "qwen_image": QwenImageFamily, "cogvideox": CogVideoXFamily, "wan": WanFamily}[name]
 
 
 def known_families() -> list[str]:
@@ -119,6 +121,7 @@ SINGLE_FILE_MARKERS = (
 def detect_single_file_family(keys) -> str | None:
     from training.families.flux_files import is_bfl_flux
     from training.families.qwen_image_files import is_qwen_image
+    from training.families.wan_files import is_wan
     from training.families.z_image_files import is_comfy_z_image
 
     keys = list(keys)
@@ -128,6 +131,8 @@ def detect_single_file_family(keys) -> str | None:
         return "z_image"
     if is_qwen_image(keys):  # a Qwen-Image diffusion model (ComfyUI's models/diffusion_models)
         return "qwen_image"
+    if is_wan(keys):  # a Wan diffusion model in its original layout (ComfyUI's models/diffusion_models)
+        return "wan"
     for family, marker in SINGLE_FILE_MARKERS:
         if any(k.startswith(marker) for k in keys):
             return family
@@ -268,7 +273,7 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
         name = family or detected
         if name is None:
             raise TrainingInputError(
-                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3, Flux, Z-Image or Qwen-Image keys found. Pass family= and "
+                f"unknown architecture in {path.name}: no SD1.5, SDXL, PixArt, SD3, Flux, Z-Image, Qwen-Image or Wan keys found. Pass family= and "
                 "config_path= for a supported architecture, or a diffusers model folder."
             )
         if name not in PIPELINE_FAMILIES.values():
@@ -297,6 +302,11 @@ def load_family(model_path: str, family: str | None = None, device="cpu", dtype=
 
             with _offline():
                 pipeline = load_qwen_image_files(path, config_path, dtype)
+        elif name == "wan":  # the same: UMT5 and the Wan VAE in the sibling folders
+            from training.families.wan_files import load_wan_files
+
+            with _offline():
+                pipeline = load_wan_files(path, config_path, dtype)
         else:
             pipeline = _load_pipeline_single_file(path, name, config_path, dtype)
     return _family_class(name)(pipeline, device=device, dtype=dtype, source_path=str(path))

@@ -30,6 +30,15 @@ def _denoiser(family, cond, null_cond=None, cfg_scale: float = 1.0):
     return denoise
 
 
+def frames_as_image(decoded: torch.Tensor) -> torch.Tensor:
+    """One image per sample: a decoded video (B, 3, F, H, W) becomes its first, middle and last frames side by
+    side (B, 3, H, 3W), so a video family's grid stays one PNG; images (B, 3, H, W) pass through."""
+    if decoded.ndim == 4:
+        return decoded
+    frames = decoded.shape[2]
+    return torch.cat([decoded[:, :, i] for i in sorted({0, frames // 2, frames - 1})], dim=3)
+
+
 def student_grids(trained_grid: list[int], total_steps: int) -> list[list[int]]:
     # the trained grid for its own K (it may be a custom one), the reference rule for the others
     return [list(trained_grid) if k == len(trained_grid) else reference_grid(k, total_steps) for k in STUDENT_STEPS]
@@ -38,8 +47,8 @@ def student_grids(trained_grid: list[int], total_steps: int) -> list[list[int]]:
 @torch.no_grad()
 def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
                        trained_grid: list[int], total_steps: int, cfg_scale: float, teacher_steps: int) -> list[torch.Tensor]:
-    """Decoded images ``[teacher, student@1, student@2, student@4]``, each ``(B, 3, H, W)`` in [0, 1] (videos: the
-    middle frame)."""
+    """Decoded images ``[teacher, student@1, student@2, student@4]``, each ``(B, 3, H, W)`` in [0, 1] (videos: three
+    frames side by side, :func:`frames_as_image`)."""
     gen = torch.Generator().manual_seed(VALIDATION_SEED)
     noise = torch.randn(family.latent_shape(batch_size, resolution), generator=gen).to(device)
     schedule, prediction = family.schedule, family.prediction_type
@@ -50,12 +59,7 @@ def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, res
         for grid in student_grids(trained_grid, total_steps):
             with num_steps(family.network, len(grid)):  # a steps-aware student runs as a len(grid)-step model
                 columns.append(sample_tdm(_denoiser(family, cond), noise, grid, schedule, prediction))
-    return [middle_frame(family.decode(latents)).float().clamp(0, 1).cpu() for latents in columns]
-
-
-def middle_frame(images: torch.Tensor) -> torch.Tensor:
-    """Video families decode ``(B, 3, F, H, W)``: the grid shows each video's middle frame; images pass as they are."""
-    return images[:, :, images.shape[2] // 2] if images.ndim == 5 else images
+    return [frames_as_image(family.decode(latents)).float().clamp(0, 1).cpu() for latents in columns]
 
 
 def grid_image(columns: list[torch.Tensor]) -> Image.Image:

@@ -106,7 +106,7 @@ def populate_base_dir(base_dir: Path) -> None:
     for folder, name in ((checkpoints, names.SDXL_CKPT), (checkpoints, names.SD3_CKPT), (checkpoints, names.SD35_CKPT),
                          (loras, names.SDXL_LORA), (loras, names.SD3_LORA), (loras, names.SD35_LORA)):
         (folder / name).write_bytes(b"")
-    for folder, name in (*names.FLUX_FILES, *names.ZIMAGE_FILES, *names.TDMR1_FILES, *names.QWEN_FILES):  # ComfyUI's split layout: diffusion model, text encoders, VAE
+    for folder, name in (*names.FLUX_FILES, *names.ZIMAGE_FILES, *names.TDMR1_FILES, *names.QWEN_FILES, *names.WAN_FILES):  # ComfyUI's split layout: diffusion model, text encoders, VAE
         (base_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base_dir / "models" / folder / name).write_bytes(b"")
     write_truncated_copy(lora, loras / TRUNCATED_LORA)

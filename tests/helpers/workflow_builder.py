@@ -174,6 +174,12 @@ TDMR1_LORA = "tdmr1_zimage_ema.ckpt"  # the TDM-R1 release's own file name
 TDMR1_FILES = (*ZIMAGE_FILES[:3], ("loras", TDMR1_LORA))
 QWEN_FILES = (("diffusion_models", QWEN_UNET), ("text_encoders", QWEN_TEXT_ENCODER), ("vae", QWEN_VAE), ("loras", QWEN_LORA))
 QWEN_SHIFT = 2.0  # Qwen-Image's own dynamic shift at 1024 x 1024 (4096 tokens): exp(0.694)
+WAN_UNET = "wan2.1_t2v_1.3B_fp16.safetensors"  # the names of ComfyUI's own Wan 2.1 text-to-video template
+WAN_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+WAN_LORA = "wan2.1_t2v_1.3B_tdm4.safetensors"
+WAN_FILES = (("diffusion_models", WAN_UNET), ("text_encoders", WAN_TEXT_ENCODER), ("vae", WAN_VAE), ("loras", WAN_LORA))
+WAN_SHIFT = 3.0  # the flow_shift of Wan2.1-T2V-1.3B's diffusers scheduler config, the one a LoRA distilled from it records
 INPUT_IMAGE = "tdm_img2img_input.png"
 PROMPT = "a photo of a red fox in a snowy forest, golden hour, highly detailed"
 SEED = 42
@@ -395,6 +401,34 @@ def qwen_image_tdm_lora(object_info: dict) -> dict:
     return wf.to_json()
 
 
+def wan_t2v_tdm_lora(object_info: dict) -> dict:
+    wf = UIWorkflow(object_info)
+    files = "\n".join(f"  models/{folder}/{name}" for folder, name in WAN_FILES)
+    wf.note((20, 520), (
+        f"Put these files into your ComfyUI models folders (Wan 2.1 T2V 1.3B as ComfyUI's own text-to-video Wan template "
+        f"has it):\n\n{files}\n\n"
+        f"{WAN_LORA}: a Wan TDM LoRA written by `python -m training.distill --cfg 5 --num-frames 33 --resolution 480` of "
+        "comfyui-tdm (--model: the diffusion-model file above, the text encoder and VAE are found beside it; "
+        "--model-config: a diffusers Wan2.1-T2V-1.3B folder for its tokenizer).\n\n"
+        "Wan uses true CFG; the student was distilled with the teacher's CFG (and the empty negative prompt) built in, "
+        f"so it samples at CFG 1 with no negative prompt. Set ModelSamplingSD3's shift to the LoRA's flow shift: {WAN_SHIFT:g} "
+        "for a LoRA distilled from Wan2.1-T2V-1.3B's diffusers config (ComfyUI's own default for Wan is 8; the TDM Scheduler "
+        "says in the log when the model samples at another shift). The length is 4k + 1 frames."))
+    unet = wf.add("UNETLoader", (20, 120), unet_name=WAN_UNET, weight_dtype="default")
+    clip = wf.add("CLIPLoader", (20, 280), clip_name=WAN_TEXT_ENCODER, type="wan")
+    vae = wf.add("VAELoader", (20, 440), vae_name=WAN_VAE)
+    lora = wf.add("TDMLoraLoader", (380, 120), model=unet[0], lora_name=WAN_LORA)
+    shifted = wf.add("ModelSamplingSD3", (380, 420), model=lora[0], shift=WAN_SHIFT)
+    positive = wf.add("CLIPTextEncode", (740, 120), title="Prompt", clip=clip[0], text=PROMPT)
+    latent = wf.add("EmptyHunyuanLatentVideo", (740, 380), width=832, height=480, length=33, batch_size=1)
+    sampled = wf.add("TDMKSampler", (1100, 120), model=shifted[0], seed=SEED, steps=4, grid="auto", cfg=1.0,
+                     positive=positive[0], latent_image=latent[0], denoise=1.0)
+    frames = wf.add("VAEDecode", (1460, 120), samples=sampled[0], vae=vae[0])
+    wf.add("SaveAnimatedWEBP", (1700, 120), images=frames[0], filename_prefix="tdm_wan_4step", fps=16.0, lossless=False,
+           quality=90, method="default")
+    return wf.to_json()
+
+
 def sd15_teacher_vs_tdm(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
     wf.note((20, 420), models_note(SD15_CKPT, SD15_LORA, "Top row: the teacher (the checkpoint alone, 25 steps, "
@@ -447,6 +481,7 @@ WORKFLOWS = {
     "z_image_tdm_lora": z_image_tdm_lora,
     "z_image_tdmr1_release": z_image_tdmr1_release,
     "qwen_image_tdm_lora": qwen_image_tdm_lora,
+    "wan_t2v_tdm_lora": wan_t2v_tdm_lora,
     "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
     "sd15_img2img": sd15_img2img,
 }
