@@ -36,12 +36,18 @@ class Teacher:
     name: str
     cfg: float  # the teacher guidance distilled (the student samples at CFG 1)
     about: str
+    extra: tuple = ()  # (row key, column header) of measures this teacher adds to the table (video: temporal ones)
+    data_flags: tuple = ()  # the shape of its data where the model cannot tell (video: frames and size), not training choices
 
     def evaluator(self, num_eval: int, seeds: tuple):
         if self.name == "digits":
             from benchmarks.defaults_eval import DigitsEvaluator
 
             return DigitsEvaluator(num_eval, seeds, self.cfg)
+        if self.name == "video":
+            from benchmarks.defaults_eval import VideoEvaluator
+
+            return VideoEvaluator(num_eval, seeds, self.cfg)
         from benchmarks.defaults_eval import ShapesEvaluator
 
         if self.name == "flow":
@@ -56,6 +62,10 @@ TEACHERS = {
     "shapes": Teacher("shapes", 3.0, "text-to-image StableDiffusionPipeline on coloured shapes (benchmarks/assets/shapes_teacher)"),
     "flow": Teacher("flow", 3.0, "Flux-architecture rectified-flow FluxPipeline on coloured shapes, true CFG "
                                  "(benchmarks/assets/flow_teacher)"),
+    "video": Teacher("video", 3.0, "Wan-architecture rectified-flow WanPipeline on clips of moving coloured shapes (9 frames), "
+                                   "true CFG (benchmarks/assets/video_teacher); accuracy: colour, shape and motion direction all right",
+                     extra=(("direction", "direction ↑"), ("track_rms", "track RMS px ↓")),
+                     data_flags=("--num-frames", "9", "--resolution", "32")),
 }
 
 
@@ -68,7 +78,8 @@ def distil(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int,
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "training.distill", "--model", str(evaluator.model_dir), "--prompts", str(evaluator.prompts_file(folder)),
            "--output", str(lora), "--cfg", str(teacher.cfg), "--seed", str(seed), "--max-train-steps", str(max_steps),
-           "--checkpoint-every", str(every), "--keep-checkpoints", "1000", "--validate-every", str(max_steps), "--resume", *extra]
+           "--checkpoint-every", str(every), "--keep-checkpoints", "1000", "--validate-every", str(max_steps), "--resume",
+           *teacher.data_flags, *extra]
     started = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -143,22 +154,23 @@ def gcd_all(values) -> int:
 
 
 def fmt(row: dict, key: str) -> str:
-    digits = 3 if key == "accuracy" else 1
+    digits = 3 if key in ("accuracy", "direction") else 1
     return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}" if key in row else "-"
 
 
 def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablations: tuple, ablation_iterations: int) -> list[str]:
-    cols = ("fd_real", "fd_teacher", "accuracy")
+    cols = ("fd_real", "fd_teacher", "accuracy", *(key for key, _ in teacher.extra))
+    extra_headers = "".join(f" {header} |" for _, header in teacher.extra)
     lines = [f"### {teacher.name}: {teacher.about}, distilled at CFG {teacher.cfg:g}", "",
-             "| row | NFE | FD to real held-out ↓ | FD to teacher 50 steps ↓ | attribute/class accuracy ↑ | runs |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| row | NFE | FD to real held-out ↓ | FD to teacher 50 steps ↓ | attribute/class accuracy ↑ |{extra_headers} runs |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(teacher.extra) + "---:|"]
     for steps in (50, 4):
         row = cache[f"teacher{steps}"]
         lines.append(f"| teacher {steps} steps, CFG {teacher.cfg:g} | {2 * steps} | " + " | ".join(fmt(row, c) for c in cols) + " | - |")
     for n in iterations:
         per_seed = [cache[f"seed{s}/{n}"] for s in seeds if f"seed{s}/{n}" in cache]
         if not per_seed:
-            lines.append(f"| TDM K=4, defaults, {n} it. | 4 | not measured | | | 0 |")
+            lines.append(f"| TDM K=4, defaults, {n} it. | 4 | not measured |" + " |" * (len(cols) - 1) + " 0 |")
             continue
         row = summarise(per_seed)
         lines.append(f"| TDM K=4, defaults, {n} it. | 4 | " + " | ".join(fmt(row, c) for c in cols) + f" | {row['runs']} |")
@@ -166,7 +178,7 @@ def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablati
         row = cache.get(f"ablation/{name}")
         nfe = 1 if name == "k1" else 4
         if row is None:
-            lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | not measured | | | 0 |")
+            lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | not measured |" + " |" * (len(cols) - 1) + " 0 |")
             continue
         lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | " + " | ".join(fmt(row, c) for c in cols) + " | 1 |")
     if f"preview/{teacher.name}" in cache:
@@ -236,6 +248,8 @@ def main(argv=None) -> int:
             preview = write_preview(evaluator, args.work / teacher.name / f"seed{seeds[0]}" / "student_run", iterations,
                                     args.output.parent / f"{args.output.stem}_{teacher.name}.png")
             caches[teacher.name][f"preview/{teacher.name}"] = preview.name
+            if hasattr(evaluator, "write_animation"):  # video teachers: the same rows as an animated WebP
+                evaluator.write_animation(preview.with_suffix(".webp"))
         write_text_atomic(args.output, render(command.strip(), [t for t in teachers if t.name in caches], caches, seeds, iterations, ablations,
                                                   args.ablation_iterations))
     print(f"wrote {args.output}")
