@@ -78,11 +78,15 @@ class ShapesEvaluator:
         self.prompts, self.labels = balanced_prompts(num_eval)
         self._reference = {}
 
-    def prompts_file(self, folder: Path) -> Path:
+    @staticmethod
+    def captions() -> list[str]:
         from benchmarks.shapes_data import all_captions
 
+        return all_captions()
+
+    def prompts_file(self, folder: Path) -> Path:
         path = folder / "prompts.txt"
-        path.write_text("".join(f"{c}\n" for c in all_captions()))
+        path.write_text("".join(f"{c}\n" for c in self.captions()))
         return path
 
     def student_grid(self, k: int) -> list[int]:
@@ -143,7 +147,7 @@ class ShapesEvaluator:
         return [(label, (images.clamp(-1, 1) + 1) / 2) for label, images in rows], labels
 
 
-class VideoEvaluator:
+class VideoEvaluator(ShapesEvaluator):
     """The text-to-video teacher (a Wan-architecture ``WanPipeline`` on moving shapes, benchmarks/train_video_teacher.py),
     through the trainer's Wan family: per-frame FD in the shapes classifier's features to the held-out clips and to the
     teacher's own 50-step samples, the share of clips with colour, shape and motion direction right, and the temporal
@@ -166,29 +170,11 @@ class VideoEvaluator:
         self.prompts, self.labels = video_metrics.balanced_prompts(num_eval)
         self._reference = {}
 
-    def prompts_file(self, folder: Path) -> Path:
+    @staticmethod
+    def captions() -> list[str]:
         from benchmarks.video_data import all_captions
 
-        path = folder / "prompts.txt"
-        path.write_text("".join(f"{c}\n" for c in all_captions()))
-        return path
-
-    def student_grid(self, k: int) -> list[int]:
-        return reference_grid(k, DistillConfig().total_steps)
-
-    def _noise(self, seed: int):
-        from benchmarks.text_sampling import noise_for
-
-        return noise_for(self.family, self.num_eval, 1000 + seed)
-
-    def _teacher_clips(self, steps: int, seed: int):
-        from benchmarks.text_sampling import sample_text_teacher
-
-        if steps != 50:
-            return sample_text_teacher(self.family, steps, self.prompts, self._noise(seed), self.cfg)
-        if seed not in self._reference:
-            self._reference[seed] = sample_text_teacher(self.family, 50, self.prompts, self._noise(seed), self.cfg)
-        return self._reference[seed]
+        return all_captions()
 
     def _score(self, make_clips) -> dict:
         from benchmarks import text_metrics, video_metrics
@@ -201,29 +187,17 @@ class VideoEvaluator:
             clips = make_clips(seed)
             row = video_metrics.quality(self.classifier, clips, self.labels, self.real_feats)
             features = text_metrics.classifier_outputs(self.classifier, clips_to_frames(clips.float()))[0]
-            reference = text_metrics.classifier_outputs(self.classifier, clips_to_frames(self._teacher_clips(50, seed).float()))[0]
+            reference = text_metrics.classifier_outputs(self.classifier, clips_to_frames(self._teacher_samples(50, seed).float()))[0]
             per_seed.append({"fd_real": row["fd"], "fd_teacher": frechet_distance(features, reference), "accuracy": row["acc_all"],
                              "direction": row["acc_direction"], "track_rms": row["track_rms"], "area_cv": row["area_cv"]})
         return summarise(per_seed)
-
-    def teacher_row(self, steps: int) -> dict:
-        return self._score(lambda seed: self._teacher_clips(steps, seed))
-
-    def student_row(self, adapter_state: dict, grid: list[int]) -> dict:
-        from benchmarks.sampling import load_student_state
-        from benchmarks.text_sampling import sample_text_student
-
-        rank, alpha = _default_rank_alpha()
-        load_student_state(self.family, adapter_state, rank, alpha)
-        return self._score(lambda seed: sample_text_student(self.family, grid, self.prompts, self._noise(seed)))
 
     def _preview_clips(self, students: list[tuple[str, dict]], grid: list[int]) -> list[tuple[str, "torch.Tensor"]]:
         """Clips (N, 3, T, H, W) in [-1, 1]: the teacher at 50 and 4 steps, then each student, same noise and prompts."""
         from benchmarks.sampling import load_student_state
         from benchmarks.text_sampling import noise_for, sample_text_student, sample_text_teacher
-        from benchmarks.video_data import all_captions
 
-        captions = all_captions()
+        captions = self.captions()
         prompts = [captions[(i * 13) % len(captions)] for i in range(8)]  # 13 is coprime to 60: varied attributes
         noise = noise_for(self.family, len(prompts), PREVIEW_SEED)
         rows = [(f"teacher {n} steps, CFG {self.cfg:g}", sample_text_teacher(self.family, n, prompts, noise, self.cfg)) for n in (50, 4)]
