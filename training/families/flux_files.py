@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .file_weights import network_from_state
+
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
 BFL_PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "flux"
@@ -103,14 +105,8 @@ def _transformer(path: Path, config_dir: Path, dtype):
     double, single = block_counts(state)
     config.update(num_layers=double, num_single_layers=single,
                   guidance_embeds="guidance_in.in_layer.weight" in state)  # Flux.1-dev has it, Flux.1-schnell not
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    converted = bfl_to_diffusers(state, hidden)
-    missing = set(model.state_dict()) - set(converted)
-    if missing:
-        raise _input_error(f"{path.name} lacks {len(missing)} Flux weights (e.g. {sorted(missing)[:3]}): pass an intact Flux.1 file")
-    model.load_state_dict(converted, assign=True)
-    return model.to(dtype)
+    return network_from_state(FluxTransformer2DModel, config, bfl_to_diffusers(state, hidden), path.name, "Flux",
+                              "pass an intact Flux.1 file", dtype)
 
 
 def _text_model(model_class, config_class, path: Path, config_dir: Path, dtype):

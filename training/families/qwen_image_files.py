@@ -21,8 +21,10 @@ import json
 from pathlib import Path
 
 import torch
+
 from accelerate import init_empty_weights
 
+from .file_weights import network_from_state
 from .qwen_image import CONFIGS
 
 MARKERS = ("txt_norm.weight", "transformer_blocks.0.img_mlp.net.0.proj.weight")  # what only a Qwen-Image DiT has
@@ -86,13 +88,7 @@ def _transformer(path: Path, config_dir: Path, dtype):
         raise _input_error(f"{path.name} is {width} wide, the Qwen-Image config {config_dir} {config['num_attention_heads']} x "
                            f"{config['attention_head_dim']}: pass --model-config with the diffusers config of this model")
     config["num_layers"] = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
-    with init_empty_weights():  # parameters on the meta device; the rope tables (plain tensors) are real
-        model = QwenImageTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise _input_error(f"{path.name} lacks {len(missing)} Qwen-Image weights (e.g. {sorted(missing)[:3]}): pass an intact Qwen-Image file")
-    model.load_state_dict({k: state[k] for k in model.state_dict()}, assign=True)
-    return model.to(dtype).eval()
+    return network_from_state(QwenImageTransformer2DModel, config, state, path.name, "Qwen-Image", "pass an intact Qwen-Image file", dtype)
 
 
 def _text_encoder(path: Path, config_dir: Path, dtype):

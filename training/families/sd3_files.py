@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .file_weights import network_from_state
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sd3"
 PREFIX = "model.diffusion_model."
 TEXT_ENCODERS = {  # pipeline component -> (key prefix inside an all-in-one file, ComfyUI file pattern, example name)
@@ -66,14 +68,8 @@ def _transformer(path: Path, shapes: dict[str, tuple], config_dir: Path, dtype):
     config = mmdit_config(mmdit, {k: v for k, v in base.items() if not k.startswith("_")})
     with safe_open(str(path), framework="pt") as handle:
         state = {k[len(PREFIX):]: handle.get_tensor(k) for k in shapes if k.startswith(PREFIX)}
-    converted = convert_sd3_transformer_checkpoint_to_diffusers(state)
-    with torch.device("meta"):
-        model = SD3Transformer2DModel.from_config(config)
-    missing = set(model.state_dict()) - set(converted)
-    if missing:
-        raise _input_error(f"{path.name} lacks {len(missing)} MMDiT weights (e.g. {sorted(missing)[:3]}): pass an intact SD3 / SD3.5 checkpoint")
-    model.load_state_dict(converted, assign=True)
-    return model.to(dtype)
+    return network_from_state(SD3Transformer2DModel, config, convert_sd3_transformer_checkpoint_to_diffusers(state), path.name,
+                              "MMDiT", "pass an intact SD3 / SD3.5 checkpoint", dtype)
 
 
 def companion_text_encoders(checkpoint: Path) -> dict[str, Path]:

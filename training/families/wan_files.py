@@ -21,8 +21,10 @@ import json
 from pathlib import Path
 
 import torch
+
 from accelerate import init_empty_weights
 
+from .file_weights import network_from_state
 from .qwen_image_files import dequantize
 from .wan import CONFIGS
 
@@ -96,14 +98,8 @@ def load_transformer(path: Path, config_dir: Path | None, dtype):
         raise _input_error(f"{path.name} is not a Wan diffusion model (no {', '.join(MARKERS)}): pass ComfyUI's "
                            "models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors or a diffusers Wan folder, or drop --family wan")
     config = _transformer_config(state, config_dir)
-    converted = convert_wan_transformer_to_diffusers(state)
-    with init_empty_weights():
-        model = WanTransformer3DModel.from_config(config)
-    missing = sorted(set(model.state_dict()) - set(converted))
-    if missing:
-        raise _input_error(f"{path.name} lacks {len(missing)} Wan weights (e.g. {missing[:3]}): pass an intact Wan file")
-    model.load_state_dict({k: converted[k] for k in model.state_dict()}, assign=True)
-    return model.to(dtype).eval()
+    return network_from_state(WanTransformer3DModel, config, convert_wan_transformer_to_diffusers(state), path.name, "Wan",
+                              "pass an intact Wan file", dtype)
 
 
 def _text_encoder(path: Path, config_dir: Path, dtype):
