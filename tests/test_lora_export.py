@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers.tiny_models import (comfy_model_from_diffusers_transformer, comfy_model_from_diffusers_unet, import_comfy,
+from tests.helpers.tiny_models import (comfy_model_from_diffusers_transformer, trained_tdm_family, comfy_model_from_diffusers_unet, import_comfy,
                                       save_tiny_pipeline)
 from tdm_core.metadata import TDMInfo
 
@@ -34,16 +34,7 @@ def folders(tmp_path_factory):
 
 def trained_family(folder, seed=7):
     """A family with both adapters whose student has non-zero (as if trained) weights."""
-    from training.models import FAKE_SCORE, STUDENT, adapter_parameters, add_tdm_adapters, load_family
-
-    family = load_family(str(folder))
-    add_tdm_adapters(family, rank=RANK, alpha=ALPHA)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in (STUDENT, FAKE_SCORE):
-            for p in adapter_parameters(family.network, name):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    return family
+    return trained_tdm_family(folder, RANK, ALPHA, seed)
 
 
 def export(family, path, **info):

@@ -57,16 +57,9 @@ def save_tiny_cogvideox(folder: str | os.PathLike, seed: int = 0, rotary: bool =
 
 def cogvideox_student(folder: str | os.PathLike, seed: int = 7, rank: int = 4, alpha: float = 2.0):
     """The family of ``folder`` with both TDM adapters, the student's weights random (as if trained)."""
-    from training.models import FAKE_SCORE, STUDENT, adapter_parameters, add_tdm_adapters, load_family
+    from tests.helpers.tiny_models import trained_tdm_family
 
-    family = load_family(str(folder))
-    add_tdm_adapters(family, rank=rank, alpha=alpha)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in (STUDENT, FAKE_SCORE):
-            for p in adapter_parameters(family.network, name):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    return family
+    return trained_tdm_family(folder, rank, alpha, seed)
 
 
 def save_release_layout_lora(folder: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 3) -> Path:

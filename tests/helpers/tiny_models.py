@@ -402,3 +402,17 @@ def save_tiny_single_file(family: str, folder: str | os.PathLike, seed: int = 0,
     checkpoint = folder / f"{family}_tiny.safetensors"
     save_file(single_file_state_dict(pipe, family), str(checkpoint))
     return checkpoint, config_folder
+
+
+def trained_tdm_family(folder: str | os.PathLike, rank: int = 4, alpha: float = 2.0, seed: int = 7):
+    """The family of ``folder`` with both TDM adapters, their weights random and non-zero (as if trained)."""
+    from training.models import FAKE_SCORE, STUDENT, adapter_parameters, add_tdm_adapters, load_family
+
+    family = load_family(str(folder))
+    add_tdm_adapters(family, rank=rank, alpha=alpha)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in (STUDENT, FAKE_SCORE):
+            for p in adapter_parameters(family.network, name):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return family
