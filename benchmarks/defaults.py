@@ -26,9 +26,13 @@ from training.config import DistillConfig
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "outputs" / "benchmarks_defaults"
 OUTPUT = ROOT / "benchmarks" / "RESULTS_defaults.md"
-ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "shared": ["--interval-mode", "shared"]}
-ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "shared": "shared intervals"}
 DEFAULT_ITERATIONS = DistillConfig().max_train_steps
+QUARTER_STUDENT_LR = DistillConfig().student_lr() / 4
+ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "shared": ["--interval-mode", "shared"],
+             "student_lr": ["--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"]}
+ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "shared": "shared intervals",
+                  "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})"}
+UNTRAINED = "TDM K=4 before training (the teacher on the student's grid, CFG 1)"
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,11 @@ def checkpoint_student(run_dir: Path, step: int) -> dict:
     return adapters["student"]
 
 
+def untrained_student(adapters: dict) -> dict:
+    """The same adapters with every ``lora_B`` at zero (PEFT's initialisation): the student at step 0."""
+    return {k: v.new_zeros(v.shape) if "lora_B" in k else v for k, v in adapters.items()}
+
+
 def summarise(per_seed: list[dict]) -> dict:
     """Mean and standard deviation over training runs of each metric (each run's own sampling spread dropped)."""
     out = {"runs": len(per_seed)}
@@ -126,6 +135,9 @@ def measure(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablati
         for n in iterations:
             cached(f"seed{seed}/{n}", lambda: evaluator.student_row(checkpoint_student(run_dir, n), grid))
         cached(f"seed{seed}/summary", lambda: json.loads((run_dir / "summary.json").read_text()))
+        # where every student starts: without it, FD to the teacher cannot tell drifting away from a start from
+        # failing to reach the teacher (the untrained student samples at CFG 1, the teacher rows at the distilled CFG)
+        cached("untrained", lambda: evaluator.student_row(untrained_student(checkpoint_student(run_dir, max(iterations))), grid))
     for name in ablations:
         log(f"{teacher.name}: ablation {name}")
         run_dir = distil(teacher, evaluator, work / teacher.name / f"ablation_{name}", 0, ablation_iterations, ablation_iterations, ABLATIONS[name])
@@ -167,6 +179,8 @@ def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablati
     for steps in (50, 4):
         row = cache[f"teacher{steps}"]
         lines.append(f"| teacher {steps} steps, CFG {teacher.cfg:g} | {2 * steps} | " + " | ".join(fmt(row, c) for c in cols) + " | - |")
+    if "untrained" in cache:
+        lines.append(f"| {UNTRAINED} | 4 | " + " | ".join(fmt(cache["untrained"], c) for c in cols) + " | - |")
     for n in iterations:
         per_seed = [cache[f"seed{s}/{n}"] for s in seeds if f"seed{s}/{n}" in cache]
         if not per_seed:

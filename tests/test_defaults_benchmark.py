@@ -17,7 +17,7 @@ def test_defaults_benchmark_distils_with_defaults_and_writes_the_table(tmp_path)
     assert defaults.main(argv) == 0
     text = output.read_text()
     assert "python -m benchmarks.defaults --teachers digits --seeds 0" in text
-    for needle in ("| teacher 50 steps, CFG 2 | 100 |", "| TDM K=4, defaults, 1 it. | 4 |", "| TDM K=4, defaults, 2 it. | 4 |",
+    for needle in ("| teacher 50 steps, CFG 2 | 100 |", f"| {defaults.UNTRAINED} | 4 |", "| TDM K=4, defaults, 1 it. | 4 |", "| TDM K=4, defaults, 2 it. | 4 |",
                    "| squared L2, 2 it. | 4 |"):
         assert needle in text, needle
     # the student was trained by training.distill with nothing but the benchmark's own flags
@@ -27,6 +27,8 @@ def test_defaults_benchmark_distils_with_defaults_and_writes_the_table(tmp_path)
     assert json.loads((work / "digits" / "results.json").read_text())["seed0/summary"] == summary
     cache = json.loads((work / "digits" / "results.json").read_text())
     assert cache["seed0/1"] != cache["seed0/2"]  # two checkpoints, two students
+    # the step-0 student: the 1-step checkpoint still equals it (the warm-up gives the first update lr 0), the 2-step one not
+    assert cache["untrained"] == cache["seed0/1"] and cache["untrained"] != cache["seed0/2"]
     assert cache["teacher50"]["fd_teacher"] == pytest.approx(0.0, abs=1e-3)
     # the preview: teacher at 50 and 4 steps, then the seed-0 student at each checkpoint, linked from the table
     from PIL import Image
