@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from training.atomic import write_text_atomic
@@ -239,6 +239,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", default="k1,l2,shared")
     parser.add_argument("--ablation-iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--num-eval", type=int, default=500)
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="distil and score at this teacher CFG instead of each teacher's own (the teacher rows and FD to "
+                             "the teacher follow it); use its own --work")
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
@@ -251,8 +254,10 @@ def main(argv=None) -> int:
     ablations = tuple(a for a in args.ablations.split(",") if a)
     if any(a not in ABLATIONS for a in ablations):
         parser.error(f"--ablations takes {', '.join(ABLATIONS)}")
+    if args.cfg is not None and args.cfg < 1:
+        parser.error(f"--cfg {args.cfg:g}: a teacher CFG is at least 1 (1: no guidance)")
     command = "python -m benchmarks.defaults " + " ".join(argv if argv is not None else sys.argv[1:])
-    teachers = [TEACHERS[n] for n in names]
+    teachers = [TEACHERS[n] if args.cfg is None else replace(TEACHERS[n], cfg=args.cfg) for n in names]
     caches = {}
     for teacher in teachers:
         evaluator = teacher.evaluator(args.num_eval, (0, 1))

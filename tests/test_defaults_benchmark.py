@@ -41,3 +41,10 @@ def test_defaults_benchmark_distils_with_defaults_and_writes_the_table(tmp_path)
     before = output.stat().st_mtime_ns
     assert defaults.main(argv) == 0  # everything cached: rewrites the table without training
     assert output.read_text() == text and output.stat().st_mtime_ns >= before
+
+
+def test_defaults_benchmark_refuses_a_cfg_below_one(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        defaults.main(["--teachers", "digits", "--cfg", "0.5", "--work", str(tmp_path), "--output", str(tmp_path / "R.md")])
+    assert "--cfg 0.5: a teacher CFG is at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists()
