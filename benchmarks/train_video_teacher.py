@@ -1,6 +1,7 @@
 """Trains the video teacher: a tiny Wan-architecture text-to-video ``WanPipeline`` folder on moving shapes.
 
-    python -m benchmarks.train_video_teacher [--output benchmarks/assets/video_teacher] [--iterations N] [--check]
+    python -m benchmarks.train_video_teacher [--output benchmarks/assets/video_teacher] [--iterations N] [--vae-iterations N]
+        [--vae-batch-size N] [--check]
 
 Data: :mod:`benchmarks.video_data` (9-frame 32x32 clips, "a red circle moving right"). The folder is a plain
 diffusers ``WanPipeline`` (``save_pretrained``), so anything that loads a Wan 2.1 text-to-video folder loads it:
@@ -222,18 +223,19 @@ def main(argv=None) -> int:
     add_check_arguments(parser, DEFAULT_OUTPUT)
     parser.add_argument("--vae-iterations", type=int, default=500)
     parser.add_argument("--iterations", type=int, default=1500)
+    parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.iterations < 1 or args.vae_iterations < 1 or args.batch_size < 2:
-        parser.error("--iterations and --vae-iterations must be at least 1, --batch-size at least 2")
+    if args.iterations < 1 or args.vae_iterations < 1 or args.batch_size < 2 or args.vae_batch_size < 1:
+        parser.error("--iterations and --vae-iterations must be at least 1, --batch-size at least 2, --vae-batch-size at least 1")
     output = checked_output(parser, args)
     if not (SHAPES_TEACHER / "tokenizer").is_dir():
         parser.error(f"the shapes teacher {SHAPES_TEACHER} is missing: build it with `python -m benchmarks.train_text_teacher`")
     torch.set_num_threads(args.threads)
     if not args.check_only:
-        stats = build_teacher(output, args.vae_iterations, args.iterations, args.batch_size, seed=args.seed)
+        stats = build_teacher(output, args.vae_iterations, args.iterations, args.batch_size, args.vae_batch_size, seed=args.seed)
         print(f"teacher written to {output} ({stats['size_bytes'] / 1e6:.2f} MB); build time {stats['total_s'] / 60:.1f} min "
               f"(VAE {stats['vae_s'] / 60:.1f} min), CPU time {stats['cpu_s'] / 60:.1f} min with {args.threads} thread(s)")
     if not args.no_check:

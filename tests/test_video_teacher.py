@@ -166,6 +166,10 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_video_teacher_main(["--output", str(tmp_path / "teacher"), "--check-only"])
     assert "model_index.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_video_teacher_main(["--output", str(tmp_path / "teacher"), "--vae-batch-size", "0", "--no-check"])
+    assert "--vae-batch-size at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "teacher").exists()
 
 
 @pytest.mark.slow
