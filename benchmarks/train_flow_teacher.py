@@ -20,15 +20,14 @@ Flux family computes the same schedule it trained on. Deterministic for a seed a
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.teacher_fit import fit, folder_size, num_parameters, warmup_cosine
 from benchmarks.train_text_teacher import DEFAULT_OUTPUT as SHAPES_TEACHER
-from benchmarks.train_text_teacher import ema_update, folder_size, num_parameters, warmup_cosine
 from training.atomic import atomic_folder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "flow_teacher"
@@ -86,11 +85,8 @@ def train_transformer(family, latent_mean, latent_std, caption_index, captions: 
     generator = torch.Generator().manual_seed(seed + 1)
     cond = family.encode_prompts(captions + [""])  # every distinct caption once, the empty prompt last
     empty_row = len(captions)
-    opt = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(iterations, 100, floor=0.0))
-    ema = copy.deepcopy(network).requires_grad_(False)
-    start, recent = time.perf_counter(), []
-    for step in range(iterations):
+
+    def step_loss(step: int):
         idx = torch.randint(0, latent_mean.shape[0], (batch_size,), generator=generator)
         x0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
         rows = torch.where(torch.rand(batch_size, generator=generator) < cond_drop, empty_row, caption_index[idx])
@@ -100,17 +96,10 @@ def train_transformer(family, latent_mean, latent_std, caption_index, captions: 
         x_t = (expand_like(a, x0) * x0 + expand_like(s, x0) * eps).float()
         pred = family.denoise(x_t, t.float(), {k: v[rows] for k, v in cond.items()})
         loss = (pred - (eps - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, network, min(ema_decay, (1 + step) / (10 + step)))
-        recent.append(loss.item())
-        if step % 250 == 0 or step == iterations - 1:
-            log(f"  flow transformer {step + 1:5d}/{iterations}  loss {sum(recent) / len(recent):.4f}  {time.perf_counter() - start:5.0f} s")
-            recent = []
-    return ema.eval()
+        return loss, {"loss": loss.item()}
+
+    return fit(network.parameters(), step_loss, iterations, lr, warmup_cosine(iterations, 100, floor=0.0), ema_of=[network],
+               ema_decay=ema_decay, name="flow transformer", log=log)[0]
 
 
 def build_teacher(output: Path, iterations: int = 4000, batch_size: int = 64, seed: int = 0, shapes_folder: Path = SHAPES_TEACHER,

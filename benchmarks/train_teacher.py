@@ -19,7 +19,6 @@ accuracy, both in the features of ``benchmarks/assets/digits_classifier.safetens
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from benchmarks.digits_data import load_digits_split
+from benchmarks.teacher_fit import fit
 from tdm_core.schedules import expand_like
 from training.atomic import atomic_folder
 from training.families import digits
@@ -51,18 +50,6 @@ def ddpm_loss(unet, table, x0, labels, schedule, generator) -> torch.Tensor:
     x_t = expand_like(a, x0) * x0 + expand_like(s, x0) * eps
     pred = unet(x_t, t.float(), encoder_hidden_states=table(labels).unsqueeze(1)).sample
     return F.mse_loss(pred, eps)
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    # warmed-up EMA: at iteration k it averages over roughly the last k / 9 iterations, so the random
-    # initialisation does not linger in it, up to the constant ``decay`` (0.999 binds after ~4500 iterations)
-    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def learning_rate_factor(step: int, iterations: int, warmup: int) -> float:
@@ -93,23 +80,15 @@ def train_teacher(output: Path, iterations: int = 2000, batch_size: int = 64, lr
     torch.nn.init.normal_(table.weight, std=1.0)
     schedule = digits.schedule_from_config(digits.SCHEDULER_CONFIG)
     params = list(unet.parameters()) + list(table.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: learning_rate_factor(k, iterations, warmup))
-    ema_unet, ema_table = copy.deepcopy(unet), copy.deepcopy(table)
-    bar = tqdm(range(iterations), desc="teacher", disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         loss = ddpm_loss(unet, table, images[idx], drop_conditions(labels[idx], cond_drop, generator), schedule, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = ema_decay_at(step, ema_decay)
-        ema_update(ema_unet, unet, decay)
-        ema_update(ema_table, table, decay)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return loss, {"loss": loss.item()}
+
+    ema_unet, ema_table = fit(params, step_loss, iterations, lr, lambda k: learning_rate_factor(k, iterations, warmup),
+                              ema_of=[unet, table], ema_decay=ema_decay, name="teacher",
+                              log=print if progress else (lambda *_: None))
     save_teacher(output, ema_unet, ema_table)
     return output
 

@@ -34,9 +34,7 @@ thread count.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -46,9 +44,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.shapes_data import all_captions, caption_words, load_shapes_split
+from benchmarks.teacher_fit import fit, fit_vae, folder_size, num_parameters, warmup_cosine
 from tdm_core.schedules import expand_like
 from training.atomic import atomic_folder
 
@@ -196,52 +194,12 @@ def build_unet():
     )
 
 
-def num_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-
-
-def warmup_cosine(total: int, warmup: int, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 # --- training --------------------------------------------------------------------------------------
-def train_vae(images: torch.Tensor, iterations: int, batch_size: int, seed: int, lr: float = 2e-3,
-              kl_weight: float = 1e-4, log=print):
-    """MSE reconstruction + ``kl_weight`` x (per-element KL to N(0, I)); returns the VAE in eval mode."""
+def train_vae(images: torch.Tensor, iterations: int, batch_size: int, seed: int, log=print):
+    """:func:`benchmarks.teacher_fit.fit_vae` on a posterior sample; returns the VAE in eval mode."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(iterations, 50))
-    start = time.perf_counter()
-    for step in range(iterations):
-        x = images[torch.randint(0, images.shape[0], (batch_size,), generator=generator)]
-        posterior = vae.encode(x).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator)
-        recon = vae.decode(posterior.mean + posterior.std * noise).sample
-        mse = F.mse_loss(recon, x)
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == iterations - 1:
-            log(f"  vae {step + 1:5d}/{iterations}  mse {mse.item():.5f}  kl {kl.item():.3f}  {time.perf_counter() - start:5.0f} s")
-    return vae.eval().requires_grad_(False)
+    return fit_vae(build_vae(), images, iterations, batch_size, generator, sample_posterior=True, log=log)
 
 
 @torch.no_grad()
@@ -280,11 +238,8 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, caption_inde
     empty_row = prompt_ids.shape[0] - 1
     text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(iterations, 100))
-    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-    start, recent = time.perf_counter(), []
-    for step in range(iterations):
+
+    def step_loss(step: int):
         idx = torch.randint(0, latent_mean.shape[0], (batch_size,), generator=generator)
         z = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
         rows = torch.where(torch.rand(batch_size, generator=generator) < cond_drop, empty_row, caption_index[idx])
@@ -297,20 +252,12 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, caption_inde
             table = text_encoder(prompt_ids).last_hidden_state
         pred = unet(x_t, t.float(), encoder_hidden_states=table[rows]).sample
         loss = (weights[t] * (pred - eps).pow(2).mean((1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))  # short EMA early, so the initialisation fades
-        ema_update(ema_unet, unet, decay)
-        if train_text_encoder:
-            ema_update(ema_text, text_encoder, decay)
-        recent.append(loss.item())
-        if step % 250 == 0 or step == iterations - 1:
-            log(f"  unet {step + 1:5d}/{iterations}  loss {sum(recent) / len(recent):.4f}  {time.perf_counter() - start:5.0f} s")
-            recent = []
-    return ema_unet.eval().requires_grad_(False), ema_text.eval().requires_grad_(False)
+        return loss, {"loss": loss.item()}
+
+    emas = fit(params, step_loss, iterations, lr, warmup_cosine(iterations, 100),
+               ema_of=[unet] + ([text_encoder] if train_text_encoder else []), ema_decay=ema_decay, name="unet", log=log)
+    ema_text = emas[1] if train_text_encoder else text_encoder.eval().requires_grad_(False)
+    return emas[0], ema_text
 
 
 # --- the folder ------------------------------------------------------------------------------------
@@ -339,10 +286,6 @@ def save_pipeline(output: Path, vae, text_encoder, unet) -> Path:
         shutil.rmtree(tmp / "tokenizer")
         os.replace(tmp / "_tokenizer", tmp / "tokenizer")
     return Path(output)
-
-
-def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def build_teacher(output: Path, vae_iterations: int = 1200, iterations: int = 4000, batch_size: int = 64, seed: int = 0,

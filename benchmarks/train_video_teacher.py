@@ -32,16 +32,15 @@ the same shifted sigmas. Transformer and VAE are stored in fp16 (half the size);
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.teacher_fit import fit, fit_vae, folder_size, num_parameters, warmup_cosine
 from benchmarks.train_text_teacher import DEFAULT_OUTPUT as SHAPES_TEACHER
-from benchmarks.train_text_teacher import ema_update, folder_size, load_tokenizer, num_parameters, warmup_cosine
+from benchmarks.train_text_teacher import load_tokenizer
 from training.atomic import atomic_folder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "video_teacher"
@@ -94,32 +93,13 @@ def assemble(tokenizer, text_encoder, vae, transformer):
 
 
 # --- training --------------------------------------------------------------------------------------
-def train_vae(clips: torch.Tensor, iterations: int, batch_size: int, seed: int, lr: float = 2e-3,
-              kl_weight: float = 1e-4, log=print):
-    """MSE reconstruction of the posterior mean + ``kl_weight`` x (per-element KL to N(0, I)). The mean, not a
-    sample: with a sampled latent (the shapes VAE's recipe) the posterior noise was 36 % of the latents' spread
-    and 500 iterations left the decoded clips blurred and colourless (MSE 0.029, red and green lost)."""
+def train_vae(clips: torch.Tensor, iterations: int, batch_size: int, seed: int, log=print):
+    """:func:`benchmarks.teacher_fit.fit_vae` on the posterior mean, not a sample: with a sampled latent (the
+    shapes VAE's recipe) the posterior noise was 36 % of the latents' spread and 500 iterations left the decoded
+    clips blurred and colourless (MSE 0.029, red and green lost)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(iterations, 50))
-    start = time.perf_counter()
-    for step in range(iterations):
-        x = clips[torch.randint(0, clips.shape[0], (batch_size,), generator=generator)]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.mean).sample
-        mse = F.mse_loss(recon, x)
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == iterations - 1:
-            log(f"  vae {step + 1:5d}/{iterations}  mse {mse.item():.5f}  kl {kl.item():.3f}  {time.perf_counter() - start:5.0f} s")
-    return vae.eval().requires_grad_(False)
+    return fit_vae(build_vae(), clips, iterations, batch_size, generator, sample_posterior=False, log_every=100, log=log)
 
 
 @torch.no_grad()
@@ -156,30 +136,19 @@ def train_transformer(latents, caption_index, table, iterations: int, batch_size
     network = build_transformer().train()
     generator = torch.Generator().manual_seed(seed + 1)
     empty_row = table.shape[0] - 1
-    opt = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(iterations, 100, floor=0.0))
-    ema = copy.deepcopy(network).requires_grad_(False)
-    start, recent = time.perf_counter(), []
-    for step in range(iterations):
+
+    def step_loss(step: int):
         idx = torch.randint(0, latents.shape[0], (batch_size,), generator=generator)
         x0 = latents[idx]
         rows = torch.where(torch.rand(batch_size, generator=generator) < cond_drop, empty_row, caption_index[idx])
         sigma = shifted_sigma(torch.rand(batch_size, generator=generator))
         eps = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, 1, 1, 1, 1)
-        pred = velocity(network, (1 - s) * x0 + s * eps, sigma, table[rows])
-        loss = (pred - (eps - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, network, min(ema_decay, (1 + step) / (10 + step)))
-        recent.append(loss.item())
-        if step % 250 == 0 or step == iterations - 1:
-            log(f"  wan transformer {step + 1:5d}/{iterations}  loss {sum(recent) / len(recent):.4f}  {time.perf_counter() - start:5.0f} s")
-            recent = []
-    return ema.eval()
+        loss = (velocity(network, (1 - s) * x0 + s * eps, sigma, table[rows]) - (eps - x0)).pow(2).mean()
+        return loss, {"loss": loss.item()}
+
+    return fit(network.parameters(), step_loss, iterations, lr, warmup_cosine(iterations, 100, floor=0.0), ema_of=[network],
+               ema_decay=ema_decay, name="wan transformer", log=log)[0]
 
 
 def build_teacher(output: Path, vae_iterations: int = 500, iterations: int = 1500, batch_size: int = 32,
