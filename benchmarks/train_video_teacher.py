@@ -152,17 +152,25 @@ def train_transformer(latents, caption_index, table, iterations: int, batch_size
 
 
 def build_teacher(output: Path, vae_iterations: int = 500, iterations: int = 1500, batch_size: int = 32,
-                  vae_batch_size: int = 16, seed: int = 0, shapes_folder: Path = SHAPES_TEACHER, train=None, log=print) -> dict:
+                  vae_batch_size: int = 16, seed: int = 0, shapes_folder: Path = SHAPES_TEACHER, train=None,
+                  vae_from: Path | None = None, log=print) -> dict:
     """The whole build; ``train`` (a :class:`benchmarks.video_data.VideoSplit`) defaults to the training split.
-    Returns wall-clock timings, this process's CPU time and the folder size."""
+    ``vae_from``: a video teacher folder whose (fp16-stored) VAE is taken instead of training one, so only the
+    transformer trains. Returns wall-clock timings, this process's CPU time and the folder size."""
     from benchmarks.video_data import all_captions, load_video_split
 
     start, cpu_start = time.perf_counter(), time.process_time()
     train = load_video_split("train") if train is None else train
     tokenizer = load_tokenizer(Path(shapes_folder) / "tokenizer")
     text_encoder = build_text_encoder(tokenizer, seed)
-    log(f"vae: {num_parameters(build_vae()) / 1e6:.3f} M parameters, {vae_iterations} iterations of batch {vae_batch_size}")
-    vae = train_vae(train.clips, vae_iterations, vae_batch_size, seed, log=log)
+    if vae_from is None:
+        log(f"vae: {num_parameters(build_vae()) / 1e6:.3f} M parameters, {vae_iterations} iterations of batch {vae_batch_size}")
+        vae = train_vae(train.clips, vae_iterations, vae_batch_size, seed, log=log)
+    else:
+        from diffusers import AutoencoderKLWan
+
+        log(f"vae: taken from {vae_from}, not trained")
+        vae = AutoencoderKLWan.from_pretrained(str(Path(vae_from) / "vae"), torch_dtype=torch.float32).eval().requires_grad_(False)
     vae_s = time.perf_counter() - start
     mean, _ = encode_clips(vae, train.clips)
     latents_mean, latents_std = channel_stats(mean)
@@ -196,15 +204,20 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="a video teacher folder whose VAE to reuse (only the transformer trains; --vae-* are ignored)")
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.vae_iterations < 1 or args.batch_size < 2 or args.vae_batch_size < 1:
         parser.error("--iterations and --vae-iterations must be at least 1, --batch-size at least 2, --vae-batch-size at least 1")
     output = checked_output(parser, args)
+    if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
+        parser.error(f"--vae-from {args.vae_from} holds no vae/config.json: give a video teacher folder (one this script wrote)")
     if not (SHAPES_TEACHER / "tokenizer").is_dir():
         parser.error(f"the shapes teacher {SHAPES_TEACHER} is missing: build it with `python -m benchmarks.train_text_teacher`")
     torch.set_num_threads(args.threads)
     if not args.check_only:
-        stats = build_teacher(output, args.vae_iterations, args.iterations, args.batch_size, args.vae_batch_size, seed=args.seed)
+        stats = build_teacher(output, args.vae_iterations, args.iterations, args.batch_size, args.vae_batch_size, seed=args.seed,
+                              vae_from=args.vae_from)
         print(f"teacher written to {output} ({stats['size_bytes'] / 1e6:.2f} MB); build time {stats['total_s'] / 60:.1f} min "
               f"(VAE {stats['vae_s'] / 60:.1f} min), CPU time {stats['cpu_s'] / 60:.1f} min with {args.threads} thread(s)")
     if not args.no_check:

@@ -169,6 +169,10 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_video_teacher_main(["--output", str(tmp_path / "teacher"), "--vae-batch-size", "0", "--no-check"])
     assert "--vae-batch-size at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_video_teacher_main(["--output", str(tmp_path / "teacher"), "--vae-from", str(tmp_path), "--no-check"])
+    err = capsys.readouterr().err
+    assert "--vae-from" in err and "no vae/config.json" in err
     assert not (tmp_path / "teacher").exists()
 
 
@@ -187,3 +191,10 @@ def test_build_is_deterministic_and_a_wan_pipeline(tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
     assert not list(outs[0].parent.glob(".*")), "temporary folders left beside the teacher"
     assert load_teacher(outs[0]).vae.config.latents_mean != [0.0] * 8
+    # --vae-from: the VAE comes over byte for byte (fp16 -> fp32 -> fp16), only the transformer trains
+    reused = tmp_path / "c" / "teacher"
+    reused.parent.mkdir()
+    build_teacher(reused, vae_iterations=1, iterations=3, batch_size=4, seed=5, train=data, vae_from=outs[0], log=lambda *_: None)
+    for rel in [p.relative_to(outs[0]) for p in (outs[0] / "vae").iterdir() if p.suffix == ".safetensors"]:
+        assert (reused / rel).read_bytes() == (outs[0] / rel).read_bytes(), rel
+    assert load_teacher(reused).vae.config.latents_std == pytest.approx(load_teacher(outs[0]).vae.config.latents_std, rel=1e-2)
