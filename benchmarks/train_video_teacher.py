@@ -12,7 +12,8 @@ diffusers ``WanPipeline`` (``save_pretrained``), so anything that loads a Wan 2.
    pipeline's own ``encode_prompt`` at Wan's default ``max_sequence_length`` (512: the real tokens, then
    zeros), so the transformer learns exactly the conditioning ``WanPipeline.__call__`` gives it;
 3. VAE: an ``AutoencoderKLWan`` (base 8 channels, dim_mult 1/2/4, both downsamples temporal: 9x32x32 RGB ->
-   3x8x8x8, the 1 + 4k frame layout of Wan's VAE), trained first (MSE + a small KL). Its config's
+   3x8x8x8, the 1 + 4k frame layout of Wan's VAE), trained first (MSE + a small KL; 3,000 iterations of batch 8:
+   shorter runs stay on a plateau that paints the background and loses colour, benchmarks/README.md). Its config's
    ``latents_mean`` / ``latents_std`` are the per-channel mean and std of the training latents, as the
    real Wan VAE config carries them: ``WanPipeline`` decodes ``latents * std + mean``, so the transformer
    works on ``(z - mean) / std``;
@@ -151,8 +152,8 @@ def train_transformer(latents, caption_index, table, iterations: int, batch_size
                ema_decay=ema_decay, name="wan transformer", log=log)[0]
 
 
-def build_teacher(output: Path, vae_iterations: int = 500, iterations: int = 1500, batch_size: int = 32,
-                  vae_batch_size: int = 16, seed: int = 0, shapes_folder: Path = SHAPES_TEACHER, train=None,
+def build_teacher(output: Path, vae_iterations: int = 3000, iterations: int = 1500, batch_size: int = 32,
+                  vae_batch_size: int = 8, seed: int = 0, shapes_folder: Path = SHAPES_TEACHER, train=None,
                   vae_from: Path | None = None, log=print) -> dict:
     """The whole build; ``train`` (a :class:`benchmarks.video_data.VideoSplit`) defaults to the training split.
     ``vae_from``: a video teacher folder whose (fp16-stored) VAE is taken instead of training one, so only the
@@ -198,9 +199,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_check_arguments(parser, DEFAULT_OUTPUT)
-    parser.add_argument("--vae-iterations", type=int, default=500)
+    parser.add_argument("--vae-iterations", type=int, default=3000)
     parser.add_argument("--iterations", type=int, default=1500)
-    parser.add_argument("--vae-batch-size", type=int, default=16)
+    parser.add_argument("--vae-batch-size", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
