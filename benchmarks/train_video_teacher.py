@@ -171,7 +171,7 @@ def build_teacher(output: Path, vae_iterations: int = 3000, iterations: int = 15
         from diffusers import AutoencoderKLWan
 
         log(f"vae: taken from {vae_from}, not trained")
-        vae = AutoencoderKLWan.from_pretrained(str(Path(vae_from) / "vae"), torch_dtype=torch.float32).eval().requires_grad_(False)
+        vae = AutoencoderKLWan.from_pretrained(str(Path(vae_from) / "vae"), dtype=torch.float32, local_files_only=True).eval().requires_grad_(False)
     vae_s = time.perf_counter() - start
     mean, _ = encode_clips(vae, train.clips)
     latents_mean, latents_std = channel_stats(mean)
