@@ -451,7 +451,7 @@ def not_measured(state: dict, summaries: dict) -> list[str]:
                          "(its row pools the rounds it ran in).")
     if not state.get("extras"):
         items.append("sampling and scaling rows (run without them).")
-    items.append("GPU rows (SD1.5 512x512 batch 4, SDXL 1024x1024 batch 1, bf16, gradient checkpointing): `bash benchmarks/gpu.sh OUTDIR` "
+    items.append("GPU rows (SD1.5 512x512 batch 4, SDXL 1024x1024 batch 1, bf16, gradient checkpointing): `bash benchmarks/gpu.sh OUTDIR --speed-table` "
                  "on a CUDA machine; no GPU was available for this run.")
     items.append("SDXL-size training iteration on this CPU (only its adapter switch is measured).")
     return items
