@@ -229,10 +229,14 @@ def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None
             f"no diffusers config for the {family} family at {config}: pass config_path (a diffusers folder of the same "
             f"architecture; weights are not needed) or use a diffusers model folder instead of {path.name}."
         )
+    from training.families.weight_formats import pipeline_from_state, read_weights
+
     extra = _clip_tokenizers(config, family) if family in ("sd15", "sdxl") else {}
+    weights = read_weights(path, dtype)  # ComfyUI's weight formats (fp8, fp8_scaled) dequantised, or refused by name
     with _offline():
         try:
-            return _pipeline_class(family).from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype, **extra)
+            return pipeline_from_state(_pipeline_class(family), path, weights, config=str(config), local_files_only=True,
+                                       torch_dtype=dtype, **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise TrainingInputError(
                 f"cannot convert {path} with the {family} config {config}: {err}. "

@@ -2,7 +2,8 @@
 
     models/diffusion_models/flux1-dev.safetensors   Black Forest Labs' key layout (double_blocks.*, single_blocks.*)
     models/text_encoders/clip_l.safetensors         CLIP-L in transformers' layout
-    models/text_encoders/t5xxl_fp16.safetensors      T5-XXL encoder in transformers' layout (any t5xxl_* file)
+    models/text_encoders/t5xxl_fp16.safetensors      T5-XXL encoder in transformers' layout (any t5xxl_* file:
+                                                     t5xxl_fp8_e4m3fn_scaled too, see weight_formats.py)
     models/vae/ae.safetensors                        the Flux autoencoder in the LDM layout
 
 ``--model`` names the diffusion-model file; the text encoders and the VAE are looked up in the sibling ComfyUI
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .file_weights import network_from_state
+from .weight_formats import read_weights
 
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
 BFL_PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
@@ -94,9 +96,8 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor], hidden_size: int) -> dict[s
 
 def _transformer(path: Path, config_dir: Path, dtype):
     from diffusers import FluxTransformer2DModel
-    from safetensors.torch import load_file
 
-    state = strip_checkpoint_prefix(load_file(str(path)))
+    state = strip_checkpoint_prefix(read_weights(path, dtype))
     config = json.loads((config_dir / "transformer" / "config.json").read_text())
     hidden = state["img_in.weight"].shape[0]
     if hidden != config["num_attention_heads"] * config["attention_head_dim"]:
@@ -110,9 +111,7 @@ def _transformer(path: Path, config_dir: Path, dtype):
 
 
 def _text_model(model_class, config_class, path: Path, config_dir: Path, dtype):
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
+    state = read_weights(path, dtype)
     if model_class.__name__ == "T5EncoderModel" and "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
         state["shared.weight"] = state["encoder.embed_tokens.weight"]  # some T5 exports keep only the encoder's copy
     try:  # transformers builds it on the meta device and fills it from the state dict (a 4.7 B T5 never exists twice)
@@ -154,8 +153,8 @@ def load_flux_vae(path: Path, config_dir: Path, dtype=torch.float32):
     from diffusers import AutoencoderKL
 
     try:
-        return AutoencoderKL.from_single_file(str(path), config=str(config_dir), subfolder="vae", local_files_only=True,
-                                              torch_dtype=dtype)
+        return AutoencoderKL.from_single_file(read_weights(path, dtype), config=str(config_dir), subfolder="vae",
+                                              local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise _input_error(f"cannot read {path} as the VAE of {config_dir} ({err}): pass Flux's ae.safetensors, "
                            "or --model-config with the diffusers config of this model") from err

@@ -7,10 +7,10 @@
 
 ``--model`` names the diffusion-model file; the text encoder and the VAE are looked up in the sibling ComfyUI
 folders. ComfyUI's Qwen-Image file uses diffusers' own parameter names (ComfyUI's QwenImage model is written
-with them), optionally under ``model.diffusion_model.``; fp8 weights are cast to the run's dtype. The text
-encoder file is in Qwen2.5-VL's original layout (``model.layers.*``, ``visual.*``), which transformers converts
-itself; ComfyUI's "fp8_scaled" files (a ``scale_weight`` per weight) are dequantised as ComfyUI does,
-``weight * scale_weight``. The VAE goes through diffusers' own Wan VAE converter. The configurations come from
+with them), optionally under ``model.diffusion_model.``. The text encoder file is in Qwen2.5-VL's original layout
+(``model.layers.*``, ``visual.*``), which transformers converts itself. Every file's weight format (fp16, bf16, fp8,
+ComfyUI's "fp8_scaled") is read by ``weight_formats.read_weights``. The VAE goes through diffusers' own Wan VAE
+converter. The configurations come from
 ``training/configs/qwen_image`` (Qwen-Image's own; the number of blocks is read from the file) or from
 ``--model-config``, a diffusers folder of the same architecture, whose tokenizer folder is used when it has
 one; otherwise the tokenizer is ComfyUI's own (``comfy/text_encoders/qwen25_tokenizer``).
@@ -26,6 +26,7 @@ from accelerate import init_empty_weights
 
 from .file_weights import network_from_state
 from .qwen_image import CONFIGS
+from .weight_formats import read_weights
 
 MARKERS = ("txt_norm.weight", "transformer_blocks.0.img_mlp.net.0.proj.weight")  # what only a Qwen-Image DiT has
 PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
@@ -59,29 +60,10 @@ def companion_files(diffusion_model: Path) -> dict[str, Path]:
     return {name: found[0] for name, (found, _) in wanted.items()}
 
 
-def dequantize(state: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """Floating weights in ``dtype``; ComfyUI's scaled fp8 (``<name>.scale_weight`` beside ``<name>.weight``) as weight * scale."""
-    scales = {k[: -len("scale_weight")] + "weight": v for k, v in state.items() if k.endswith(".scale_weight")}
-    out = {}
-    for key, tensor in state.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
-            continue
-        if key in scales:
-            tensor = tensor.to(torch.float32) * scales[key].to(torch.float32)
-        out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return out
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def _transformer(path: Path, config_dir: Path, dtype):
     from diffusers import QwenImageTransformer2DModel
 
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in dequantize(_load(path), dtype).items()}
+    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_weights(path, dtype).items()}
     config = json.loads((config_dir / "transformer" / "config.json").read_text())
     width = state["img_in.weight"].shape[0]
     if width != config["num_attention_heads"] * config["attention_head_dim"]:
@@ -94,7 +76,7 @@ def _transformer(path: Path, config_dir: Path, dtype):
 def _text_encoder(path: Path, config_dir: Path, dtype):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    state = dequantize(_load(path), dtype)
+    state = read_weights(path, dtype)
     try:  # transformers reads Qwen2.5-VL's original layout (model.layers.*, visual.*) and renames it itself
         model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             None, config=Qwen2_5_VLConfig.from_pretrained(str(config_dir / "text_encoder")), state_dict=state, torch_dtype=dtype,
@@ -116,7 +98,7 @@ def _vae(path: Path, config_dir: Path, dtype):
     with init_empty_weights():
         model = AutoencoderKLQwenImage.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     try:
-        model.load_state_dict(convert_wan_vae_to_diffusers(dequantize(_load(path), dtype)), assign=True)
+        model.load_state_dict(convert_wan_vae_to_diffusers(read_weights(path, dtype)), assign=True)
     except (KeyError, RuntimeError) as err:  # other names (another VAE) or other widths (another config)
         raise _input_error(f"cannot read {path} as the Qwen-Image VAE of {config_dir} ({str(err)[:200]}): pass ComfyUI's "
                            f"{VAE_FILE}, or --model-config with the diffusers config of this model") from err

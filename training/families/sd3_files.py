@@ -10,7 +10,8 @@ The MMDiT's variant is read from the file (depth, width, SD3.5-Medium's MMDiT-X 
 query/key norms of SD3.5, the position-embedding size), so one shipped config serves all three:
 ``training/configs/sd3`` (SD3.5-Medium's pipeline: VAE, shift-3 flow scheduler, CLIP-L, CLIP-G, T5-XXL), or
 ``--model-config``, a diffusers folder of the same architecture. The MMDiT's weights are converted by diffusers'
-own SD3 converter, everything else by ``from_single_file``.
+own SD3 converter, everything else by ``from_single_file``; every file's weight format (fp16, bf16, fp8, ComfyUI's
+fp8_scaled T5 of ``sd3.5_medium_incl_clips_t5xxlfp8scaled``) is read by ``weight_formats.read_weights`` first.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .file_weights import network_from_state
+from .weight_formats import pipeline_from_state, read_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sd3"
 PREFIX = "model.diffusion_model."
@@ -58,16 +60,13 @@ def _shapes(path: Path) -> dict[str, tuple]:
         return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
 
 
-def _transformer(path: Path, shapes: dict[str, tuple], config_dir: Path, dtype):
+def _transformer(path: Path, weights: dict[str, torch.Tensor], config_dir: Path, dtype):
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-    from safetensors import safe_open
 
     base = json.loads((config_dir / "transformer" / "config.json").read_text())
-    mmdit = {k[len(PREFIX):]: v for k, v in shapes.items() if k.startswith(PREFIX)}
-    config = mmdit_config(mmdit, {k: v for k, v in base.items() if not k.startswith("_")})
-    with safe_open(str(path), framework="pt") as handle:
-        state = {k[len(PREFIX):]: handle.get_tensor(k) for k in shapes if k.startswith(PREFIX)}
+    state = {k[len(PREFIX):]: v for k, v in weights.items() if k.startswith(PREFIX)}
+    config = mmdit_config({k: tuple(v.shape) for k, v in state.items()}, {k: v for k, v in base.items() if not k.startswith("_")})
     return network_from_state(SD3Transformer2DModel, config, convert_sd3_transformer_checkpoint_to_diffusers(state), path.name,
                               "MMDiT", "pass an intact SD3 / SD3.5 checkpoint", dtype)
 
@@ -130,11 +129,12 @@ def load_sd3_file(path: Path, config_path: Path | None, dtype=torch.float32):
     if VAE_MARKER not in shapes:
         raise _input_error(f"{path.name} has no VAE (first_stage_model.*): pass the SD3 / SD3.5 checkpoint from "
                            "models/checkpoints, which includes it")
-    components = {"transformer": _transformer(path, shapes, config_dir, dtype), **_tokenizers(config_dir),
+    weights = read_weights(path, dtype)  # once, dequantised: the MMDiT, the VAE and the text encoders inside come from it
+    components = {"transformer": _transformer(path, weights, config_dir, dtype), **_tokenizers(config_dir),
                   **_text_encoders(path, shapes, config_dir, dtype)}
     try:
-        return StableDiffusion3Pipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype,
-                                                         **components)
+        return pipeline_from_state(StableDiffusion3Pipeline, path, weights, config=str(config_dir), local_files_only=True,
+                                   torch_dtype=dtype, **components)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise _input_error(f"cannot read {path.name} with the SD3 config {config_dir} ({err}): pass --model-config with the "
                            "diffusers config of this model") from err

@@ -3,17 +3,17 @@
     models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors   the transformer in Wan's original layout (also the
                                                                14B, fp8 / fp8_scaled, wan2.2_ti2v_5B_fp16; any name)
     models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors UMT5-XXL's encoder (transformers' names; ComfyUI's
-                                                               scaled fp8 dequantised as weight * scale_weight)
+                                                               scaled fp8 dequantised by weight_formats.read_weights)
     models/vae/wan_2.1_vae.safetensors                         Wan 2.1's VAE (wan2.2_vae.safetensors for the 5B)
 
 ``--model`` names the diffusion-model file; the text encoder and the VAE are looked up in the sibling ComfyUI
 folders. The transformer goes through diffusers' own ``convert_wan_transformer_to_diffusers`` (the converter
-``WanTransformer3DModel.from_single_file`` runs; called directly so that ComfyUI's fp8_scaled files can be
-dequantised first), its size (1.3B / 14B / 5B) read from the file's width against the shipped configs
+``WanTransformer3DModel.from_single_file`` runs; called directly on the weights ``weight_formats.read_weights``
+dequantised), its size (1.3B / 14B / 5B) read from the file's width against the shipped configs
 (``training/configs/wan`` and its ``variants``), the number of blocks from the file. The VAE loads with
-``AutoencoderKLWan.from_single_file``. The tokenizer comes from ``--model-config`` (a diffusers Wan folder with
-``tokenizer/``; weights are not needed): ComfyUI's UMT5 file carries its sentencepiece model, which transformers 5
-cannot read without protobuf, so it is not used.
+``AutoencoderKLWan.from_single_file`` (given the weights read_weights read). The tokenizer comes from
+``--model-config`` (a diffusers Wan folder with ``tokenizer/``; weights are not needed): ComfyUI's UMT5 file carries
+its sentencepiece model, which transformers 5 cannot read without protobuf, so it is not used.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import torch
 from accelerate import init_empty_weights
 
 from .file_weights import network_from_state
-from .qwen_image_files import dequantize
 from .wan import CONFIGS
+from .weight_formats import read_weights
 
 MARKERS = ("patch_embedding.weight", "blocks.0.self_attn.q.weight", "head.head.weight")  # Wan's original DiT names
 PREFIX = "model.diffusion_model."
@@ -46,12 +46,6 @@ def _input_error(message: str):
     from training.models import TrainingInputError
 
     return TrainingInputError(message)
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def companion_files(diffusion_model: Path, channels: int) -> dict[str, Path]:
@@ -93,7 +87,7 @@ def load_transformer(path: Path, config_dir: Path | None, dtype):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in dequantize(_load(path), dtype).items()}
+    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_weights(path, dtype).items()}
     if not is_wan(state):
         raise _input_error(f"{path.name} is not a Wan diffusion model (no {', '.join(MARKERS)}): pass ComfyUI's "
                            "models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors or a diffusers Wan folder, or drop --family wan")
@@ -105,7 +99,7 @@ def load_transformer(path: Path, config_dir: Path | None, dtype):
 def _text_encoder(path: Path, config_dir: Path, dtype):
     from transformers import UMT5Config, UMT5EncoderModel
 
-    state = dequantize(_load(path), dtype)
+    state = read_weights(path, dtype)
     state.pop("spiece_model", None)  # ComfyUI keeps the tokenizer in the file
     if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
         state["shared.weight"] = state["encoder.embed_tokens.weight"]
@@ -131,8 +125,8 @@ def _vae(path: Path, config_dir: Path, channels: int, dtype):
         raise _input_error(f"the VAE config of {config_dir} is not the {channels}-channel VAE this Wan model needs: "
                            "pass --model-config with the diffusers folder of this model (e.g. Wan2.2-TI2V-5B-Diffusers)")
     try:
-        return AutoencoderKLWan.from_single_file(str(path), config=str(config_dir), subfolder="vae", torch_dtype=dtype,
-                                                 local_files_only=True).eval()
+        return AutoencoderKLWan.from_single_file(read_weights(path, dtype), config=str(config_dir), subfolder="vae",
+                                                 torch_dtype=dtype, local_files_only=True).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise _input_error(f"cannot read {path} as the Wan VAE of {config_dir} ({str(err)[:200]}): pass ComfyUI's "
                            f"{VAE_FILES[channels]}") from err

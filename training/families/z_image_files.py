@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .weight_formats import read_weights
+
 # What Qwen3's chat template renders for plain user messages with add_generation_prompt and enable_thinking
 # (ZImagePipeline.encode_prompt's call): no default system message, no empty think block. It is also ComfyUI's
 # own Z-Image prompt format (comfy.text_encoders.z_image.ZImageTokenizer.llama_template); ComfyUI's bundled
@@ -67,7 +69,7 @@ def _transformer(path: Path, config_dir: Path, dtype):
     from diffusers import ZImageTransformer2DModel
 
     try:
-        return ZImageTransformer2DModel.from_single_file(str(path), config=str(config_dir), subfolder="transformer",
+        return ZImageTransformer2DModel.from_single_file(read_weights(path, dtype), config=str(config_dir), subfolder="transformer",
                                                          local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise _input_error(f"cannot read {path.name} as the Z-Image transformer of {config_dir} ({str(err)[:300]}): pass an "
@@ -77,10 +79,9 @@ def _transformer(path: Path, config_dir: Path, dtype):
 def _text_encoder(path: Path, config_dir: Path, dtype):
     """Qwen3-4B from ComfyUI's file as the Qwen3Model ZImagePipeline uses; transformers itself maps the causal-LM
     layout of that file (``model.`` prefix, an lm_head it leaves out) onto the base model."""
-    from safetensors.torch import load_file
     from transformers import Qwen3Config, Qwen3Model
 
-    state = load_file(str(path))
+    state = read_weights(path, dtype)
     try:
         model, info = Qwen3Model.from_pretrained(None, config=Qwen3Config.from_pretrained(str(config_dir / "text_encoder")),
                                                  state_dict=state, torch_dtype=dtype, output_loading_info=True)
