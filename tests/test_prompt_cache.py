@@ -9,6 +9,7 @@ the test also measures ``torch.cuda.memory_allocated`` around caching the prompt
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -44,6 +45,35 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def entry_bytes(name: str, config, tokens: int, itemsize: int) -> int:
+    """Bytes one cached prompt takes, from its text encoders' configs (``config(component, key)``): ``tokens`` x
+    the text width, plus the pooled embeddings (SDXL, SD3, Flux), SDXL's 6 time ids, and the int64 masks
+    (PixArt, Qwen-Image). The README's prompt-cache table is this on the shipped configs."""
+    width = {
+        "sd15": lambda: config("text_encoder", "hidden_size"),
+        "sdxl": lambda: config("text_encoder", "hidden_size") + config("text_encoder_2", "hidden_size"),
+        "sd3": lambda: config("text_encoder_3", "d_model"),  # the CLIPs' states are zero-padded to T5's width
+        "flux": lambda: config("text_encoder_2", "d_model"),
+        "qwen_image": lambda: config("text_encoder", "hidden_size"),
+        "z_image": lambda: config("text_encoder", "hidden_size"),
+    }.get(name, lambda: config("text_encoder", "d_model"))()  # PixArt, CogVideoX, Wan: T5 / UMT5 alone
+    pooled = {
+        "sdxl": lambda: config("text_encoder_2", "projection_dim") + 6,
+        "sd3": lambda: config("text_encoder", "projection_dim") + config("text_encoder_2", "projection_dim"),
+        "flux": lambda: config("text_encoder", "hidden_size"),
+    }.get(name, lambda: 0)()
+    mask = 8 * tokens if name in ("pixart", "qwen_image") else 0
+    return (tokens * width + pooled) * itemsize + mask
+
+
+def pipeline_config(pipeline):
+    def value(component: str, key: str):
+        config = getattr(pipeline, component).config.to_dict()
+        return config[key] if config.get(key) is not None else config["text_config"][key]
+
+    return value
+
+
 def cached_tensors(cache) -> list[torch.Tensor]:
     """Every tensor the family's prompt cache holds (an entry is a dict of tensors, or one tensor)."""
     entries = [cache[prompt] for prompt in cache]
@@ -71,11 +101,65 @@ def test_cached_conditions_stay_in_host_memory_and_each_batch_reaches_the_models
     tensors = cached_tensors(family.prompt_cache)
     assert len(family.prompt_cache) == len(PROMPTS) + 1
     assert bytes_on(tensors, family.device) == 0, "cached conditions on the model's device"
-    assert all(t.device.type == "cpu" and t.is_pinned() == torch.cuda.is_available() for t in tensors)
-    # each entry owns its bytes: no view keeps the encoder's whole batch (or its padding) alive
+    assert all(t.device.type == "cpu" for t in tensors)
+    # each entry owns its bytes (no view keeps the encoder's whole batch or its padding alive), as many as the
+    # README's formula says for its token count
     assert bytes_on(tensors, torch.device("cpu")) == sum(t.nbytes for t in tensors)
+    itemsize = torch.finfo(family.dtype).bits // 8
+    for prompt in family.prompt_cache:
+        entry = list(family.prompt_cache[prompt].values())
+        tokens = entry[0].shape[-2]
+        assert sum(t.nbytes for t in entry) == entry_bytes(name, pipeline_config(family.pipeline), tokens, itemsize)
     if DEVICE.type == "cuda":  # 16 prompts cached on the GPU would add 4x one batch of 4
         assert torch.cuda.memory_allocated() - allocated < one_batch
+
+
+# the README's prompt-cache table: row -> family, shipped config folder, padded tokens (None: per token)
+README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+CLIP_TOKENS = 77  # the shipped SD1.5 / SDXL tokenizers' model_max_length
+PER_TOKEN_AT = 50  # the "10,000 prompts" column of the per-token families assumes 50-token prompts
+
+
+def readme_rows() -> dict[str, list[str]]:
+    from training.families import cogvideox, wan
+    from training.families.flux import FluxFamily
+    from training.families.pixart import PixArtFamily
+    from training.families.sd3 import SD3Family
+
+    return {"SD1.5": ["sd15", "sd15", CLIP_TOKENS], "SDXL": ["sdxl", "sdxl", CLIP_TOKENS],
+            "PixArt-alpha": ["pixart", "cogvideox", PixArtFamily.max_sequence_length],  # the same T5-XXL
+            "SD3 / SD3.5": ["sd3", "sd3", CLIP_TOKENS + SD3Family.max_sequence_length],
+            "Flux.1": ["flux", "flux", FluxFamily.max_sequence_length], "Z-Image": ["z_image", "z_image", None],
+            "Qwen-Image": ["qwen_image", "qwen_image", None], "CogVideoX": ["cogvideox", "cogvideox", cogvideox.MAX_SEQUENCE_LENGTH],
+            "Wan 2.1 / 2.2": ["wan", "wan", wan.MAX_SEQUENCE_LENGTH]}
+
+
+def shipped_config(folder: str):
+    def value(component: str, key: str):
+        config = json.loads((CONFIGS / folder / component / "config.json").read_text())
+        return config[key] if config.get(key) is not None else config["text_config"][key]
+
+    return value
+
+
+def readme_cells(name: str, folder: str, tokens: int | None) -> tuple[str, str]:
+    """The table's two numbers for a family: per prompt (or per token) and for 10,000 prompts, in bf16."""
+    each = entry_bytes(name, shipped_config(folder), tokens or 1, 2)
+    per_prompt = (f"{each / 1024:.1f} KiB a token" if tokens is None else
+                  f"{each / 1024:.0f} KiB" if each < 2**20 else f"{each / 2**20:.2f} MiB")
+    total = 10_000 * each * (PER_TOKEN_AT if tokens is None else 1) / 2**30
+    return per_prompt, (f"{total:.1f} GiB" if total < 10 else f"{total:.0f} GiB")
+
+
+def test_readme_prompt_cache_table_is_the_shipped_configs():
+    section = README.read_text().split("**The prompt cache.**", 1)[1].split("\n###", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "---" not in line}
+    expected = readme_rows()
+    assert set(rows) - {"family"} == set(expected)
+    for label, (name, folder, tokens) in expected.items():
+        per_prompt, total = readme_cells(name, folder, tokens)
+        assert f": {per_prompt} | {total}" in rows[label], (label, per_prompt, total, rows[label])
 
 
 # --- --precompute-embeddings trains what the run without it trains ------------------------------------------
