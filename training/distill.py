@@ -315,6 +315,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step."""
     from tqdm.auto import tqdm
 
+    from .progress import LossWatch
     from .sharding import share_num_steps
     from .steps_aware import begin_batch
 
@@ -327,7 +328,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
             family.offload_text_encoders()
     log = RunLog(cfg.run_dir(), accelerator.is_main_process)
     probe = new_probe(parts, cfg, prompts, latent_shape)
-    movement = {}
+    movement, watch = {}, LossWatch(max(0, cfg.lr_warmup_steps - step))  # a resumed run's warm-up is behind it
     stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="TDM", unit="step")
     saved_at = step
@@ -345,8 +346,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
             metrics = {**metrics, **movement}
         log.write(step, metrics)
         bar.update(1)
-        bar.set_postfix(fake=f"{metrics['loss_fake']:.4g}", student=f"{metrics['loss_student']:.4g}",
-                        **({"moved": f"{100 * movement['probe_change']:.1f}%"} if movement else {}))
+        bar.set_postfix(**watch.postfix(metrics, movement))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
             saved_at = step
@@ -393,7 +393,7 @@ def run(cfg: DistillConfig) -> int:
 
 def report_movement(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape) -> None:
     """The run's final word (training.progress): how far the student moved, the loss trends, and a
-    warning naming the flags to change when it barely moved; also written to summary.json."""
+    warning naming the flags to change when it barely moved or diverged; also written to summary.json."""
     from .atomic import atomic_write
     from .progress import final_word
 
@@ -405,9 +405,9 @@ def report_movement(parts: LoopParts, cfg: DistillConfig, prompts: list[str], la
         return
     log_path = cfg.run_dir() / "log.jsonl"
     entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
-    text, barely = final_word(movement, [e["loss_fake"] for e in entries], [e["loss_student"] for e in entries], cfg)
-    print(text, file=sys.stderr if barely else sys.stdout)
-    summary = {**movement, "barely_moved": barely, "steps": cfg.max_train_steps, "message": text}
+    text, barely, diverged = final_word(movement, [e["loss_fake"] for e in entries], [e["loss_student"] for e in entries], cfg)
+    print(text, file=sys.stderr if barely or diverged else sys.stdout)
+    summary = {**movement, "barely_moved": barely, "diverged": diverged, "steps": cfg.max_train_steps, "message": text}
     with atomic_write(cfg.run_dir() / "summary.json") as temp:
         temp.write_text(json.dumps(summary, indent=2) + "\n")
 

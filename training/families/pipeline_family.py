@@ -9,7 +9,8 @@ from torch import Tensor
 
 from tdm_core.schedules import FlowSchedule, VPSchedule
 
-from .base import Cond, cat_conditions
+from .base import Cond, cat_conditions, select_condition
+from .prompt_cache import PromptCache
 
 
 def schedule_from_scheduler_config(config) -> VPSchedule | FlowSchedule:
@@ -56,7 +57,7 @@ class PipelineFamily:
         self.vae_scale_factor = self._vae_scale_factor()
         self.latent_channels = self._latent_channels()
         self.resolution = self._native_resolution()  # native training size
-        self.prompt_cache: dict[str, Cond] = {}
+        self.prompt_cache = PromptCache()  # in host memory: conditions reach the device one batch at a time
 
     def _prediction_type(self, scheduler_config: dict) -> str:
         return scheduler_config.get("prediction_type", "epsilon")
@@ -85,17 +86,26 @@ class PipelineFamily:
     def _encode_batch(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
+    def _cache_entries(self, prompts: list[str]) -> list[Cond]:
+        """What the cache keeps of each prompt: its row of the encoded batch (families that trim padding override)."""
+        encoded = self._encode_batch(prompts)
+        return [select_condition(encoded, slice(row, row + 1)) for row in range(len(prompts))]
+
+    def _batch_conditions(self, entries: list[Cond]) -> Cond:
+        """One batch of network conditions from cached entries already on the family's device."""
+        return cat_conditions(entries)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Network conditions for ``prompts``; each distinct prompt runs the text encoders once, ever."""
+        """Network conditions for ``prompts`` on the family's device; each distinct prompt runs the text encoders
+        once, ever, and its conditions wait in host memory (training.families.prompt_cache) between batches."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"encode_prompts takes a non-empty list of prompts, got {prompts!r}: wrap a single prompt in a list")
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.prompt_cache]
         if missing:
-            encoded = self._encode_batch(missing)
-            for row, prompt in enumerate(missing):
-                self.prompt_cache[prompt] = {k: v[row : row + 1].to(self.device) for k, v in encoded.items()}
-        return cat_conditions([self.prompt_cache[p] for p in prompts])
+            for prompt, entry in zip(missing, self._cache_entries(missing)):
+                self.prompt_cache.put(prompt, entry)
+        return self._batch_conditions([self.prompt_cache.on(p, self.device) for p in prompts])
 
     def precompute_prompts(self, prompts: list[str], batch_size: int = 32) -> None:
         """Fill the prompt cache up front (then the text encoders may be moved off the GPU)."""
@@ -104,7 +114,7 @@ class PipelineFamily:
 
     def offload_text_encoders(self, device="cpu") -> None:
         """Move the text encoders off the accelerator (e.g. after :meth:`precompute_prompts`); prompts not yet
-        cached are still encoded, on ``device``, and their embeddings moved back to the family's device."""
+        cached are still encoded, on ``device``, and their conditions cached in host memory like the others."""
         for name, module in self.pipeline.components.items():
             if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
                 module.to(device)

@@ -92,18 +92,14 @@ class QwenImageFamily(PatchedFlowFamily):
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask.long()}
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Conditions padded to ``max_sequence_length``; the cache keeps each prompt's valid tokens only."""
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError(f"encode_prompts takes a non-empty list of prompts, got {prompts!r}: wrap a single prompt in a list")
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
-        if missing:
-            encoded = self._encode_batch(missing)
-            for row, prompt in enumerate(missing):
-                valid = int(encoded["encoder_hidden_states_mask"][row].sum())
-                self.prompt_cache[prompt] = {k: v[row : row + 1, :valid].to(self.device) for k, v in encoded.items()}
-        return cat_conditions([self._padded(self.prompt_cache[p]) for p in prompts])
+    def _cache_entries(self, prompts: list[str]) -> list[Cond]:
+        """The cache keeps each prompt's valid tokens only; :meth:`_batch_conditions` pads to ``max_sequence_length``."""
+        encoded = self._encode_batch(prompts)
+        valid = encoded["encoder_hidden_states_mask"].sum(dim=1).tolist()
+        return [{k: v[row : row + 1, :n] for k, v in encoded.items()} for row, n in enumerate(valid)]
+
+    def _batch_conditions(self, entries: list[Cond]) -> Cond:
+        return cat_conditions([self._padded(entry) for entry in entries])
 
     def _padded(self, cond: Cond) -> Cond:
         pad = self.max_sequence_length - cond["encoder_hidden_states"].shape[1]

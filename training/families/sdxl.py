@@ -13,11 +13,12 @@ class SDXLFamily(PipelineFamily):
     pipeline_class = "StableDiffusionXLPipeline"
 
     def _time_ids(self, batch_size: int, size: tuple[int, int] | None = None) -> Tensor:
-        # SDXL micro-conditioning: original size, crop top-left (0, 0), target size (pixels)
+        # SDXL micro-conditioning: original size, crop top-left (0, 0), target size (pixels); a host tensor, as
+        # every cached condition is (training.families.prompt_cache), moved to the latents' device per call
         size = size or (self.resolution, self.resolution)
         projection_dim = self.pipeline.text_encoder_2.config.projection_dim
         ids = self.pipeline._get_add_time_ids(size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=projection_dim)
-        return ids.to(self.device).expand(batch_size, -1)
+        return ids.expand(batch_size, -1)
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.text_device, do_classifier_free_guidance=False)

@@ -87,18 +87,14 @@ class ZImageFamily(PatchedFlowFamily):
             mask[row, : e.shape[0]] = True
         return {"prompt_embeds": padded, "prompt_mask": mask}
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Conditions for ``prompts``; the cache keeps each prompt's own length (a 512-token pad per cached
-        prompt would cost 2.6 MB of bf16 each), the batch is padded to ``max_sequence_length``, so a condition
-        batch and the empty-prompt one always concatenate."""
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError(f"encode_prompts takes a non-empty list of prompts, got {prompts!r}: wrap a single prompt in a list")
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
-        if missing:
-            for prompt, embeds in zip(missing, self._encode_batch(missing)):
-                self.prompt_cache[prompt] = embeds.to(self.device)
-        return self.pad_embeddings([self.prompt_cache[p] for p in prompts])
+    def _cache_entries(self, prompts: list[str]) -> list[Cond]:
+        """The cache keeps each prompt's own length (a 512-token pad per cached prompt would cost 2.6 MB of bf16
+        each); :meth:`_batch_conditions` pads the batch to ``max_sequence_length``, so a condition batch and the
+        empty-prompt one always concatenate."""
+        return [{"prompt_embeds": embeds} for embeds in self._encode_batch(prompts)]
+
+    def _batch_conditions(self, entries: list[Cond]) -> Cond:
+        return self.pad_embeddings([entry["prompt_embeds"] for entry in entries])
 
     # --- network ------------------------------------------------------------------------------
     def _network_output(self, x_t: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
