@@ -31,6 +31,7 @@ from training.precision import WEIGHT_DTYPES, Precision
 EXIT_BAD_INPUT = 2
 ADAPTER = "tdm"
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,6 +157,11 @@ def render(args: argparse.Namespace) -> Path:
     precision = Precision(args.mixed_precision, torch.device(args.device).type)
     family = load_family(args.model, device=args.device, dtype=precision.weight_dtype)
     if not getattr(family, "is_video", False):
+        if hasattr(family, "set_num_frames"):  # a video family ComfyUI has a model for (Wan)
+            workflows = sorted(p.name for p in WORKFLOWS.glob(f"{family.name}_*.json"))
+            raise TrainingInputError(f"{args.model} is a {family.name} video model, which ComfyUI samples itself: training.sample "
+                                     "renders the video families ComfyUI has no model for (CogVideoX); load the LoRA with ComfyUI's "
+                                     f"LoraLoader and the TDM nodes ({', '.join('workflows/' + w for w in workflows) or 'workflows/'})")
         raise TrainingInputError(f"{args.model} is a {family.name} model, which makes images: training.sample renders video "
                                  "families (CogVideoX); see the images with the ComfyUI TDM nodes")
     try:
