@@ -34,7 +34,7 @@ LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the base model: a diffusers folder (e.g. THUDM/CogVideoX-2b downloaded)")
     parser.add_argument("--lora", required=True, help="the TDM LoRA: training.distill's output or the released pytorch_lora_weights.safetensors")
@@ -51,7 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
                         help="the base's dtype, forwards under autocast as in training.distill (bf16 on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 # --- the LoRA ------------------------------------------------------------------------------------
