@@ -85,6 +85,8 @@ def replay_and_check(command, workspace):
     printed = process.stdout + process.stderr
     assert process.returncode == 0, f"{command.source}: `{' '.join(replay.argv)}` failed:\n{printed[-5000:]}"
 
+    if command.argv[0] == "accelerate":  # really 2 processes: DDP's identical adapters, or FSDP2's gathered shards
+        assert "adapters identical on 2 process(es)" in printed or "adapters gathered from 2 FSDP2 shards" in printed, printed[-3000:]
     if "--help" in command.argv:
         missing = [flag for flag in option_table_flags() if flag not in process.stdout]
         assert not missing, f"--help does not list the README's options {missing}"

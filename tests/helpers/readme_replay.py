@@ -191,12 +191,12 @@ def _twin_sd15_release(_folder: Path):
     return comfy_inprocess.build_model("sd15_eps").model  # the architecture of comfy_inprocess.tiny_diffusers_unet
 
 
-def _twin_sd3_release(folder: Path):
+def _twin_sd3(folder: Path):
     from diffusers import SD3Transformer2DModel
 
     from tests.helpers.tiny_models import comfy_model_from_diffusers_transformer
 
-    return comfy_model_from_diffusers_transformer(SD3Transformer2DModel.from_pretrained(str(folder)), "sd3")[0]
+    return comfy_model_from_diffusers_transformer(SD3Transformer2DModel.from_pretrained(str(folder / "transformer")), "sd3")[0]
 
 
 # --- other inputs ------------------------------------------------------------------------------------
@@ -225,8 +225,7 @@ class Release:
     """A released LoRA for ``training.convert``, picked by the command's ``--release`` (auto: one its keys tell)."""
     file: str
     write: Callable[[Path], Path]  # the workspace's .tiny folder -> the written file
-    comfy_twin: Callable[[Path], object]
-    twin_folder: Callable[[Path], Path]
+    comfy_twin: Callable[[Path], object]  # the folder it was written in -> a ComfyUI model of its base
 
 
 def _dreamshaper(folder: Path) -> Path:
@@ -242,13 +241,13 @@ def _sd3_release(folder: Path) -> Path:
     from tests.helpers.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd3", folder / "tokenizer", seed=1)
-    pipe.transformer.save_pretrained(str(folder / "sd3_transformer"))
+    pipe.transformer.save_pretrained(str(folder / "transformer"))
     return write_sd3_release(pipe.transformer, folder, "pytorch_lora_weights.safetensors")
 
 
 RELEASES = {
-    "auto": Release("tdm_dreamshaper.pt", _dreamshaper, _twin_sd15_release, lambda f: f),
-    "tdm_sd3_medium": Release("pytorch_lora_weights.safetensors", _sd3_release, _twin_sd3_release, lambda f: f / "sd3_transformer"),
+    "auto": Release("tdm_dreamshaper.pt", _dreamshaper, _twin_sd15_release),
+    "tdm_sd3_medium": Release("pytorch_lora_weights.safetensors", _sd3_release, _twin_sd3),
 }
 PLACEHOLDERS = {"FILE"}  # a released file the command leaves to the reader
 
@@ -256,6 +255,7 @@ PLACEHOLDERS = {"FILE"}  # a released file the command leaves to the reader
 INPUTS: dict[str, Model | Callable[[Workspace, str], Path]] = {
     "ComfyUI/models/checkpoints/dreamshaper_8.safetensors": Model("sd15", _single_file("sd15"), 16, comfy_twin=_twin_unet("sd15")),
     "ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors": Model("sdxl", _single_file("sdxl"), 16, comfy_twin=_twin_unet("sdxl")),
+    "ComfyUI/models/checkpoints/sd3_medium_incl_clips_t5xxlfp16.safetensors": Model("sd3", _single_file("sd3"), 16, comfy_twin=_twin_sd3),
     "ComfyUI/models/diffusion_models/flux1-dev.safetensors": Model("flux", _flux_files, 32, comfy_twin=_twin_flux),
     "ComfyUI/models/diffusion_models/z_image_turbo_bf16.safetensors": Model("z_image", _z_image_files, 16, comfy_twin=_twin_z_image),
     "ComfyUI/models/diffusion_models/qwen_image_bf16.safetensors": Model("qwen_image", _qwen_files, 128, comfy_twin=_twin_qwen),
@@ -375,7 +375,7 @@ def plan(command: Command, ws: Workspace) -> Plan:
             ws.built["release_" + release.file] = release.write(folder)
         source = ws.built["release_" + release.file]
         out[out.index(given["input"])] = str(source)
-        result.release, result.release_folder = release, release.twin_folder(folder)
+        result.release, result.release_folder = release, folder
         result.argv = [*head, *out]
         return result
 
