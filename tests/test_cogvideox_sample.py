@@ -142,6 +142,7 @@ def test_bf16_renders_under_autocast(trained, tmp_path):
 
 def test_bad_sampler_inputs_are_named_and_nothing_is_written(trained, tmp_path, capsys):
     from tests.helpers.tiny_models import save_tiny_pipeline
+    from tests.helpers.tiny_wan import save_tiny_wan_pipeline
     from training.sample import main
 
     out = tmp_path / "v.webp"
@@ -150,6 +151,10 @@ def test_bad_sampler_inputs_are_named_and_nothing_is_written(trained, tmp_path, 
         (["--model", str(trained["folder"]), "--output", str(tmp_path / "v.gif")], "must end in .webp"),
         (["--model", str(trained["folder"]), "--output", str(out), "--num-frames", "8"], "--num-frames 8 cannot be encoded by the CogVideoX VAE"),
         (["--model", str(save_tiny_pipeline("sd15", tmp_path / "sd15")), "--output", str(out)], "is a sd15 model, which makes images"),
+        # a Wan folder is video too, but ComfyUI samples it: named as such, with its workflow (issue 20, defect 6)
+        (["--model", str(save_tiny_wan_pipeline(tmp_path / "wan")), "--output", str(out)],
+         "is a wan video model, which ComfyUI samples itself: training.sample renders the video families ComfyUI has no model "
+         "for (CogVideoX); load the LoRA with ComfyUI's LoraLoader and the TDM nodes (workflows/wan_t2v_tdm_lora.json)"),
         (["--model", str(trained["folder"]), "--output", str(out), "--lora", str(tmp_path / "none.safetensors")], "does not exist"),
     ]
     for extra, message in cases:

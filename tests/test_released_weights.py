@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.helpers import comfy_inprocess as h
+from tests.helpers.release_files import write_dreamshaper_release, write_sd3_release
 from tests.helpers.tiny_models import build_tiny_pipeline, comfy_model_from_diffusers_transformer
 
 SEED = 7
@@ -66,9 +67,7 @@ def sd15(comfy, pack, tmp_path_factory):
     h.set_lora_folder(folder)
     unet = h.tiny_diffusers_unet(seed=3)
     base = patcher(h.build_model("sd15_eps", diffusion_state_dict=h.comfy_unet_from_diffusers(unet)).model)
-    with_lora = copy.deepcopy(unet)
-    kohya = {k: v.half() for k, v in h.kohya_state(h.add_random_peft_lora(with_lora, seed=4)).items()}
-    torch.save(kohya, folder / "tdm_dreamshaper.pt")
+    write_dreamshaper_release(folder / "tdm_dreamshaper.pt", unet)
     return {"unet": unet, "base": base, "folder": folder}
 
 
@@ -124,10 +123,6 @@ def test_converted_dreamshaper_loads_in_stock_comfyui_and_samples_the_same(sd15)
 # --- SD3-Medium and SD3.5-Medium ---------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["sd3", "sd35"])
 def sd3(request, comfy, pack, tmp_path_factory):
-    from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     name = request.param
     folder = tmp_path_factory.mktemp(f"released_{name}")
     h.set_lora_folder(folder)
@@ -135,13 +130,7 @@ def sd3(request, comfy, pack, tmp_path_factory):
     comfy_model = comfy_model_from_diffusers_transformer(pipe.transformer, "sd3")[0]
     comfy_model.latent_format.latent_channels = 4  # the tiny MMDiT's (SD3 has 16): empty latents keep their 4
     base = patcher(comfy_model)
-    lora_net = copy.deepcopy(pipe.transformer)
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-    torch.manual_seed(5)
-    lora_net.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    state = get_peft_model_state_dict(lora_net)
-    file = f"tdm_{name}_lora.safetensors"
-    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=state, weight_name=file)
+    file = write_sd3_release(pipe.transformer, folder, f"tdm_{name}_lora.safetensors").name
     return {"name": name, "pipe": pipe, "base": base, "folder": folder, "file": file,
             "strength": 0.125 if name == "sd3" else 1.0, "title": "TDM SD3-Medium LoRA" if name == "sd3" else "TDM SD3.5-Medium LoRA"}
 

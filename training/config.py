@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,11 @@ from tdm_core.steps_aware import parse_k_choices
 from tdm_core.training import DISTANCES, INTERVAL_MODES
 
 from .precision import SAVE_DTYPES, WEIGHT_DTYPES
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (ComfyUI supports it): tomli, the same parser, is the train extra's dependency there
+    import tomli as tomllib
 
 # Default learning rates (README "Choosing the learning rate"): AdamW moves each LoRA entry by about
 # lr per step, so the relative change of W = W0 + (alpha / r) B A grows like lr * alpha / sqrt(r);

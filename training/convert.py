@@ -32,7 +32,7 @@ EXIT_BAD_INPUT = 2
 UNET_PEFT_PREFIX = "unet."
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="the released file: .safetensors, or a weights-only .pt/.pth/.ckpt/.bin")
     parser.add_argument("--output", required=True, help="the ComfyUI LoRA to write (e.g. ComfyUI/models/loras/<name>.safetensors)")
@@ -41,7 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-config", default=None,
                         help="positional releases (TDM-R1): a diffusers folder of the base whose transformer config names "
                              f"the parameters (default: the shipped {POSITIONAL_CONFIGS['z_image'].name} config)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 POSITIONAL_CONFIGS = {"z_image": Path(__file__).resolve().parent / "configs" / "z_image"}  # base -> shipped diffusers config

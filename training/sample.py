@@ -31,9 +31,10 @@ from training.precision import WEIGHT_DTYPES, Precision
 EXIT_BAD_INPUT = 2
 ADAPTER = "tdm"
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the base model: a diffusers folder (e.g. THUDM/CogVideoX-2b downloaded)")
     parser.add_argument("--lora", required=True, help="the TDM LoRA: training.distill's output or the released pytorch_lora_weights.safetensors")
@@ -50,7 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
                         help="the base's dtype, forwards under autocast as in training.distill (bf16 on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 # --- the LoRA ------------------------------------------------------------------------------------
@@ -156,6 +161,11 @@ def render(args: argparse.Namespace) -> Path:
     precision = Precision(args.mixed_precision, torch.device(args.device).type)
     family = load_family(args.model, device=args.device, dtype=precision.weight_dtype)
     if not getattr(family, "is_video", False):
+        if hasattr(family, "set_num_frames"):  # a video family ComfyUI has a model for (Wan)
+            workflows = sorted(p.name for p in WORKFLOWS.glob(f"{family.name}_*.json"))
+            raise TrainingInputError(f"{args.model} is a {family.name} video model, which ComfyUI samples itself: training.sample "
+                                     "renders the video families ComfyUI has no model for (CogVideoX); load the LoRA with ComfyUI's "
+                                     f"LoraLoader and the TDM nodes ({', '.join('workflows/' + w for w in workflows) or 'workflows/'})")
         raise TrainingInputError(f"{args.model} is a {family.name} model, which makes images: training.sample renders video "
                                  "families (CogVideoX); see the images with the ComfyUI TDM nodes")
     try:

@@ -59,12 +59,14 @@ def companion_files(diffusion_model: Path) -> dict[str, Path]:
 
 
 def _comfy_utils():
-    try:
-        import comfy.utils
-    except ImportError as err:
-        raise _input_error("reading a Flux file in ComfyUI's layout needs ComfyUI importable (its Flux key map): run the "
-                           "trainer from ComfyUI's Python environment, or pass a diffusers FLUX.1 folder as --model") from err
-    return comfy.utils
+    """ComfyUI's ``comfy.utils`` (its Flux key map), found wherever ComfyUI is (``training.comfy_host``)."""
+    from training.comfy_host import import_comfy, missing_comfy_fix
+
+    utils = import_comfy("utils")
+    if utils is None:
+        raise _input_error(f"reading a Flux file in ComfyUI's layout uses ComfyUI's own Flux key map (comfy/utils.py), and no "
+                           f"ComfyUI was found: {missing_comfy_fix()}; or pass a diffusers FLUX.1 folder as --model")
+    return utils
 
 
 def strip_checkpoint_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
