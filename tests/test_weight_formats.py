@@ -27,15 +27,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import file_formats
+from tests.helpers.file_formats import E4M3_MAX, in_format
+
 torch.set_num_threads(1)
 
-E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max: ComfyUI's scale = amax / 448
 TOLERANCE = {"fp16": (2.0 ** -11, 2.0 ** -25), "bf16": (2.0 ** -8, 0.0), "fp8_e4m3fn": (2.0 ** -4, 2.0 ** -10),
              "fp8_e5m2": (2.0 ** -3, 2.0 ** -17),
              "fp8_e4m3fn_scaled": (2.0 ** -4, None), "fp8_mixed": (2.0 ** -4, None)}  # None: 2^-10 * the largest scale
 FORMATS = tuple(TOLERANCE)
 FP8_SETS = ("fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_scaled", "fp8_mixed")
-PLAIN_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @pytest.fixture(autouse=True)
@@ -43,52 +44,12 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-# --- writing a state dict in each format, as ComfyUI's files are ------------------------------------------------
-def _quantisable(key: str, tensor: torch.Tensor) -> bool:
-    return key.endswith(".weight") and tensor.is_floating_point() and tensor.ndim >= 2
-
-
-def _scaled(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight / scale, the fp32 scalar scale) with scale = amax / 448, as ComfyUI's fp8_scaled files store them."""
-    scale = (tensor.abs().max().float() / E4M3_MAX).clamp(min=1e-12)
-    return (tensor.float() / scale).to(torch.float8_e4m3fn), scale.reshape(())
-
-
-def in_format(state: dict[str, torch.Tensor], fmt: str, quantise=lambda key: True) -> tuple[dict, dict]:
-    """(tensors, safetensors metadata) of ``state`` in ``fmt``; in the fp8 sets only the weight matrices of keys
-    ``quantise`` accepts become fp8, the rest bf16 (norms, biases, a VAE)."""
-    if fmt in ("fp16", "bf16"):
-        dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, {}
-    out, layers = {}, {}
-    for key, tensor in state.items():
-        if not (_quantisable(key, tensor) and quantise(key)):
-            out[key] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
-        elif fmt in PLAIN_FP8:
-            out[key] = tensor.to(PLAIN_FP8[fmt])
-        else:
-            layer = key[: -len(".weight")]
-            out[key], scale = _scaled(tensor)
-            names = ("scale_weight", "scale_input") if fmt == "fp8_e4m3fn_scaled" else ("weight_scale", "input_scale")
-            out[f"{layer}.{names[0]}"], out[f"{layer}.{names[1]}"] = scale, torch.ones(())
-            layers[layer] = {"format": "float8_e4m3fn"}
-    if fmt == "fp8_e4m3fn_scaled":
-        out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)  # ComfyUI's marker (its dtype: the fp8 kind)
-    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})} if layers else {}
-    return out, metadata
-
-
 def not_the_vae(key: str) -> bool:
     return not key.startswith("first_stage_model.")  # an all-in-one checkpoint's VAE: ComfyUI ships no fp8 VAE
 
 
 def convert_file(source: Path, destination: Path, fmt: str, quantise=not_the_vae) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tensors, metadata = in_format(load_file(str(source)), fmt, quantise)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(destination), metadata=metadata or None)
-    return destination
+    return file_formats.convert_file(source, destination, fmt, quantise)
 
 
 def rewrite(models: Path, target: Path, fmt: str) -> Path:

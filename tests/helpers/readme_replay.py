@@ -98,12 +98,16 @@ def _comfy_files(save_folder: Callable[[Path], Path], write_files: Callable, **o
 
 
 def _flux_files(ws: Workspace, name: str) -> Path:
+    from tests.helpers.file_formats import convert_file
     from tests.helpers.tiny_models import save_tiny_pipeline
     from tests.test_flux_family import write_comfy_flux_files
 
-    # TODO(issue 20, fp8-scaled loader): ComfyUI's Flux template names t5xxl_fp8_e4m3fn_scaled.safetensors; the writer
-    # makes t5xxl_fp16.safetensors until the scaled-fp8 T5 loader fix is merged, then switch to the fp8-scaled variant
-    return _comfy_files(lambda f: save_tiny_pipeline("flux", f), write_comfy_flux_files)(ws, name)
+    folder = _comfy_files(lambda f: save_tiny_pipeline("flux", f), write_comfy_flux_files)(ws, name)
+    # the T5 as ComfyUI's Flux template names it: t5xxl_fp8_e4m3fn_scaled.safetensors (scale_weight per weight)
+    encoders = ws.root / "ComfyUI" / "models" / "text_encoders"
+    convert_file(encoders / "t5xxl_fp16.safetensors", encoders / "t5xxl_fp8_e4m3fn_scaled.safetensors", "fp8_e4m3fn_scaled")
+    (encoders / "t5xxl_fp16.safetensors").unlink()
+    return folder
 
 
 def _z_image_files(ws: Workspace, name: str) -> Path:
