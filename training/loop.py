@@ -93,7 +93,12 @@ def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Optional[Ten
     sync), on the steps that update; None while accumulating."""
     accelerator, scaler = parts.accelerator, parts.scalers.get(adapter)
     optimizer = parts.optimizers[adapter]
-    accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
+    # backward under the adapter whose loss it is: with gradient checkpointing the blocks are recomputed
+    # during backward with whatever adapter is active then (issue 20, defect 1: the fake score's backward
+    # ran with the student's adapter active and trained the wrong weights); the steps-aware K condition
+    # (training.steps_aware) follows the active adapter in that recomputation too
+    with use_adapter(parts.family.network, adapter):
+        accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
     if not accelerator.sync_gradients:
         return None
     if parts.sharding is None:  # FSDP2 has reduce-scattered the gradients already
