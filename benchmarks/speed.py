@@ -302,24 +302,19 @@ def add_phase(name: str, fn):
 
 
 def instrument_project(parts) -> None:
-    """Phase timers around the project's network calls (``training.loop.network_output``, looked up by
-    name at each call), its backward passes (the accelerator's) and its optimiser steps (the backward
-    is inside ``optimiser_step`` and is subtracted from it in :func:`phase_split`)."""
+    """Phase timers around the project's network calls and optimiser steps (``training.loop.network_output``
+    and ``training.loop.step``, looked up by name at each call) and its backward passes (the accelerator's)."""
     import training.loop as loop
 
     loop.network_output = add_phase("forward", loop.network_output)
-    loop.optimiser_step = add_phase("optimiser+backward", loop.optimiser_step)
+    loop.step = add_phase("optimiser", loop.step)
     parts.accelerator.backward = add_phase("backward", parts.accelerator.backward)
 
 
 def phase_split(phases: dict, total: float) -> dict:
     """forward / backward / optimiser (clip, AdamW, schedule) / other (everything else: the method's
     draws and losses, conditions, metrics) CPU seconds of one iteration."""
-    out = {"forward": phases.get("forward", 0.0), "backward": phases.get("backward", 0.0)}
-    if "optimiser" in phases:
-        out["optimiser"] = phases["optimiser"]
-    else:  # the project's optimiser_step holds its backward
-        out["optimiser"] = phases["optimiser+backward"] - out["backward"] if "optimiser+backward" in phases else 0.0
+    out = {name: phases.get(name, 0.0) for name in ("forward", "backward", "optimiser")}
     out["other"] = total - sum(out.values())
     return out
 
