@@ -302,24 +302,19 @@ def add_phase(name: str, fn):
 
 
 def instrument_project(parts) -> None:
-    """Phase timers around the project's network calls (``training.loop.network_output``, looked up by
-    name at each call), its backward passes (the accelerator's) and its optimiser steps (the backward
-    is inside ``optimiser_step`` and is subtracted from it in :func:`phase_split`)."""
+    """Phase timers around the project's network calls and optimiser steps (``training.loop.network_output``
+    and ``training.loop.step``, looked up by name at each call) and its backward passes (the accelerator's)."""
     import training.loop as loop
 
     loop.network_output = add_phase("forward", loop.network_output)
-    loop.optimiser_step = add_phase("optimiser+backward", loop.optimiser_step)
+    loop.step = add_phase("optimiser", loop.step)
     parts.accelerator.backward = add_phase("backward", parts.accelerator.backward)
 
 
 def phase_split(phases: dict, total: float) -> dict:
     """forward / backward / optimiser (clip, AdamW, schedule) / other (everything else: the method's
     draws and losses, conditions, metrics) CPU seconds of one iteration."""
-    out = {"forward": phases.get("forward", 0.0), "backward": phases.get("backward", 0.0)}
-    if "optimiser" in phases:
-        out["optimiser"] = phases["optimiser"]
-    else:  # the project's optimiser_step holds its backward
-        out["optimiser"] = phases["optimiser+backward"] - out["backward"] if "optimiser+backward" in phases else 0.0
+    out = {name: phases.get(name, 0.0) for name in ("forward", "backward", "optimiser")}
     out["other"] = total - sum(out.values())
     return out
 
@@ -454,7 +449,7 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
     """The reference script's structure (frozen teacher, student and fake score as full networks,
     fully trained with AdamW, gradients clipped as the project clips) running ``tdm_core.iteration``.
     With ``shared``, one trainable copy plays all three roles (see the module docstring)."""
-    from tdm_core.iteration import TDMDenoisers, TDMSettings, randn_on, tdm_iteration
+    from tdm_core.iteration import FAKE_SCORE, STUDENT, TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration
     from training.distill import draw_prompt_batch, resolved_huber_c
     from training.families.base import cat_conditions
     from training.models import load_family
@@ -500,9 +495,8 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def update(net, opt, loss):
-        backward(loss)
-        clip_and_step(net, opt)
+    trained = {FAKE_SCORE: (fake, opt_fake), STUDENT: (student, opt_student)}
+    updates = TDMUpdates(backward=lambda role, loss: backward(loss), step=lambda role: clip_and_step(*trained[role]))
 
     def step():
         cond = family.encode_prompts(draw_prompt_batch(prompts, batch_size, gen))
@@ -514,9 +508,8 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
         denoisers = TDMDenoisers(student=lambda x_t, t: run(student, x_t, t, cond), fake_score=lambda x_t, t: run(fake, x_t, t, cond),
                                  teacher=teacher_pair)
         noise = randn_on(latent_shape, gen, device)
-        losses = tdm_iteration(denoisers, family.schedule, settings, noise, gen, lambda loss: update(fake, opt_fake, loss))
-        update(student, opt_student, losses.student)
-        torch.stack([losses.fake_score.detach(), losses.student.detach()]).tolist()  # the one host sync, for logging
+        losses = tdm_iteration(denoisers, family.schedule, settings, noise, gen, updates)
+        torch.stack([losses.fake_score, losses.student]).tolist()  # the one host sync, for logging
 
     return step
 
