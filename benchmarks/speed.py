@@ -454,7 +454,7 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
     """The reference script's structure (frozen teacher, student and fake score as full networks,
     fully trained with AdamW, gradients clipped as the project clips) running ``tdm_core.iteration``.
     With ``shared``, one trainable copy plays all three roles (see the module docstring)."""
-    from tdm_core.iteration import TDMDenoisers, TDMSettings, randn_on, tdm_iteration
+    from tdm_core.iteration import FAKE_SCORE, STUDENT, TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration
     from training.distill import draw_prompt_batch, resolved_huber_c
     from training.families.base import cat_conditions
     from training.models import load_family
@@ -500,9 +500,8 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def update(net, opt, loss):
-        backward(loss)
-        clip_and_step(net, opt)
+    trained = {FAKE_SCORE: (fake, opt_fake), STUDENT: (student, opt_student)}
+    updates = TDMUpdates(backward=lambda role, loss: backward(loss), step=lambda role: clip_and_step(*trained[role]))
 
     def step():
         cond = family.encode_prompts(draw_prompt_batch(prompts, batch_size, gen))
@@ -514,9 +513,8 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
         denoisers = TDMDenoisers(student=lambda x_t, t: run(student, x_t, t, cond), fake_score=lambda x_t, t: run(fake, x_t, t, cond),
                                  teacher=teacher_pair)
         noise = randn_on(latent_shape, gen, device)
-        losses = tdm_iteration(denoisers, family.schedule, settings, noise, gen, lambda loss: update(fake, opt_fake, loss))
-        update(student, opt_student, losses.student)
-        torch.stack([losses.fake_score.detach(), losses.student.detach()]).tolist()  # the one host sync, for logging
+        losses = tdm_iteration(denoisers, family.schedule, settings, noise, gen, updates)
+        torch.stack([losses.fake_score, losses.student]).tolist()  # the one host sync, for logging
 
     return step
 

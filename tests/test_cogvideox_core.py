@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tdm_core import sample_tdm
-from tdm_core.iteration import TDMDenoisers, TDMSettings, tdm_iteration
+from tdm_core.iteration import FAKE_SCORE, STUDENT, TDMDenoisers, TDMSettings, tdm_iteration
+from tests.helpers.core_updates import recording_updates
 from tdm_core.schedules import VPSchedule
 from tests.helpers.tiny_cogvideox import SHIPPED
 
@@ -38,12 +39,12 @@ def run(shape, distance: str):
     settings = TDMSettings(grid=GRID, prediction_type="v_prediction", cfg_scale=3.0, distance=distance)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(VIDEO, generator=gen).reshape(shape)
-    fake_losses = []
-    losses = tdm_iteration(denoisers, schedule, settings, noise, gen, fake_losses.append)
-    (fake_grad,) = torch.autograd.grad(fake_losses[0], fake_w)
-    (student_grad,) = torch.autograd.grad(losses.student, student_w)
+    updates, handed = recording_updates()
+    losses = tdm_iteration(denoisers, schedule, settings, noise, gen, updates)
+    (fake_grad,) = torch.autograd.grad(handed[FAKE_SCORE][0], fake_w)
+    (student_grad,) = torch.autograd.grad(handed[STUDENT][0], student_w)
     sample = sample_tdm(elementwise(torch.tensor(0.7), 0.5), noise, list(GRID), schedule, "v_prediction")
-    return [losses.fake_score.detach(), losses.student.detach(), fake_grad, student_grad], sample.reshape(VIDEO)
+    return [losses.fake_score, losses.student, fake_grad, student_grad], sample.reshape(VIDEO)
 
 
 @pytest.mark.parametrize("distance", ["huber", "huber_norm", "l2"])

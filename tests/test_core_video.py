@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tdm_core import FlowSchedule, sample_dpmpp_2m, sample_tdm
-from tdm_core.iteration import TDMDenoisers, TDMSettings, tdm_iteration
+from tdm_core.iteration import STUDENT, TDMDenoisers, TDMSettings, tdm_iteration
+from tests.helpers.core_updates import recording_updates
 from tests.test_iteration_analytic import GRID, SCHEDULE, posterior_x0
 
 VIDEO = (3, 4, 5, 6, 6)  # B, C, F, H, W: 4 channels, 5 latent frames
@@ -32,10 +33,10 @@ def run_iteration(shape, seed=0):
     settings = TDMSettings(grid=GRID, prediction_type="sample", cfg_scale=2.0, distance="huber")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(FLAT, generator=torch.Generator().manual_seed(1), dtype=torch.float64).reshape(shape)
-    fake_losses = []
-    losses = tdm_iteration(denoisers, SCHEDULE, settings, noise, generator, fake_losses.append)
-    losses.student.backward()
-    return float(fake_losses[0]), float(losses.student), mean.grad.clone()
+    updates, handed = recording_updates()
+    losses = tdm_iteration(denoisers, SCHEDULE, settings, noise, generator, updates)
+    handed[STUDENT][0].backward()
+    return float(losses.fake_score), float(losses.student), mean.grad.clone()
 
 
 def test_one_tdm_iteration_on_video_latents_equals_the_flat_layout():

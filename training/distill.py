@@ -260,7 +260,7 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
     parts = LoopParts(
         family=family, accelerator=accelerator, precision=precision, grid=grid, batch_cfg=cfg.batch_cfg, scalers=scalers, total_steps=cfg.total_steps, cfg_scale=cfg_scale,
         distance=cfg.distance, huber_c=resolved_huber_c(cfg, latent_shape), interval_mode=cfg.interval_mode,
-        randmid=cfg.randmid, max_grad_norm=cfg.max_grad_norm,
+        randmid=cfg.randmid, max_grad_norm=cfg.max_grad_norm, micro_batch=cfg.batch_size,
         # each process draws its own prompts, noise and times; the seed makes every draw reproducible
         generator=torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index),
         params=params, optimizers=optimizers, schedulers=schedulers, sharding=sharding,
@@ -311,13 +311,27 @@ def measure_movement(parts: LoopParts, probe) -> dict:
     return {"probe_change": probe.change(parts), "lora_delta": lora_delta(parts, STUDENT)}
 
 
+def train_step(parts: LoopParts, cfg: DistillConfig, prompts: list[str], null_cond: dict, latent_shape) -> dict:
+    """One update of each adapter on a batch of --batch-size x --gradient-accumulation-steps prompts: its K
+    (steps-aware), prompts, noise and times drawn as one batch, its network calls in chunks of --batch-size
+    rows (``parts.micro_batch``), so accumulation gives the step of the whole batch. Returns the metrics."""
+    from .sharding import share_num_steps
+    from .steps_aware import begin_batch
+
+    if cfg.steps_aware:  # this batch's K, its grid and the network's K condition
+        k = begin_batch(parts, cfg.k_choice_list())
+        if parts.sharding is not None:
+            share_num_steps(parts, k)
+    rows = cfg.batch_size * cfg.gradient_accumulation_steps
+    cond = encode(parts.family, draw_prompt_batch(prompts, rows, parts.generator))
+    return tdm_iteration(parts, cond, null_cond, (rows, *latent_shape[1:]))
+
+
 def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape, step: int) -> int:
     """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step."""
     from tqdm.auto import tqdm
 
     from .progress import LossWatch
-    from .sharding import share_num_steps
-    from .steps_aware import begin_batch
 
     family, accelerator = parts.family, parts.accelerator
     null_cond = family.null_condition(cfg.batch_size)
@@ -333,13 +347,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="TDM", unit="step")
     saved_at = step
     while step < stop_at:
-        for _ in range(cfg.gradient_accumulation_steps):
-            if cfg.steps_aware:  # this batch's K, its grid and the network's K condition
-                k = begin_batch(parts, cfg.k_choice_list())
-                if parts.sharding is not None:
-                    share_num_steps(parts, k)
-            cond = encode(family, draw_prompt_batch(prompts, cfg.batch_size, parts.generator))
-            metrics = tdm_iteration(parts, cond, null_cond, latent_shape)
+        metrics = train_step(parts, cfg, prompts, null_cond, latent_shape)
         step += 1
         if probe is not None and cfg.probe_every and (step % cfg.probe_every == 0 or step == stop_at):
             movement = measure_movement(parts, probe)
@@ -367,8 +375,8 @@ def run(cfg: DistillConfig) -> int:
         # main() may run several times in one Python process (tests, notebooks) with other settings
         AcceleratorState._reset_state(reset_partial_state=True)
     # mixed precision is training.precision's (per-optimiser fp16 scalers), so accelerate's stays off
-    accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=cpu_only_distributed())
+    # gradient accumulation is the loop's (training.loop: the batch evaluated in chunks), not accelerate's
+    accelerator = Accelerator(mixed_precision="no", cpu=cpu_only_distributed())
     parts, latent_shape, step = start_run(cfg, accelerator)
     step = train(parts, cfg, prompts, latent_shape, step)
     if step < cfg.max_train_steps:

@@ -2,8 +2,10 @@
 
 The student and the fake score are two LoRA adapters on one frozen base; the teacher is the base
 with adapters off (``training.models.use_adapter``, O(1) per switch). This module supplies the three
-denoisers, the optimiser steps (data parallel averaging, clipping, fp16 loss scaling) and the metrics;
-the method itself (roll-out, draws, losses) lives in ``tdm_core.iteration``. Under FSDP2
+denoisers (for any row slice of the batch: gradient accumulation runs the network calls in chunks of
+``micro_batch`` rows), the backward of each chunk's loss under its own adapter, the optimiser steps (data
+parallel averaging, clipping, fp16 loss scaling) and the metrics; the method itself (roll-out, draws,
+losses, chunking) lives in ``tdm_core.iteration``. Under FSDP2
 (``training.sharding``) the same steps run on the sharded parameters.
 """
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tdm_core.iteration import TDMDenoisers, TDMSettings, randn_on, tdm_iteration as core_iteration
+from tdm_core.iteration import TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration as core_iteration
 
-from .families.base import cat_conditions
+from .families.base import cat_conditions, select_condition
 from .models import FAKE_SCORE, STUDENT, use_adapter
 from .precision import Precision
 from .sharding import replicated
@@ -51,6 +53,7 @@ class LoopParts:
     schedulers: dict = field(default_factory=dict)  # adapter name -> LR scheduler
     scalers: dict = field(default_factory=dict)  # adapter name -> fp16 GradScaler (empty otherwise)
     sharding: Optional[object] = None  # training.sharding.Sharding under FSDP2, None for data parallelism
+    micro_batch: Optional[int] = None  # rows per network call (--batch-size); None: the whole batch at once
 
     def settings(self) -> TDMSettings:
         # the grid may change per batch (steps-aware), so the settings are made per iteration
@@ -87,17 +90,22 @@ def draw_noise(parts: LoopParts, shape) -> Tensor:
     return randn_on(shape, parts.generator, parts.accelerator.device)
 
 
-def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Optional[Tensor]:
-    """Backward, average over processes, clip, step the adapter's own optimiser and schedule (through
-    its own loss scaler in fp16). Returns the gradient norm before clipping, as a tensor (no host
-    sync), on the steps that update; None while accumulating."""
-    accelerator, scaler = parts.accelerator, parts.scalers.get(adapter)
-    optimizer = parts.optimizers[adapter]
-    accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
-    if not accelerator.sync_gradients:
-        return None
+def backward(parts: LoopParts, adapter: str, loss: Tensor) -> None:
+    """Back-propagate ``loss`` (through the adapter's fp16 loss scaler) with ``adapter`` active, the one
+    whose loss it is: with gradient checkpointing the blocks are recomputed during backward with whatever
+    adapter is active then, which would otherwise train the other adapter (issue 20, defect 1). The
+    steps-aware K condition (training.steps_aware) follows the active adapter in the recomputation too."""
+    scaler = parts.scalers.get(adapter)
+    with use_adapter(parts.family.network, adapter):
+        parts.accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
+
+
+def step(parts: LoopParts, adapter: str) -> Tensor:
+    """Average the adapter's gradients over processes, clip, step its own optimiser and schedule (through
+    its own loss scaler in fp16). Returns the gradient norm before clipping, as a tensor (no host sync)."""
+    scaler, optimizer = parts.scalers.get(adapter), parts.optimizers[adapter]
     if parts.sharding is None:  # FSDP2 has reduce-scattered the gradients already
-        average_gradients(accelerator, parts.params[adapter])
+        average_gradients(parts.accelerator, parts.params[adapter])
     if scaler is not None:
         scaler.unscale_(optimizer.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parts.params[adapter], parts.max_grad_norm)
@@ -109,6 +117,12 @@ def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Optional[Ten
     optimizer.zero_grad(set_to_none=True)
     parts.schedulers[adapter].step()
     return replicated(grad_norm)  # FSDP2: the global norm comes as a DTensor
+
+
+def optimiser_step(parts: LoopParts, adapter: str, loss: Tensor) -> Tensor:
+    """One whole-batch loss: backward, then step."""
+    backward(parts, adapter, loss)
+    return step(parts, adapter)
 
 
 def average_gradients(accelerator, params: list[Tensor]) -> None:
@@ -124,12 +138,11 @@ def average_gradients(accelerator, params: list[Tensor]) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
-def checked_metrics(accelerator, fake_loss: Tensor, student_loss: Tensor, fake_norm, student_norm) -> list[Optional[float]]:
+def checked_metrics(accelerator, fake_loss: Tensor, student_loss: Tensor, fake_norm: Tensor, student_norm: Tensor) -> list[Optional[float]]:
     """The iteration's one host sync: both losses averaged over processes (one collective) and both
     gradient norms; every process stops together on a NaN/inf loss."""
-    nan = torch.tensor(float("nan"), device=fake_loss.device)
     losses = accelerator.reduce(torch.stack([fake_loss.detach().float(), student_loss.detach().float()]), reduction="mean")
-    norms = [nan if n is None else n.detach().float().to(nan.device) for n in (fake_norm, student_norm)]
+    norms = [n.detach().float().to(losses.device) for n in (fake_norm, student_norm)]
     values = torch.cat([losses, torch.stack(norms)]).tolist()
     for name, value in zip(("fake-score", "student"), values[:2]):
         if not math.isfinite(value):
@@ -138,21 +151,30 @@ def checked_metrics(accelerator, fake_loss: Tensor, student_loss: Tensor, fake_n
     return values[:2] + [None if math.isnan(v) else v for v in values[2:]]
 
 
+def denoisers_for_rows(parts: LoopParts, cond: dict, null_cond: dict):
+    """The denoisers of a row slice of the batch: the conditions of those rows (``null_cond``: at least as
+    many rows as the largest slice, all alike)."""
+
+    def for_rows(rows: slice) -> TDMDenoisers:
+        return denoisers(parts, select_condition(cond, rows), select_condition(null_cond, slice(0, rows.stop - rows.start)))
+
+    return for_rows
+
+
 def tdm_iteration(parts: LoopParts, cond: dict, null_cond: dict, latent_shape) -> dict:
-    """METHOD.md steps 1-8 (``tdm_core.iteration``): roll-out, one fake-score update, one student
-    update. Returns metrics."""
-    accelerator = parts.accelerator
+    """METHOD.md steps 1-8 (``tdm_core.iteration``) on one batch of ``latent_shape[0]`` rows, the network
+    calls in chunks of ``parts.micro_batch`` rows: roll-out, one fake-score update, one student update.
+    Returns metrics."""
     norms = {}
 
-    def update_fake_score(loss: Tensor) -> None:
-        norms[FAKE_SCORE] = optimiser_step(parts, FAKE_SCORE, loss)
+    def step_adapter(adapter: str) -> None:
+        norms[adapter] = step(parts, adapter)
 
-    with accelerator.accumulate():
-        noise = draw_noise(parts, latent_shape)
-        losses = core_iteration(denoisers(parts, cond, null_cond), parts.family.schedule, parts.settings(), noise,
-                                parts.generator, update_fake_score)
-        norms[STUDENT] = optimiser_step(parts, STUDENT, losses.student)
-    fake_value, student_value, fake_norm, student_norm = checked_metrics(accelerator, losses.fake_score, losses.student,
+    updates = TDMUpdates(backward=lambda adapter, loss: backward(parts, adapter, loss), step=step_adapter)
+    noise = draw_noise(parts, latent_shape)
+    losses = core_iteration(denoisers_for_rows(parts, cond, null_cond), parts.family.schedule, parts.settings(), noise,
+                            parts.generator, updates, parts.micro_batch)
+    fake_value, student_value, fake_norm, student_norm = checked_metrics(parts.accelerator, losses.fake_score, losses.student,
                                                                          norms[FAKE_SCORE], norms[STUDENT])
     return {
         "loss_fake": fake_value,

@@ -22,9 +22,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from tdm_core.iteration import FAKE_SCORE, STUDENT  # the adapters are named after the roles tdm_core updates
 from training.families.base import ModelFamily
 
-STUDENT, FAKE_SCORE = "student", "fake_score"
 TDM_ADAPTERS = (STUDENT, FAKE_SCORE)
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 FAMILY_FILE = "tdm_family.json"
