@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tdm_core.grids import check_grid
+from tdm_core.learning_rates import ADAMW_BETAS
 from tdm_core.metadata import TDMInfo
 from tdm_core.training import pseudo_huber_c_for
 
@@ -90,7 +91,7 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
     optimizers, schedulers = {}, {}
     for name in ADAPTERS:
         # METHOD.md step 8: AdamW betas (0, 0.95), student lr = fake lr / 5; rates and schedule: training.config
-        optimizer = adamw(params[name], lr=rates[name], betas=(0.0, 0.95), weight_decay=cfg.weight_decay)
+        optimizer = adamw(params[name], lr=rates[name], betas=ADAMW_BETAS, weight_decay=cfg.weight_decay)
         extra = {"num_cycles": cfg.lr_num_cycles} if cfg.lr_scheduler == "cosine_with_restarts" else {}
         schedulers[name] = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                          num_training_steps=cfg.max_train_steps, **extra)
