@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tdm_core.grids import check_grid
+from tdm_core.iteration import draw_prompt_rows
 from tdm_core.learning_rates import ADAMW_BETAS
 from tdm_core.metadata import TDMInfo
 from tdm_core.training import pseudo_huber_c_for
@@ -191,7 +192,7 @@ class RunLog:
 
 
 def draw_prompt_batch(prompts: list[str], batch_size: int, generator: torch.Generator) -> list[str]:
-    return [prompts[i] for i in torch.randint(len(prompts), (batch_size,), generator=generator).tolist()]
+    return [prompts[i] for i in draw_prompt_rows(len(prompts), batch_size, generator)]
 
 
 def encode(family, prompts: list[str]) -> dict:
