@@ -205,7 +205,7 @@ def encode(family, prompts: list[str]) -> dict:
 
 def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int) -> None:
     """The main process writes the grid; under FSDP2 every process samples it (forwards are collective)."""
-    from .atomic import save_png_atomic
+    from tdm_core.atomic import save_png_atomic
     from .validation import grid_image, validation_columns
 
     main = parts.accelerator.is_main_process
@@ -404,7 +404,7 @@ def run(cfg: DistillConfig) -> int:
 def report_movement(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape) -> None:
     """The run's final word (training.progress): how far the student moved, the loss trends, and a
     warning naming the flags to change when it barely moved or diverged; also written to summary.json."""
-    from .atomic import atomic_write
+    from tdm_core.atomic import atomic_write
     from .progress import final_word
 
     probe = new_probe(parts, cfg, prompts, latent_shape)
