@@ -17,11 +17,13 @@ import torch
 import comfy.model_management
 from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch as checkpoint_forward, unpatch as plain_forward
 
-from .core_import import grids, iteration, learning_rates
+from .core_import import grids, iteration, learning_rates, progress, samplers
 from .distill_adapters import FAKE_SCORE, ROLES, STUDENT, TDMAdapters, add_tdm_adapters
 from .distill_conditions import batch_conditioning, processed_conds
 from .distill_model import comfy_denoisers
 from .distill_schedule import PREDICTION_TYPE, ComfySchedule, schedule_of
+
+sample_tdm = samplers.sample_tdm
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,20 @@ def check_options(options: DistillOptions, num_prompts: int, has_negative: bool)
         raise ValueError(f"steps K={options.steps} is too many for {options.total_steps} timesteps: each step needs at least 30")
 
 
+def normal_tensors_(module: torch.nn.Module) -> None:
+    """ComfyUI loads models inside inference mode, and autograd cannot save an inference tensor for backward
+    (every layer keeps its weight to pass gradients to its input): swap each for a normal copy with the same
+    values, in place on the loaded model (the graph's other users see the same weights)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
+
+
 class Distiller:
     """One distillation run on a clone of ``model``; ``positives`` is a list of ComfyUI conditionings (one per
     prompt), ``negative`` the empty-prompt one (needed at cfg != 1), ``latent_shape`` the shape of one
@@ -85,11 +101,12 @@ class Distiller:
         grids.check_grid(options.grid(), self.schedule.num_timesteps, self.schedule.flow)
         self.latent_shape = (options.batch_size, *tuple(latent_shape)[1:])
         self.patcher = model.clone()
-        self.adapters: TDMAdapters = add_tdm_adapters(self.patcher, options.rank, options.lora_alpha(), options.seed)
         rates = options.rates()
-        self.optimizers = {role: torch.optim.AdamW(self.adapters.parameters(role), lr=rates[role], betas=learning_rates.ADAMW_BETAS,
-                                                   weight_decay=0.0) for role in ROLES}
-        self.schedulers = {role: torch.optim.lr_scheduler.LambdaLR(opt, learning_rates.warmup_factor) for role, opt in self.optimizers.items()}
+        with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; trainable tensors must not be made there
+            self.adapters: TDMAdapters = add_tdm_adapters(self.patcher, options.rank, options.lora_alpha(), options.seed)
+            self.optimizers = {role: torch.optim.AdamW(self.adapters.parameters(role), lr=rates[role], betas=learning_rates.ADAMW_BETAS,
+                                                       weight_decay=0.0) for role in ROLES}
+            self.schedulers = {role: torch.optim.lr_scheduler.LambdaLR(opt, learning_rates.warmup_factor) for role, opt in self.optimizers.items()}
         # every random draw of the run, in the trainer's order (prompts, noise, then tdm_core's)
         self.generator = torch.Generator().manual_seed(options.seed)
         self.loaded = False
@@ -100,6 +117,7 @@ class Distiller:
         installed); gradient checkpointing wraps the diffusion model's top blocks as TrainLoraNode does."""
         self.patcher.model.requires_grad_(False)
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        normal_tensors_(self.patcher.model)
         self.patcher.pre_run()
         if self.options.gradient_checkpointing:
             for module in find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model):
@@ -138,6 +156,21 @@ class Distiller:
             norms[role] = self.step(role)
 
         return iteration.TDMUpdates(backward=self.backward, step=step)
+
+    # --- how far the student moved (tdm_core.progress's probe) ----------------------------------------------
+    def k_step_samples(self, role, rows: list[int], noise: torch.Tensor) -> torch.Tensor:
+        """K-step samples of the student (``STUDENT``) or of the teacher (``None``) on the conditional pass."""
+        denoisers = self.iteration_denoisers(rows, noise)
+        denoise = denoisers.student if role == STUDENT else (lambda x_t, t: denoisers.teacher(x_t, t)[0])
+        with torch.inference_mode(False), torch.no_grad():
+            return sample_tdm(denoise, noise, self.options.grid(), self.schedule.schedule, PREDICTION_TYPE)
+
+    def probe_change(self) -> float:
+        """The student's K-step samples against the teacher's on fixed noise and the first prompts
+        (tdm_core.progress): 0 for an untrained student."""
+        rows = list(range(min(progress.PROBE_SIZE, len(self.positives))))
+        noise = torch.randn((len(rows), *self.latent_shape[1:]), generator=torch.Generator().manual_seed(progress.PROBE_SEED)).to(self.device)
+        return progress.relative_change(self.k_step_samples(STUDENT, rows, noise), self.k_step_samples(None, rows, noise))
 
     # --- one iteration -----------------------------------------------------------------------------------------
     def iteration_denoisers(self, rows: list[int], noise: torch.Tensor) -> iteration.TDMDenoisers:

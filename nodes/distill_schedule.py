@@ -54,3 +54,15 @@ def schedule_of(model) -> ComfySchedule:
         return ComfySchedule(schedules.FlowSchedule(shift=float(model_sampling.shift), num_timesteps=1000), flow=True)
     sigmas = model_sampling.sigmas.detach().double().cpu()
     return ComfySchedule(schedules.VPSchedule(1.0 / (1.0 + sigmas**2)), flow=False)
+
+
+def prediction_type_of(model) -> str:
+    """The MODEL's prediction type in the TDM metadata's words (informational: samplers read model_sampling)."""
+    import comfy.model_sampling
+
+    model_sampling = model.get_model_object("model_sampling")
+    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return "flow"
+    return "epsilon"
