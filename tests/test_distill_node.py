@@ -95,3 +95,49 @@ def test_missing_negative_at_cfg_above_one_names_the_fix(graph, lora_folder):
 def test_a_lora_name_with_folders_is_refused(graph, lora_folder):
     with pytest.raises(ValueError, match="plain file name"):
         run_node(graph, "../outside")
+
+
+def test_cancel_stops_between_iterations_and_writes_nothing(graph, lora_folder):
+    """Cancel (ComfyUI's interrupt flag) is checked before every iteration; the progress bar moves once per iteration."""
+    import comfy.model_management
+    import comfy.utils
+
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    interrupt_after = 2
+
+    def interrupting_probe(value, total, preview, node_id=None):
+        updates.append((value, total))
+        if value == interrupt_after:
+            comfy.model_management.interrupt_current_processing(True)
+
+    try:
+        run_node(graph, "complete", iterations=3)
+        assert updates == [(1, 3), (2, 3), (3, 3)]
+        comfy.utils.set_progress_bar_global_hook(interrupting_probe)
+        updates.clear()
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(graph, "cancelled", iterations=5)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert updates == [(1, 5), (2, 5)], "iterations ran after Cancel"
+    assert (lora_folder / "complete.safetensors").exists() and not (lora_folder / "cancelled.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind, shift", [("sd15_eps", None), ("sd15_v", None), ("sd3_flow", 6.0)])
+def test_the_student_trains_at_the_sigmas_the_tdm_scheduler_samples_at(tiny_model, pack, kind, shift):
+    """The node's schedule is the MODEL's own: at every grid timestep, the sigma it trains at is the one the
+    TDM Scheduler gives that MODEL (eps and v tables; a flow shift set in the graph with ModelSamplingSD3)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    from comfyui_tdm_pack.nodes.comfy_sigmas import sigmas_for_timesteps
+    from comfyui_tdm_pack.nodes.distill_schedule import schedule_of
+
+    model = tiny_model(kind)
+    if shift is not None:
+        model = ModelSamplingSD3().patch(model, shift)[0]
+    grid = [899, 674, 449, 224, 40]
+    sampled = sigmas_for_timesteps(model.get_model_object("model_sampling"), grid)[:-1]
+    trained = schedule_of(model).comfy_sigma(torch.tensor(grid))
+    torch.testing.assert_close(trained, sampled, rtol=1e-5, atol=0)
