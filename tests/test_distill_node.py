@@ -141,3 +141,28 @@ def test_the_student_trains_at_the_sigmas_the_tdm_scheduler_samples_at(tiny_mode
     sampled = sigmas_for_timesteps(model.get_model_object("model_sampling"), grid)[:-1]
     trained = schedule_of(model).comfy_sigma(torch.tensor(grid))
     torch.testing.assert_close(trained, sampled, rtol=1e-5, atol=0)
+
+
+def test_a_bf16_base_trains_fp32_loras_with_fp32_optimiser_state(comfy, pack):
+    """LoRA masters and AdamW state stay float32 under a bfloat16 base (small updates must not round away);
+    the losses stay those of the float32 base within bf16's precision."""
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+
+    positives = [h.conditioning("sd15_eps", seed=s) for s in (1, 2)]
+    negative = h.conditioning("sd15_eps", seed=3)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = h.build_model("sd15_eps", seed=21)
+        model.model.diffusion_model.to(dtype)
+        model.model.diffusion_model.dtype = dtype  # what ComfyUI's loader sets for a bf16 checkpoint
+        distiller = Distiller(model, positives, negative, LATENT["samples"].shape, DistillOptions(rank=4, batch_size=2))
+        try:
+            losses[dtype] = [distiller.iterate()["loss_fake"] for _ in range(2)]
+        finally:
+            distiller.release()
+        for role in ("student", "fake_score"):
+            params = distiller.adapters.parameters(role)
+            assert {p.dtype for p in params} == {torch.float32}
+            assert {s.dtype for p in params for s in distiller.optimizers[role].state[p].values() if s.ndim} == {torch.float32}
+        assert next(model.model.diffusion_model.parameters()).dtype == dtype
+    torch.testing.assert_close(torch.tensor(losses[torch.bfloat16]), torch.tensor(losses[torch.float32]), rtol=5e-2, atol=0)

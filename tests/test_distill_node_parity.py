@@ -181,3 +181,31 @@ def test_an_eps_model_read_as_v_breaks_parity(teacher, tmp_path):
     model = ModelSamplingDiscrete().patch(comfy_teacher(teacher["model"]), "v_prediction", False)[0]
     errors = parity_errors(*run_both(teacher, tmp_path, model=model))
     assert min(errors.values()) > 100 * GRAD_RTOL, errors
+
+
+def test_the_node_optimises_as_the_trainer_does(teacher, tmp_path):
+    """Same defaults (K, iterations, cfg, rank, T, clipping, distance), and per adapter the same AdamW settings
+    and learning rate at every step of the warm-up and after it."""
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+    from training.config import DistillConfig
+
+    trainer_defaults, node_defaults = DistillConfig(), DistillOptions()
+    assert (trainer_defaults.num_steps, trainer_defaults.max_train_steps, trainer_defaults.cfg, trainer_defaults.lora_rank,
+            trainer_defaults.total_steps, trainer_defaults.max_grad_norm, trainer_defaults.distance) == (
+        node_defaults.steps, node_defaults.iterations, node_defaults.cfg, node_defaults.rank, node_defaults.total_steps,
+        node_defaults.max_grad_norm, node_defaults.distance)
+    cfg, parts, latent_shape = trainer_parts(teacher, tmp_path)
+    positives, negative = node_conditionings(parts.family)
+    distiller = Distiller(comfy_teacher(teacher["model"]), positives, negative, latent_shape, DistillOptions(rank=cfg.lora_rank))
+    for role in ROLES:
+        trainer_optimizer, node_optimizer = parts.optimizers[role].optimizer, distiller.optimizers[role]
+        settings = ("betas", "weight_decay", "eps", "amsgrad", "maximize")
+        assert [trainer_optimizer.param_groups[0][k] for k in settings] == [node_optimizer.param_groups[0][k] for k in settings]
+        rates = {"trainer": [], "node": []}
+        for _ in range(cfg.lr_warmup_steps + 3):
+            for side, optimizer, scheduler in (("trainer", trainer_optimizer, parts.schedulers[role]), ("node", node_optimizer, distiller.schedulers[role])):
+                rates[side].append(optimizer.param_groups[0]["lr"])
+                optimizer.step()  # no gradients: nothing moves; keeps the scheduler's order of calls
+                scheduler.step()
+        assert rates["node"] == pytest.approx(rates["trainer"], rel=1e-12), rates
+        assert rates["node"][0] == 0.0 and rates["node"][-1] > 0
