@@ -14,6 +14,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
+from .comfy_sigmas import TDM_INFO_ATTACHMENT
 from .core_import import TDMInfo, atomic, progress
 from .distill import Distiller, DistillOptions
 from .distill_adapters import STUDENT
@@ -94,7 +95,8 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
         change = distiller.probe_change()
     finally:
         distiller.release()
-    lora = distiller.adapters.lora_state(STUDENT)
-    write_lora(lora, path, tdm_info(model, distiller, options.iterations))
+    lora, info = distiller.adapters.lora_state(STUDENT), tdm_info(model, distiller, options.iterations)
+    write_lora(lora, path, info)
     student_model = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
+    student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
     return DistillResult(student_model, lora, path, report(history, change, options, path))

@@ -59,8 +59,11 @@ def stock_lora_loader(model, name: str, caplog):
 
 
 def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(graph, lora_folder, caplog):
-    from tdm_core.metadata import TDMInfo
+    from dataclasses import asdict
+
+    from comfyui_tdm_pack.nodes.comfy_sigmas import tdm_info_of
     from tdm_core.lora_files import read_lora_file
+    from tdm_core.metadata import TDMInfo
 
     teacher_before = tdm_sample(graph["model"], graph)
     # the fake score all but frozen: a LoRA file and MODEL of the wrong adapter would be the teacher's
@@ -69,6 +72,8 @@ def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(g
     state, metadata = read_lora_file(str(path))
     assert set(state) == set(lora) and all(torch.equal(state[k], lora[k]) for k in state), "the file is not the LORA_MODEL output"
     info = TDMInfo.from_safetensors_metadata(metadata)
+    # (the pack's tdm_core is its own package inside ComfyUI, so the classes differ: compare the fields)
+    assert asdict(tdm_info_of(student)) == asdict(info), "the MODEL does not carry the LoRA's TDM metadata for grid 'auto'"
     assert (info.num_steps, info.grid, info.teacher_cfg, info.base_family, info.prediction_type) == (4, [899, 674, 449, 224], 2.0, "sd15", "epsilon")
 
     loaded, skipped = stock_lora_loader(graph["model"], "tiny_student.safetensors", caplog)
