@@ -11,7 +11,7 @@ cond / uncond its own way. Measured (CPU, fp32): losses 3e-7 relative, fake-scor
 gradients 1.7e-4 of their largest entry (the student's gradient runs through the pseudo-Huber distance with
 c = 1e-3 of x0 minus a target built from three model outputs, which amplifies rounding most). Tolerances:
 1e-5 on losses, 1e-3 on gradients. A wrong adapter or schedule moves them by 1e-4 .. 1 (losses) and 0.5 .. 1
-(gradients): see the last test and the README."""
+(gradients): see test_an_eps_model_read_as_v_breaks_parity and the README."""
 from __future__ import annotations
 
 import pytest
