@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from training.atomic import write_text_atomic
+from tdm_core.atomic import write_text_atomic
 from training.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def measure(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablati
 def write_preview(evaluator, run_dir: Path, iterations: tuple, path: Path) -> Path:
     """The teacher at 50 and 4 steps above one training run's student at each checkpoint, same noise."""
     from benchmarks.grid_image import labelled_grid
-    from training.atomic import save_png_atomic
+    from tdm_core.atomic import save_png_atomic
 
     students = [(f"TDM K=4, {n} it. (CFG 1)", checkpoint_student(run_dir, n)) for n in iterations]
     rows, labels = evaluator.preview(students, evaluator.student_grid(4))

@@ -18,7 +18,7 @@ import torch
 from benchmarks import metrics, sampling
 from benchmarks.digits_data import load_digits_split
 from benchmarks.grid_image import labelled_grid
-from training.atomic import save_png_atomic
+from tdm_core.atomic import save_png_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_DIR = ROOT / "benchmarks" / "assets" / "digits_teacher"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from training.atomic import write_text_atomic
+from tdm_core.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "training" / "configs"

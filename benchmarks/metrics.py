@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.digits_data import NUM_CLASSES, load_digits_split
-from training.atomic import atomic_write
+from tdm_core.atomic import atomic_write
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "digits_classifier.safetensors"
 FEATURE_DIM = 64

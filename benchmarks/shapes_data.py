@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write the shapes captions (one per line) for training.distill --prompts.")
     parser.add_argument("--prompts", type=Path, required=True, help="output .txt file")
     args = parser.parse_args(argv)
-    from training.atomic import write_text_atomic
+    from tdm_core.atomic import write_text_atomic
 
     if not args.prompts.parent.is_dir():
         parser.error(f"the folder of --prompts {args.prompts} does not exist: create it first")

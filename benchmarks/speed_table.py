@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks import speed
-from training.atomic import write_text_atomic
+from tdm_core.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS_speed.md"

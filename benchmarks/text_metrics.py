@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from benchmarks.metrics import frechet_distance, precision_recall
 from benchmarks.shapes_data import ATTRIBUTES, NUM_VALUES, load_shapes_split
-from training.atomic import atomic_write
+from tdm_core.atomic import atomic_write
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "shapes_classifier.safetensors"
 FEATURE_DIM = 64

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.teacher_fit import fit, folder_size, num_parameters, warmup_cosine
 from benchmarks.train_text_teacher import DEFAULT_OUTPUT as SHAPES_TEACHER
-from training.atomic import atomic_folder
+from tdm_core.atomic import atomic_folder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "flow_teacher"
 T5_DIM = 64

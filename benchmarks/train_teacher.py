@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from benchmarks.digits_data import load_digits_split
 from benchmarks.teacher_fit import fit
 from tdm_core.schedules import expand_like
-from training.atomic import atomic_folder
+from tdm_core.atomic import atomic_folder
 from training.families import digits
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "digits_teacher"

@@ -48,7 +48,7 @@ import torch
 from benchmarks.shapes_data import all_captions, caption_words, load_shapes_split
 from benchmarks.teacher_fit import fit, fit_vae, folder_size, num_parameters, warmup_cosine
 from tdm_core.schedules import expand_like
-from training.atomic import atomic_folder
+from tdm_core.atomic import atomic_folder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "shapes_teacher"
 MAX_TOKENS = 16  # <|startoftext|> + 6 caption words + <|endoftext|> fits with room to spare

@@ -42,7 +42,7 @@ import torch
 from benchmarks.teacher_fit import fit, fit_vae, folder_size, num_parameters, warmup_cosine
 from benchmarks.train_text_teacher import DEFAULT_OUTPUT as SHAPES_TEACHER
 from benchmarks.train_text_teacher import load_tokenizer
-from training.atomic import atomic_folder
+from tdm_core.atomic import atomic_folder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "video_teacher"
 FLOW_SHIFT = 3.0

@@ -22,7 +22,7 @@ import torch
 from benchmarks import metrics, sampling
 from benchmarks.demo import TEACHER_DIR, distil, load_teacher
 from benchmarks.digits_data import load_digits_split
-from training.atomic import write_text_atomic
+from tdm_core.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS_unify.md"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from training.atomic import atomic_write
+from tdm_core.atomic import atomic_write
 
 PAD = 2  # pixels between clips
 FRAME_MS = 125

@@ -2,11 +2,13 @@
 
 Node modules: ``node_defs`` (the V3 schemas), ``comfy_sigmas`` (TDM Scheduler), ``tdm_sampler``
 (TDM Sampler), ``sampling`` (TDM KSampler), ``lora_keys`` / ``lora_apply`` (TDM LoRA Loader),
-``grid_choice`` (pure grid presets).
+``grid_choice`` (pure grid presets); TDM Distill: ``distill_run`` (the run, LoRA file, report) over ``distill``
+(the distiller), ``distill_adapters`` (student / fake-score LoRAs), ``distill_schedule``, ``distill_conditions``
+and ``distill_model`` (ComfyUI's sampling path).
 """
 from comfy_api.latest import ComfyExtension
 
-from .node_defs import NODES, TDMKSampler, TDMLoraLoader, TDMSampler, TDMScheduler
+from .node_defs import NODES, TDMDistill, TDMKSampler, TDMLoraLoader, TDMSampler, TDMScheduler
 
 
 class TDMExtension(ComfyExtension):
@@ -14,4 +16,4 @@ class TDMExtension(ComfyExtension):
         return list(NODES)
 
 
-__all__ = ["NODES", "TDMExtension", "TDMKSampler", "TDMLoraLoader", "TDMSampler", "TDMScheduler"]
+__all__ = ["NODES", "TDMDistill", "TDMExtension", "TDMKSampler", "TDMLoraLoader", "TDMSampler", "TDMScheduler"]

@@ -5,11 +5,12 @@ so ``tdm_core`` is a sibling sub-package there; in a plain checkout on ``sys.pat
 """
 try:
     from .. import tdm_core
-    from ..tdm_core import grids, lora_files, metadata, releases
+    from ..tdm_core import atomic, grids, iteration, learning_rates, lora_files, lora_targets, metadata, progress, releases, samplers, schedules
 except ImportError:  # nodes imported as a top-level package (no parent package)
     import tdm_core
-    from tdm_core import grids, lora_files, metadata, releases
+    from tdm_core import atomic, grids, iteration, learning_rates, lora_files, lora_targets, metadata, progress, releases, samplers, schedules
 
 TDMInfo = metadata.TDMInfo
 
-__all__ = ["TDMInfo", "grids", "lora_files", "metadata", "releases", "tdm_core"]
+__all__ = ["TDMInfo", "atomic", "grids", "iteration", "learning_rates", "lora_files", "lora_targets", "metadata", "progress", "releases", "samplers",
+           "schedules", "tdm_core"]

@@ -1,10 +1,12 @@
-"""The four TDM nodes, declared with ComfyUI's V3 schema; each is a thin adapter over ``tdm_core``."""
+"""The TDM nodes, declared with ComfyUI's V3 schema; each is a thin adapter over ``tdm_core``."""
 from __future__ import annotations
 
 import folder_paths
 from comfy_api.latest import io
 
 from .comfy_sigmas import tdm_sigmas
+from .distill import DistillOptions
+from .distill_run import distill
 from .grid_choice import DEFAULT_CUSTOM_TIMESTEPS, GRID_CHOICES
 from .lora_keys import read_lora_file
 from .sampling import tdm_ksample
@@ -166,4 +168,54 @@ class TDMLoraLoader(io.ComfyNode):
         return io.NodeOutput(new_model, new_clip, summary)
 
 
-NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader]
+def first_of_lists(values: dict) -> dict:
+    """``is_input_list`` nodes get every input as a list: one value each, but for the prompt list."""
+    return {name: value[0] if isinstance(value, list) and value else value for name, value in values.items()}
+
+
+class TDMDistill(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMDistill",
+            display_name="TDM Distill",
+            category="training/tdm",
+            description="Distils the model as the graph gives it (its LoRAs, shift and patches included) into a few-step TDM student LoRA (Trajectory Distribution Matching, data-free): the same iteration as the headless trainer, on ComfyUI's own model. Writes the LoRA to models/loras with TDM metadata. Checked on SD1.5 only so far.",
+            is_input_list=True,  # positive may be a list of conditionings, one per prompt
+            inputs=[
+                io.Model.Input("model", tooltip="The teacher: the model as you sample it (checkpoint, LoRAs, ModelSampling shift). Its own noise schedule and prediction type are used."),
+                io.Conditioning.Input("positive", tooltip="The prompts to distil on: one CLIPTextEncode conditioning, or a list of them (one per prompt); each iteration draws a prompt per batch row."),
+                io.Latent.Input("latent", tooltip="The latent size to train at (e.g. EmptyLatentImage); its contents are not used."),
+                io.Int.Input("steps", default=4, min=1, max=MAX_STEPS, tooltip="K, the student's sampling steps (4 is usual); the student learns the reference grid t_i = 899 - i*(900//K)."),
+                io.Int.Input("iterations", default=500, min=1, max=100000, tooltip="Training iterations (one fake-score and one student update each); 500 is the trainer's default."),
+                io.Float.Input("cfg", default=2.0, min=1.0, max=30.0, step=0.1, tooltip="The teacher's classifier-free guidance distilled into the student (the trainer's default 2); above 1 needs negative."),
+                io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of the student and fake-score LoRAs (alpha = rank)."),
+                io.Float.Input("fake_score_learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=False, tooltip="0: the trainer's scale-free default 4e-3 * sqrt(rank) / alpha (1e-3 at rank 16). AdamW betas (0, 0.95), 10 warm-up iterations."),
+                io.Float.Input("student_learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=False, tooltip="0: the fake-score rate / 5, the reference ratio."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Rows per iteration, each with its own drawn prompt and noise."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of every random draw (prompts, noise, times, LoRA initialisation): a run is reproducible."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute the model's blocks in backward (less memory, slower); gradients stay the same."),
+                io.String.Input("lora_name", default="tdm_student", tooltip="File name of the student LoRA written to models/loras (.safetensors added); an existing file is replaced."),
+                io.Conditioning.Input("negative", optional=True, tooltip="The empty-prompt conditioning (CLIPTextEncode of \"\") for the teacher's guidance; needed when cfg is above 1."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The teacher with the student LoRA applied: sample it with TDM KSampler at K steps."),
+                io.Custom("LORA_MODEL").Output(display_name="LORA_MODEL", tooltip="The student LoRA, as stock SaveLoRA and Load LoRA Model take it."),
+                io.String.Output(display_name="report", tooltip="What was trained and how far the student moved from the teacher; says plainly when it did not learn."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, steps, iterations, cfg, lora_rank, fake_score_learning_rate, student_learning_rate,
+                batch_size, seed, gradient_checkpointing, lora_name, negative=None) -> io.NodeOutput:
+        one = first_of_lists({"model": model, "latent": latent, "steps": steps, "iterations": iterations, "cfg": cfg, "rank": lora_rank,
+                              "fake": fake_score_learning_rate, "student": student_learning_rate, "batch_size": batch_size, "seed": seed,
+                              "checkpointing": gradient_checkpointing, "lora_name": lora_name, "negative": negative})
+        options = DistillOptions(steps=one["steps"], iterations=one["iterations"], cfg=one["cfg"], rank=one["rank"],
+                                 fake_score_lr=one["fake"] or None, student_lr=one["student"] or None, batch_size=one["batch_size"],
+                                 seed=one["seed"], gradient_checkpointing=one["checkpointing"])
+        result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"])
+        return io.NodeOutput(result.model, result.lora, result.report)
+
+
+NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader, TDMDistill]

@@ -97,6 +97,11 @@ def roll_out(student: Denoiser, noise: Tensor, settings: TDMSettings, schedule) 
     return Rollout(points, x0s, epss)
 
 
+def draw_prompt_rows(num_prompts: int, batch_size: int, generator: torch.Generator) -> list[int]:
+    """Which prompt each row of a batch trains on, drawn before the batch's noise (both hosts' order)."""
+    return torch.randint(num_prompts, (batch_size,), generator=generator).tolist()
+
+
 def at_step(per_step: list, i: Tensor) -> Tensor:
     # row b of per_step[i_b]: each sample's entry at its own drawn step index
     return torch.stack(per_step)[i, torch.arange(i.shape[0], device=i.device)]

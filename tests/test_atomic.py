@@ -1,4 +1,4 @@
-"""training.atomic: a folder written under a temporary name replaces the old one only when complete."""
+"""tdm_core.atomic: a folder written under a temporary name replaces the old one only when complete."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from training.atomic import atomic_folder
+from tdm_core.atomic import atomic_folder
 
 
 def test_atomic_folder_replaces_an_existing_folder_with_plain_modes(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from tdm_core.grids import parse_grid, reference_grid
+from tdm_core.learning_rates import FAKE_TO_STUDENT_LR, LR_PER_SQRT_RANK_OVER_ALPHA, LR_WARMUP_STEPS, default_fake_score_lr, default_student_lr
 from tdm_core.steps_aware import parse_k_choices
 from tdm_core.training import DISTANCES, INTERVAL_MODES
 
@@ -23,13 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (ComfyUI supports it): tomli, the same parser, is the train extra's dependency there
     import tomli as tomllib
 
-# Default learning rates (README "Choosing the learning rate"): AdamW moves each LoRA entry by about
-# lr per step, so the relative change of W = W0 + (alpha / r) B A grows like lr * alpha / sqrt(r);
-# lr = C * sqrt(r) / alpha keeps it fixed. C = 4e-3 gives the fake score 1e-3 at rank = alpha = 16, the
-# rate measured to distil (issue 9; benchmarks/RESULTS.md); the student runs at a fifth of it, the
-# reference script's ratio.
-LR_PER_SQRT_RANK_OVER_ALPHA = 4e-3
-FAKE_TO_STUDENT_LR = 5
+# default learning rates and their warm-up: tdm_core.learning_rates (shared with the TDM Distill node)
 MAX_STUDENT_STEPS = 8  # TDM students are few-step samplers; the grid rule is tested for 1..8
 MIXED_PRECISION = tuple(WEIGHT_DTYPES)
 SAVE_PRECISION = ("auto", *SAVE_DTYPES)
@@ -73,7 +68,7 @@ class DistillConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay of both optimisers")
     max_grad_norm: float = _opt(1.0, "gradient-norm clip of both optimisers")
     lr_scheduler: str = _opt("constant_with_warmup", f"learning-rate schedule of both adapters: {', '.join(LR_SCHEDULERS)}")
-    lr_warmup_steps: int = _opt(10, "warm-up steps of the learning-rate schedule")
+    lr_warmup_steps: int = _opt(LR_WARMUP_STEPS, "warm-up steps of the learning-rate schedule")
     lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
     resolution: Optional[int] = _opt(None, "image size in pixels (the family maps it to its latent size); default: the model's native size")
     num_frames: Optional[int] = _opt(None, "video families (Wan, CogVideoX): frames per sample, 4k + 1 (e.g. 33, 49, 81); default: the model's own; an error on image families")
@@ -98,10 +93,10 @@ class DistillConfig:
     def fake_lr(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return LR_PER_SQRT_RANK_OVER_ALPHA * self.lora_rank**0.5 / self.alpha()
+        return default_fake_score_lr(self.lora_rank, self.alpha())
 
     def student_lr(self) -> float:
-        return self.fake_lr() / FAKE_TO_STUDENT_LR if self.student_learning_rate is None else self.student_learning_rate
+        return default_student_lr(self.fake_lr()) if self.student_learning_rate is None else self.student_learning_rate
 
     def alpha(self) -> float:
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)

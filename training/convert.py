@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from tdm_core import lora_files, releases
-from training.atomic import atomic_write
+from tdm_core.atomic import atomic_write
 from training.lora_io import LORA_A, LORA_B, adapter_to_kohya
 from training.models import TrainingInputError
 

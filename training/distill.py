@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from tdm_core.grids import check_grid
+from tdm_core.iteration import draw_prompt_rows
+from tdm_core.learning_rates import ADAMW_BETAS
 from tdm_core.metadata import TDMInfo
 from tdm_core.training import pseudo_huber_c_for
 
@@ -90,7 +92,7 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
     optimizers, schedulers = {}, {}
     for name in ADAPTERS:
         # METHOD.md step 8: AdamW betas (0, 0.95), student lr = fake lr / 5; rates and schedule: training.config
-        optimizer = adamw(params[name], lr=rates[name], betas=(0.0, 0.95), weight_decay=cfg.weight_decay)
+        optimizer = adamw(params[name], lr=rates[name], betas=ADAMW_BETAS, weight_decay=cfg.weight_decay)
         extra = {"num_cycles": cfg.lr_num_cycles} if cfg.lr_scheduler == "cosine_with_restarts" else {}
         schedulers[name] = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                          num_training_steps=cfg.max_train_steps, **extra)
@@ -190,7 +192,7 @@ class RunLog:
 
 
 def draw_prompt_batch(prompts: list[str], batch_size: int, generator: torch.Generator) -> list[str]:
-    return [prompts[i] for i in torch.randint(len(prompts), (batch_size,), generator=generator).tolist()]
+    return [prompts[i] for i in draw_prompt_rows(len(prompts), batch_size, generator)]
 
 
 def encode(family, prompts: list[str]) -> dict:
@@ -203,7 +205,7 @@ def encode(family, prompts: list[str]) -> dict:
 
 def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int) -> None:
     """The main process writes the grid; under FSDP2 every process samples it (forwards are collective)."""
-    from .atomic import save_png_atomic
+    from tdm_core.atomic import save_png_atomic
     from .validation import grid_image, validation_columns
 
     main = parts.accelerator.is_main_process
@@ -402,7 +404,7 @@ def run(cfg: DistillConfig) -> int:
 def report_movement(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape) -> None:
     """The run's final word (training.progress): how far the student moved, the loss trends, and a
     warning naming the flags to change when it barely moved or diverged; also written to summary.json."""
-    from .atomic import atomic_write
+    from tdm_core.atomic import atomic_write
     from .progress import final_word
 
     probe = new_probe(parts, cfg, prompts, latent_shape)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tdm_core.metadata import TDMInfo
-from training.atomic import atomic_write
+from tdm_core.atomic import atomic_write
 from training.models import STUDENT, TrainingInputError, adapter_state_dict, base_model_hash
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"

@@ -20,16 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from tdm_core import sample_tdm
+from tdm_core.progress import BARELY_MOVED, PROBE_SEED, PROBE_SIZE, relative_change, trend  # noqa: F401 (re-exported)
 
 from .models import STUDENT, use_adapter
 from .steps_aware import num_steps
 
-# probe_change below this: the LoRA does next to nothing. Measured at 500 steps (benchmarks/RESULTS_defaults.md):
-# the defaults moved the shapes teacher's student 16 % and the digits teacher's 14-17 %; the old defaults
-# (rank 32, lr 2e-5, cosine restarts, batch 1), which the issue found to learn nothing on an SD-style
-# teacher, moved the shapes student 3.5 % (LoRA |dW|/|W| 9e-4); the tiny test teacher at lr 1e-9 stays
-# below 0.1 % (tests/test_distill_run.py).
-BARELY_MOVED = 0.05
 # A loss whose last tenth averages DIVERGED_GROWTH times its first tenth after the warm-up marks a diverging run.
 # The fake-score loss is the one that shows it: the issue's run (--gradient-checkpointing training the fake score
 # through the student's adapter, an SD1.5-style teacher, 500 steps) went 0.04 -> 1.35, 34x, while healthy runs
@@ -41,8 +36,6 @@ BARELY_MOVED = 0.05
 # 2.4 by step 5): its loss is high from the first judged step on.
 DIVERGED_GROWTH = {"fake-score": 5.0, "student": 10.0}
 MIN_JUDGED_STEPS = 20  # logged steps after the warm-up before a trend is judged (two a tenth)
-PROBE_SEED = 4321  # its own generator: probing never changes the training draws
-PROBE_SIZE = 4
 
 
 def lora_delta(network: torch.nn.Module, adapter: str = STUDENT) -> float:
@@ -76,7 +69,7 @@ class Probe:
 
     def change(self, parts) -> float:
         student = _k_step_samples(parts, STUDENT, self.noise, self.cond, self.grid)
-        return float((student - self.teacher_samples).abs().mean() / self.teacher_samples.abs().mean().clamp(min=1e-8))
+        return relative_change(student, self.teacher_samples)
 
     def measure(self, parts) -> dict:
         return {"probe_change": self.change(parts), "lora_delta": lora_delta(parts.family.network)}
@@ -91,12 +84,6 @@ def _k_step_samples(parts, adapter, noise, cond, grid) -> torch.Tensor:
 
     with torch.no_grad(), use_adapter(family.network, adapter), num_steps(family.network, len(grid)):
         return sample_tdm(denoise, noise, grid, family.schedule, family.prediction_type)
-
-
-def trend(values: list[float]) -> tuple[float, float]:
-    """Mean of the first and of the last tenth (at least one value each) of a loss curve."""
-    n = max(1, len(values) // 10)
-    return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
 def growth(values: list[float], warmup_steps: int) -> float | None:

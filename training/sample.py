@@ -24,7 +24,7 @@ import torch
 from tdm_core import grids, releases, sample_tdm
 from tdm_core.lora_files import read_lora_file
 from tdm_core.metadata import TDMInfo
-from training.atomic import atomic_write
+from tdm_core.atomic import atomic_write
 from training.models import TrainingInputError, load_family
 from training.precision import WEIGHT_DTYPES, Precision
 

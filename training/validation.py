@@ -11,7 +11,7 @@ from tdm_core import reference_grid, sample_dpmpp_2m, sample_tdm
 from tdm_core.grids import diffusers_grid
 from tdm_core.training import teacher_cfg_x0
 
-from .atomic import save_png_atomic
+from tdm_core.atomic import save_png_atomic
 from .models import STUDENT, use_adapter
 from .steps_aware import num_steps
 

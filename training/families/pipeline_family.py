@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tdm_core.lora_targets import TRANSFORMER_BLOCK_TARGETS
 from tdm_core.schedules import FlowSchedule, VPSchedule
 
 from .base import Cond, cat_conditions, select_condition
@@ -38,7 +39,7 @@ class PipelineFamily:
     lora_layout = "kohya"  # or "peft" (training.lora_io): how the exported file names its tensors
     network_attribute = "unet"
     # attention and feed-forward projections of every transformer block: the usual LoRA targets
-    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    lora_target_modules = list(TRANSFORMER_BLOCK_TARGETS)
 
     def __init__(self, pipeline, device="cpu", dtype=torch.float32, source_path: str = ""):
         self.pipeline = pipeline.to(device=device, dtype=dtype)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or a kill never leaves a half-written file under the final name."""
+"""Atomic file writes: a crash or a kill never leaves a half-written file under the final name (host-free: the
+trainer, the benchmarks and the TDM Distill node write through it)."""
 from __future__ import annotations
 
 import os

@@ -1,0 +1,194 @@
+"""TDM distillation of a ComfyUI MODEL: the host side of ``tdm_core.iteration.tdm_iteration`` (the same
+iteration ``training.distill`` runs) for the TDM Distill node.
+
+The student and the fake score are two LoRAs on a clone of the MODEL (``distill_adapters``), the teacher
+is that clone with both off; the schedule is the MODEL's own (``distill_schedule``); the model is called
+through ComfyUI's sampling path (``distill_model``). Each adapter has its own AdamW (fp32 state, the
+trainer's betas, warm-up and gradient clipping); backward runs under the adapter whose loss it is, as
+checkpointed blocks are recomputed during backward with whatever adapter is active then.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch as checkpoint_forward, unpatch as plain_forward
+
+from .core_import import grids, iteration, learning_rates, progress, samplers
+from .distill_adapters import FAKE_SCORE, ROLES, STUDENT, TDMAdapters, add_tdm_adapters
+from .distill_conditions import batch_conditioning, processed_conds
+from .distill_model import comfy_denoisers
+from .distill_schedule import PREDICTION_TYPE, ComfySchedule, schedule_of
+
+sample_tdm = samplers.sample_tdm
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The node's choices; the defaults are the trainer's (``training.config``)."""
+
+    steps: int = 4  # K
+    iterations: int = 500
+    cfg: float = 2.0
+    rank: int = 16
+    alpha: Optional[float] = None  # None: the rank (scale 1)
+    fake_score_lr: Optional[float] = None  # None: tdm_core.learning_rates' scale-free default
+    student_lr: Optional[float] = None  # None: the fake-score rate / 5
+    batch_size: int = 4
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    total_steps: int = 900
+    max_grad_norm: float = 1.0
+    distance: str = "huber"
+
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def rates(self) -> dict:
+        fake = learning_rates.default_fake_score_lr(self.rank, self.lora_alpha()) if self.fake_score_lr is None else self.fake_score_lr
+        student = learning_rates.default_student_lr(fake) if self.student_lr is None else self.student_lr
+        return {FAKE_SCORE: fake, STUDENT: student}
+
+    def grid(self) -> list[int]:
+        return grids.reference_grid(self.steps, self.total_steps)
+
+    def settings(self) -> iteration.TDMSettings:
+        return iteration.TDMSettings(grid=tuple(self.grid()), prediction_type=PREDICTION_TYPE, total_steps=self.total_steps,
+                                     cfg_scale=self.cfg, distance=self.distance)
+
+
+def check_options(options: DistillOptions, num_prompts: int, has_negative: bool) -> None:
+    """Input checks that need no model; each message names the fix."""
+    if num_prompts < 1:
+        raise ValueError("no positive conditioning: connect CLIPTextEncode outputs (one per prompt) to positive")
+    if options.cfg < 1.0:
+        raise ValueError(f"cfg {options.cfg} must be at least 1 (1 = no guidance)")
+    if options.cfg != 1.0 and not has_negative:
+        raise ValueError(f"cfg {options.cfg} needs the teacher's unconditional pass: connect a CLIPTextEncode of an empty prompt "
+                         "to negative, or set cfg to 1")
+    if options.batch_size < 1 or options.iterations < 1:
+        raise ValueError("batch_size and iterations must be at least 1")
+    if options.total_steps // options.steps < 30:
+        raise ValueError(f"steps K={options.steps} is too many for {options.total_steps} timesteps: each step needs at least 30")
+
+
+def normal_tensors_(module: torch.nn.Module) -> None:
+    """ComfyUI loads models inside inference mode, and autograd cannot save an inference tensor for backward
+    (every layer keeps its weight to pass gradients to its input): swap each for a normal copy with the same
+    values, in place on the loaded model (the graph's other users see the same weights)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
+
+
+class Distiller:
+    """One distillation run on a clone of ``model``; ``positives`` is a list of ComfyUI conditionings (one per
+    prompt), ``negative`` the empty-prompt one (needed at cfg != 1), ``latent_shape`` the shape of one
+    training latent (its batch entry is replaced by ``options.batch_size``)."""
+
+    def __init__(self, model, positives: list, negative: Optional[list], latent_shape, options: DistillOptions):
+        check_options(options, len(positives), negative is not None)
+        self.options, self.positives, self.negative = options, positives, negative
+        self.schedule: ComfySchedule = schedule_of(model)
+        grids.check_grid(options.grid(), self.schedule.num_timesteps, self.schedule.flow)
+        self.latent_shape = (options.batch_size, *tuple(latent_shape)[1:])
+        self.patcher = model.clone()
+        rates = options.rates()
+        with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; trainable tensors must not be made there
+            self.adapters: TDMAdapters = add_tdm_adapters(self.patcher, options.rank, options.lora_alpha(), options.seed)
+            self.optimizers = {role: torch.optim.AdamW(self.adapters.parameters(role), lr=rates[role], betas=learning_rates.ADAMW_BETAS,
+                                                       weight_decay=0.0) for role in ROLES}
+            self.schedulers = {role: torch.optim.lr_scheduler.LambdaLR(opt, learning_rates.warmup_factor) for role, opt in self.optimizers.items()}
+        # every random draw of the run, in the trainer's order (prompts, noise, then tdm_core's)
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.loaded = False
+
+    # --- the model on the device, with the adapters' weight wrappers --------------------------------------
+    def load(self) -> None:
+        """Load the clone the way sampling does (weight patches of the graph's LoRAs applied, wrappers
+        installed); gradient checkpointing wraps the diffusion model's top blocks as TrainLoraNode does."""
+        self.patcher.model.requires_grad_(False)
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        normal_tensors_(self.patcher.model)
+        self.patcher.pre_run()
+        if self.options.gradient_checkpointing:
+            for module in find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model):
+                checkpoint_forward(module)
+        self.loaded = True
+
+    def release(self) -> None:
+        """Undo ``load``: plain forwards, the wrappers removed and the base weights restored."""
+        if not self.loaded:
+            return
+        for module in self.patcher.model.modules():
+            plain_forward(module)
+        self.patcher.cleanup()
+        self.patcher.detach(unpatch_all=True)
+        self.loaded = False
+
+    @property
+    def device(self):
+        return self.patcher.load_device
+
+    # --- the optimiser side of tdm_core.iteration ------------------------------------------------------------
+    def backward(self, role: str, loss: torch.Tensor) -> None:
+        with self.adapters.switch.use(role):
+            loss.backward()
+
+    def step(self, role: str) -> float:
+        params, optimizer = self.adapters.parameters(role), self.optimizers[role]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.schedulers[role].step()
+        return float(grad_norm)
+
+    def updates(self, norms: dict) -> iteration.TDMUpdates:
+        def step(role: str) -> None:
+            norms[role] = self.step(role)
+
+        return iteration.TDMUpdates(backward=self.backward, step=step)
+
+    # --- how far the student moved (tdm_core.progress's probe) ----------------------------------------------
+    def k_step_samples(self, role, rows: list[int], noise: torch.Tensor) -> torch.Tensor:
+        """K-step samples of the student (``STUDENT``) or of the teacher (``None``) on the conditional pass."""
+        denoisers = self.iteration_denoisers(rows, noise)
+        denoise = denoisers.student if role == STUDENT else (lambda x_t, t: denoisers.teacher(x_t, t)[0])
+        with torch.inference_mode(False), torch.no_grad():
+            return sample_tdm(denoise, noise, self.options.grid(), self.schedule.schedule, PREDICTION_TYPE)
+
+    def probe_change(self) -> float:
+        """The student's K-step samples against the teacher's on fixed noise and the first prompts
+        (tdm_core.progress): 0 for an untrained student."""
+        rows = list(range(min(progress.PROBE_SIZE, len(self.positives))))
+        noise = torch.randn((len(rows), *self.latent_shape[1:]), generator=torch.Generator().manual_seed(progress.PROBE_SEED)).to(self.device)
+        return progress.relative_change(self.k_step_samples(STUDENT, rows, noise), self.k_step_samples(None, rows, noise))
+
+    # --- one iteration -----------------------------------------------------------------------------------------
+    def iteration_denoisers(self, rows: list[int], noise: torch.Tensor) -> iteration.TDMDenoisers:
+        conditionings = {"positive": batch_conditioning(self.positives, rows), "negative": self.negative}
+        conds = processed_conds(self.patcher, conditionings, torch.zeros_like(noise), self.options.seed)
+        return comfy_denoisers(self.patcher, self.adapters, self.schedule, conds["positive"], conds.get("negative"), self.options.cfg)
+
+    def iterate(self) -> dict:
+        """One fake-score update and one student update on a batch of ``batch_size`` rows (prompts drawn,
+        then noise, then tdm_core's draws, all from the run's generator). Returns the losses and gradient norms."""
+        norms = {}
+        # ComfyUI runs nodes under inference mode: training needs autograd, so none of it runs there
+        with torch.inference_mode(False), torch.enable_grad():
+            if not self.loaded:
+                self.load()
+            rows = iteration.draw_prompt_rows(len(self.positives), self.latent_shape[0], self.generator)
+            noise = iteration.randn_on(self.latent_shape, self.generator, self.device)
+            losses = iteration.tdm_iteration(self.iteration_denoisers(rows, noise), self.schedule.schedule, self.options.settings(),
+                                             noise, self.generator, self.updates(norms))
+        return {"loss_fake": float(losses.fake_score), "loss_student": float(losses.student),
+                "grad_norm_fake": norms[FAKE_SCORE], "grad_norm_student": norms[STUDENT]}

@@ -1,0 +1,102 @@
+"""The TDM Distill node's run: the iterations (progress bar, Cancel between iterations), the student's LoRA
+written to ``models/loras`` with TDM metadata (atomically), the teacher with that LoRA applied, and a report
+that says plainly when the student did not learn."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from .comfy_sigmas import TDM_INFO_ATTACHMENT
+from .core_import import TDMInfo, atomic, progress
+from .distill import Distiller, DistillOptions
+from .distill_adapters import STUDENT
+from .distill_schedule import prediction_type_of
+from .lora_apply import FAMILY_OF_CONFIG
+
+LORA_EXTENSION = ".safetensors"
+
+
+@dataclass
+class DistillResult:
+    model: object  # the teacher with the student LoRA applied
+    lora: dict  # the student LoRA as a LORA_MODEL (stock SaveLoRA's input)
+    path: str  # where the LoRA file was written
+    report: str
+
+
+def lora_path(lora_name: str) -> str:
+    """``models/loras/<lora_name>.safetensors`` (the first loras folder ComfyUI lists)."""
+    name = lora_name.strip()
+    if name.endswith(LORA_EXTENSION):
+        name = name[: -len(LORA_EXTENSION)]
+    if not name or name.startswith(".") or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"lora_name {lora_name!r} must be a plain file name (no folders, not hidden), e.g. tdm_student")
+    return os.path.join(folder_paths.get_folder_paths("loras")[0], name + LORA_EXTENSION)
+
+
+def tdm_info(model, distiller: Distiller, iterations: int) -> TDMInfo:
+    options, schedule = distiller.options, distiller.schedule
+    return TDMInfo(num_steps=options.steps, grid=options.grid(), total_steps=options.total_steps, num_timesteps=schedule.num_timesteps,
+                   prediction_type=prediction_type_of(model), base_family=FAMILY_OF_CONFIG.get(type(model.model.model_config).__name__, ""),
+                   teacher_cfg=options.cfg, distance=options.distance, lora_rank=options.rank, lora_alpha=options.lora_alpha(),
+                   recommended_strength=1.0, training_steps=iterations,
+                   flow_shift=float(schedule.schedule.shift) if schedule.flow else None)
+
+
+def write_lora(state: dict, path: str, info: TDMInfo) -> str:
+    from safetensors.torch import save_file
+
+    with atomic.atomic_write(path) as temp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(temp), metadata=info.to_safetensors_metadata())
+    return path
+
+
+def check_finite(metrics: dict, iteration_number: int) -> None:
+    for key in ("loss_fake", "loss_student"):
+        if not math.isfinite(metrics[key]):
+            raise ValueError(f"the {key[5:]} loss became {metrics[key]} at iteration {iteration_number}: lower the learning rates "
+                             "(or keep the model in fp32) and queue again")
+
+
+def report(history: list[dict], change: float, options: DistillOptions, path: str) -> str:
+    rates = options.rates()
+    fake_start, fake_end = progress.trend([m["loss_fake"] for m in history])
+    student_start, student_end = progress.trend([m["loss_student"] for m in history])
+    text = (f"TDM Distill: {len(history)} iterations, K={options.steps}, cfg {options.cfg:g}, LoRA rank {options.rank}, "
+            f"learning rates fake score {rates['fake_score']:.3g} / student {rates['student']:.3g}, batch {options.batch_size}.\n"
+            f"student vs teacher: {options.steps}-step samples changed by {100 * change:.1f}%; fake-score loss {fake_start:.4g} -> "
+            f"{fake_end:.4g}, student loss {student_start:.4g} -> {student_end:.4g} (first vs last tenth).\nLoRA: {path}")
+    if change < progress.BARELY_MOVED:
+        text += (f"\nWARNING: the student did not learn: its samples moved less than {100 * progress.BARELY_MOVED:.0f}% from the "
+                 "teacher's, so this LoRA will do almost nothing. Raise iterations, the learning rates or the batch size.")
+    return text
+
+
+def distill(model, positives: list, negative, latent: dict, options: DistillOptions, lora_name: str) -> DistillResult:
+    """Distil ``model`` into a K-step student LoRA; Cancel stops between iterations (nothing is written)."""
+    path = lora_path(lora_name)
+    distiller = Distiller(model, positives, negative, latent["samples"].shape, options)
+    bar, history = comfy.utils.ProgressBar(options.iterations), []
+    try:
+        for number in range(1, options.iterations + 1):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            metrics = distiller.iterate()
+            check_finite(metrics, number)
+            history.append(metrics)
+            bar.update(1)
+        change = distiller.probe_change()
+    finally:
+        distiller.release()
+    lora, info = distiller.adapters.lora_state(STUDENT), tdm_info(model, distiller, options.iterations)
+    write_lora(lora, path, info)
+    student_model = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
+    student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
+    return DistillResult(student_model, lora, path, report(history, change, options, path))

@@ -1,0 +1,173 @@
+"""Issue 21: the TDM Distill node run in process on a tiny SD1.5 (ComfyUI's own classes, built and run under
+inference mode as ComfyUI's executor runs nodes): the LoRA it writes loads in stock LoraLoader with every
+key used, the MODEL it returns is the teacher + that file to 1e-4, the input model is left as it was, and the
+report says when the student did not learn. Parity with the trainer: tests/test_distill_node_parity.py."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.helpers import comfy_inprocess as h
+
+LATENT = {"samples": torch.zeros(1, 4, 8, 8)}
+
+
+@pytest.fixture(scope="module")
+def graph(comfy, pack):
+    """Teacher MODEL, prompt conditionings and the empty-prompt one, made with stock nodes."""
+    import nodes as comfy_nodes
+
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        model = h.build_model("sd15_eps", seed=21)
+        clip = h.build_clip()
+        encode = comfy_nodes.CLIPTextEncode().encode
+        positives = [encode(clip, text)[0] for text in ("a red cat", "a blue dog", "the sea at night")]
+        negative = encode(clip, "")[0]
+    return {"model": model, "positives": positives, "negative": negative}
+
+
+def run_node(graph, lora_name: str, iterations: int = 4, rate: float = 0.02, fake_rate: float | None = None, **extra):
+    """The node's execute with its inputs as lists (is_input_list), under inference mode like ComfyUI's executor."""
+    from comfyui_tdm_pack.nodes.node_defs import TDMDistill
+
+    inputs = dict(model=graph["model"], positive=graph["positives"], latent=LATENT, steps=4, iterations=iterations, cfg=2.0,
+                  lora_rank=4, fake_score_learning_rate=rate if fake_rate is None else fake_rate, student_learning_rate=rate, batch_size=2, seed=3,
+                  gradient_checkpointing=False, lora_name=lora_name, negative=graph["negative"])
+    inputs.update(extra)
+    with torch.inference_mode():
+        return TDMDistill.execute(**{k: [v] if k != "positive" else v for k, v in inputs.items()}).result
+
+
+def tdm_sample(model, graph, seed: int = 5):
+    from comfyui_tdm_pack.nodes.node_defs import TDMKSampler
+
+    with torch.inference_mode():
+        return TDMKSampler.execute(model, seed, 4, "reference", 1.0, graph["positives"][0], LATENT, 1.0).result[0]["samples"]
+
+
+def stock_lora_loader(model, name: str, caplog):
+    import nodes as comfy_nodes
+
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        loaded = comfy_nodes.LoraLoader().load_lora(model, None, name, 1.0, 0.0)[0]
+    skipped = [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage()]
+    return loaded, skipped
+
+
+def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(graph, lora_folder, caplog):
+    from dataclasses import asdict
+
+    from comfyui_tdm_pack.nodes.comfy_sigmas import tdm_info_of
+    from tdm_core.lora_files import read_lora_file
+    from tdm_core.metadata import TDMInfo
+
+    teacher_before = tdm_sample(graph["model"], graph)
+    # the fake score all but frozen: a LoRA file and MODEL of the wrong adapter would be the teacher's
+    student, lora, report = run_node(graph, "tiny_student", fake_rate=1e-12)
+    path = lora_folder / "tiny_student.safetensors"
+    state, metadata = read_lora_file(str(path))
+    assert set(state) == set(lora) and all(torch.equal(state[k], lora[k]) for k in state), "the file is not the LORA_MODEL output"
+    info = TDMInfo.from_safetensors_metadata(metadata)
+    # (the pack's tdm_core is its own package inside ComfyUI, so the classes differ: compare the fields)
+    assert asdict(tdm_info_of(student)) == asdict(info), "the MODEL does not carry the LoRA's TDM metadata for grid 'auto'"
+    assert (info.num_steps, info.grid, info.teacher_cfg, info.base_family, info.prediction_type) == (4, [899, 674, 449, 224], 2.0, "sd15", "epsilon")
+
+    loaded, skipped = stock_lora_loader(graph["model"], "tiny_student.safetensors", caplog)
+    assert not skipped, skipped
+    assert len(loaded.patches) == len(state) // 3, "LoraLoader patched fewer layers than the file has"
+    by_file = tdm_sample(loaded, graph)
+    by_node = tdm_sample(student, graph)
+    assert (by_node - by_file).abs().max() < 1e-4
+    assert (by_node - teacher_before).abs().max() > 1e-3, "the student never left the teacher: the equality above says nothing"
+    assert torch.equal(tdm_sample(graph["model"], graph), teacher_before), "distilling changed the input MODEL"
+    assert "changed by" in report and str(path) in report
+
+
+def test_the_report_says_when_the_student_did_not_learn(graph, lora_folder):
+    *_, report = run_node(graph, "frozen_student", iterations=2, rate=1e-12)
+    assert "did not learn" in report, report
+
+
+def test_missing_negative_at_cfg_above_one_names_the_fix(graph, lora_folder):
+    with pytest.raises(ValueError, match="connect a CLIPTextEncode of an empty prompt to negative"):
+        run_node(graph, "x", negative=None)
+
+
+def test_a_lora_name_with_folders_is_refused(graph, lora_folder):
+    with pytest.raises(ValueError, match="plain file name"):
+        run_node(graph, "../outside")
+
+
+def test_cancel_stops_between_iterations_and_writes_nothing(graph, lora_folder):
+    """Cancel (ComfyUI's interrupt flag) is checked before every iteration; the progress bar moves once per iteration."""
+    import comfy.model_management
+    import comfy.utils
+
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    interrupt_after = 2
+
+    def interrupting_probe(value, total, preview, node_id=None):
+        updates.append((value, total))
+        if value == interrupt_after:
+            comfy.model_management.interrupt_current_processing(True)
+
+    try:
+        run_node(graph, "complete", iterations=3)
+        assert updates == [(1, 3), (2, 3), (3, 3)]
+        comfy.utils.set_progress_bar_global_hook(interrupting_probe)
+        updates.clear()
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(graph, "cancelled", iterations=5)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert updates == [(1, 5), (2, 5)], "iterations ran after Cancel"
+    assert (lora_folder / "complete.safetensors").exists() and not (lora_folder / "cancelled.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind, shift", [("sd15_eps", None), ("sd15_v", None), ("sd3_flow", 6.0)])
+def test_the_student_trains_at_the_sigmas_the_tdm_scheduler_samples_at(tiny_model, pack, kind, shift):
+    """The node's schedule is the MODEL's own: at every grid timestep, the sigma it trains at is the one the
+    TDM Scheduler gives that MODEL (eps and v tables; a flow shift set in the graph with ModelSamplingSD3)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    from comfyui_tdm_pack.nodes.comfy_sigmas import sigmas_for_timesteps
+    from comfyui_tdm_pack.nodes.distill_schedule import schedule_of
+
+    model = tiny_model(kind)
+    if shift is not None:
+        model = ModelSamplingSD3().patch(model, shift)[0]
+    grid = [899, 674, 449, 224, 40]
+    sampled = sigmas_for_timesteps(model.get_model_object("model_sampling"), grid)[:-1]
+    trained = schedule_of(model).comfy_sigma(torch.tensor(grid))
+    torch.testing.assert_close(trained, sampled, rtol=1e-5, atol=0)
+
+
+def test_a_bf16_base_trains_fp32_loras_with_fp32_optimiser_state(comfy, pack):
+    """LoRA masters and AdamW state stay float32 under a bfloat16 base (small updates must not round away);
+    the losses stay those of the float32 base within bf16's precision."""
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+
+    positives = [h.conditioning("sd15_eps", seed=s) for s in (1, 2)]
+    negative = h.conditioning("sd15_eps", seed=3)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = h.build_model("sd15_eps", seed=21)
+        model.model.diffusion_model.to(dtype)
+        model.model.diffusion_model.dtype = dtype  # what ComfyUI's loader sets for a bf16 checkpoint
+        distiller = Distiller(model, positives, negative, LATENT["samples"].shape, DistillOptions(rank=4, batch_size=2))
+        try:
+            losses[dtype] = [distiller.iterate()["loss_fake"] for _ in range(2)]
+        finally:
+            distiller.release()
+        for role in ("student", "fake_score"):
+            params = distiller.adapters.parameters(role)
+            assert {p.dtype for p in params} == {torch.float32}
+            assert {s.dtype for p in params for s in distiller.optimizers[role].state[p].values() if s.ndim} == {torch.float32}
+        assert next(model.model.diffusion_model.parameters()).dtype == dtype
+    torch.testing.assert_close(torch.tensor(losses[torch.bfloat16]), torch.tensor(losses[torch.float32]), rtol=5e-2, atol=0)
