@@ -15,7 +15,7 @@ gradient is taken after the fake score's step, so a stale or wrongly trained fak
 - ``--no-batch-cfg``: the teacher's conditional and unconditional passes as two calls instead of one at 2B.
 - ``--gradient-accumulation-steps N`` at ``--batch-size B/N`` against ``--batch-size B`` (defect 5: the
   fake score stepped on the last micro-batch only, and each micro-batch drew its own prompts and times).
-- ``--use-8bit-adam`` against AdamW, where bitsandbytes is installed (it is not a dependency).
+- ``--use-8bit-adam`` against AdamW (bitsandbytes is in the test environment's lock, so CI runs it).
 
 Bounds (relative: ``||a - b|| / ||b||`` over all of an adapter's gradients, and per loss), ``BOUNDS``.
 The distance is squared L2 (``--distance l2``): the default element-wise pseudo-Huber with c = 1e-3 has a
@@ -43,7 +43,7 @@ teacher), so the rounding of any precision shows in it magnified.
   student gradient (SDXL), where bf16 against float32 moves it by 0.57. Under bf16 the fake-score
   gradient and the losses carry the check (the defects above move the fake-score gradient by 0.2-1.5);
   the student's bound only catches gross errors.
-- 8-bit AdamW (bitsandbytes, where it installs; not a dependency): the first step's gradients and moves are
+- 8-bit AdamW (bitsandbytes, pinned in scripts/requirements-lock.txt): the first step's gradients and moves are
   bit-identical to AdamW's (bitsandbytes updates from the unquantised state, then stores it in 8 bits);
   the second step reads the quantised second moment, and the adapters' moves over two steps differ by
   1.1e-2 (fake score) and 8e-4 (student), measured. ``ADAM8BIT_TOLERANCE = 5e-2``, 4x that; dropping the
@@ -228,7 +228,7 @@ EIGHT_BIT_RANK = 128
 
 
 def test_8bit_adamw_moves_the_adapters_as_adamw(step_of):
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (not a dependency): pip install bitsandbytes")
+    import bitsandbytes  # noqa: F401  (in the lock: a missing package fails here rather than skipping the check)
     # in float32 whatever TDM_TEST_AUTOCAST says: this compares optimisers (with a bf16 base on this CPU the
     # student's moves differ by 0.15 after two steps from identical first steps: measured, not investigated)
     eight_bit = step_of("sd15", steps=2, use_8bit_adam=True, lora_rank=EIGHT_BIT_RANK, mixed_precision="no")
