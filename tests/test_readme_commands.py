@@ -23,8 +23,8 @@ DDP, the shipped ``accelerate_fsdp2.yaml`` is FSDP2; ``tests/test_fsdp.py`` laun
 ``--config my_run.yaml`` a YAML of the SD1.5 command's model and prompts (the README says "same flags"). A command
 written twice (the README's DDP line) is replayed once.
 
-Model files that ComfyUI's templates name in scaled fp8 are written so (Wan's UMT5, Qwen-Image's Qwen2.5-VL); Flux's
-T5 is still the fp16 file (see the TODO in ``readme_replay._flux_files``).
+Model files that ComfyUI's templates name in scaled fp8 are written so (Flux's T5 as t5xxl_fp8_e4m3fn_scaled, Wan's
+UMT5, Qwen-Image's Qwen2.5-VL).
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ class DistillConfig:
     total_steps: int = _opt(900, "T of the reference grid t_i = T - 1 - i * (T // K) (900 as in the reference README)")
     max_train_steps: int = _opt(500, "number of student updates (one fake-score update each)")
     batch_size: int = _opt(8, "prompts per process per iteration (short of memory: lower it and raise --gradient-accumulation-steps, the product is what counts)")
-    gradient_accumulation_steps: int = _opt(1, "N: each step trains on batch-size x N prompts, run in N chunks of batch-size (the same step as one batch of that size, with the memory of batch-size)")
+    gradient_accumulation_steps: int = _opt(1, "N: each step trains on batch-size x N prompts, run in N chunks of batch-size (the same step as one batch of that size; the networks' activations are those of batch-size, the latents and prompt conditions of the whole batch)")
     cfg: float = _opt(2.0, "teacher classifier-free guidance scale w distilled into the student (METHOD.md default 2; the README run used 4.5)")
     distance: str = _opt("huber", "generator distance: l2, huber (element-wise, reference script) or huber_norm (per-sample norm, paper)")
     huber_c: Optional[float] = _opt(None, "pseudo-Huber c; default 1e-3 for huber, 0.00054*sqrt(dim) for huber_norm")
