@@ -10,7 +10,16 @@ from typing import Iterator
 
 
 def _umask() -> int:
-    umask = os.umask(0)
+    """The process umask, read without changing it where the kernel says it (Linux: /proc/self/status), since
+    setting it to read it back is process-wide and races with other threads (ComfyUI's server writes files too)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)  # elsewhere: set and restore
     os.umask(umask)
     return umask
 

@@ -39,3 +39,22 @@ def test_atomic_folder_that_fails_leaves_the_old_folder_and_no_temporary(tmp_pat
     with atomic_folder(tmp_path / "fresh" / "new") as temp:  # parents are created; no old folder to move aside
         (temp / "a.txt").write_text("a")
     assert (tmp_path / "fresh" / "new" / "a.txt").read_text() == "a"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="the umask is read from /proc on Linux only")
+def test_atomic_write_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    # setting the umask to read it back is process-wide: a file another thread of ComfyUI's server created in
+    # that window would get mode 0666. The mode of the written file is still the one a plain open() gives.
+    from tdm_core.atomic import write_text_atomic
+
+    umask = os.umask(0o027)
+    try:
+        def refuse(_mask):
+            raise AssertionError("os.umask was called")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        written = write_text_atomic(tmp_path / "x.txt", "x")
+        assert stat.S_IMODE(written.stat().st_mode) == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(umask)

@@ -155,7 +155,12 @@ def denoisers_for_rows(parts: LoopParts, cond: dict, null_cond: dict):
     """The denoisers of a row slice of the batch: the conditions of those rows (``null_cond``: at least as
     many rows as the largest slice, all alike)."""
 
+    null_rows = next(iter(null_cond.values())).shape[0] if null_cond else 0
+
     def for_rows(rows: slice) -> TDMDenoisers:
+        if null_cond and rows.stop - rows.start > null_rows:
+            raise ValueError(f"the unconditional condition has {null_rows} rows and a chunk needs {rows.stop - rows.start}: "
+                             "make it with family.null_condition(--batch-size)")
         return denoisers(parts, select_condition(cond, rows), select_condition(null_cond, slice(0, rows.stop - rows.start)))
 
     return for_rows
