@@ -268,3 +268,40 @@ def test_a_refused_text_encoder_stops_load_family_naming_the_file(tmp_path):
     _write(t5, tensors, {"_quantization_metadata": json.dumps({"layers": {"encoder.block.0.layer.0.SelfAttention.q": {"format": "nvfp4"}}})})
     with pytest.raises(TrainingInputError, match=r"t5xxl_fp16.safetensors quantises layers as nvfp4.*use the fp16 / bf16"):
         load_family(str(path), config_path=str(folder))
+
+
+# --- no library is patched while loading -------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["sd15", "sd3"])
+def test_the_all_in_one_loader_changes_nothing_in_diffusers(layout, tmp_path):
+    """The pipelines of the all-in-one checkpoints are built from read_weights' dequantised dict through the model
+    classes' own single-file converters: no diffusers attribute is replaced while they are (an earlier loader swapped
+    diffusers.loaders.single_file.load_single_file_checkpoint for the duration of from_single_file). Checked while
+    every module of the pipeline is constructed, through torch's global module-registration hook (nothing patched
+    here either), on a scaled-fp8 checkpoint, the case that needs the dequantised dict."""
+    import diffusers.loaders.single_file as single_file
+    import diffusers.loaders.single_file_model as single_file_model
+    import diffusers.loaders.single_file_utils as single_file_utils
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    from training.models import load_family
+
+    builder = _checkpoint("sd15", "v1-5-pruned-emaonly-fp16.safetensors") if layout == "sd15" else _sd3
+    folder, path = builder(tmp_path / "fp32")
+    given = convert_file(path, tmp_path / "ComfyUI" / "models" / "checkpoints" / f"{layout}_fp8_scaled.safetensors", "fp8_e4m3fn_scaled")
+    modules = (single_file, single_file_model, single_file_utils)
+    before = [dict(vars(module)) for module in modules]
+    checks, replaced = [], set()
+
+    def same_attributes(*_):
+        checks.append(1)
+        for module, attributes in zip(modules, before):
+            current = vars(module)
+            replaced.update(f"{module.__name__}.{name}" for name, value in attributes.items() if current.get(name) is not value)
+
+    handle = register_module_module_registration_hook(same_attributes)
+    try:
+        loaded = load_family(str(given), config_path=str(folder))
+    finally:
+        handle.remove()
+    assert loaded.name == layout and checks, "no module was constructed under the hook"
+    assert not replaced, f"diffusers attributes replaced while loading: {sorted(replaced)}"

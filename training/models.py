@@ -228,8 +228,7 @@ def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None
     weights = read_weights(path, dtype)  # ComfyUI's weight formats (fp8, fp8_scaled) dequantised, or refused by name
     with _offline():
         try:
-            return pipeline_from_state(_pipeline_class(family), path, weights, config=str(config), local_files_only=True,
-                                       torch_dtype=dtype, **extra)
+            return pipeline_from_state(_pipeline_class(family), weights, config, dtype, **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise TrainingInputError(
                 f"cannot convert {path} with the {family} config {config}: {err}. "

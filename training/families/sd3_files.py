@@ -10,8 +10,9 @@ The MMDiT's variant is read from the file (depth, width, SD3.5-Medium's MMDiT-X 
 query/key norms of SD3.5, the position-embedding size), so one shipped config serves all three:
 ``training/configs/sd3`` (SD3.5-Medium's pipeline: VAE, shift-3 flow scheduler, CLIP-L, CLIP-G, T5-XXL), or
 ``--model-config``, a diffusers folder of the same architecture. The MMDiT's weights are converted by diffusers'
-own SD3 converter, everything else by ``from_single_file``; every file's weight format (fp16, bf16, fp8, ComfyUI's
-fp8_scaled T5 of ``sd3.5_medium_incl_clips_t5xxlfp8scaled``) is read by ``weight_formats.read_weights`` first.
+own SD3 converter, everything else by diffusers' single-file converters (``weight_formats.pipeline_from_state``);
+every file's weight format (fp16, bf16, fp8, ComfyUI's fp8_scaled T5 of ``sd3.5_medium_incl_clips_t5xxlfp8scaled``)
+is read by ``weight_formats.read_weights`` first.
 """
 from __future__ import annotations
 
@@ -133,8 +134,7 @@ def load_sd3_file(path: Path, config_path: Path | None, dtype=torch.float32):
     components = {"transformer": _transformer(path, weights, config_dir, dtype), **_tokenizers(config_dir),
                   **_text_encoders(path, shapes, config_dir, dtype)}
     try:
-        return pipeline_from_state(StableDiffusion3Pipeline, path, weights, config=str(config_dir), local_files_only=True,
-                                   torch_dtype=dtype, **components)
+        return pipeline_from_state(StableDiffusion3Pipeline, weights, config_dir, dtype, **components)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise _input_error(f"cannot read {path.name} with the SD3 config {config_dir} ({err}): pass --model-config with the "
                            "diffusers config of this model") from err

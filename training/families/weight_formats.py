@@ -25,10 +25,8 @@ Refused by name, with what to use instead (never loaded wrong):
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -129,22 +127,54 @@ def read_weights(path: Path, dtype=torch.float32) -> dict[str, torch.Tensor]:
         raise _input_error(f"cannot read {path} as safetensors ({err}): pass an intact .safetensors file") from err
 
 
-@contextlib.contextmanager
-def _diffusers_reads(state: dict[str, torch.Tensor]) -> Iterator[None]:
-    """diffusers' pipeline ``from_single_file`` given ``state`` (already dequantised) for the file it would read: it
-    takes no state dict itself (its models' ``from_single_file`` do), and it reads the file with one module-level
-    function, ``load_single_file_checkpoint``, which is swapped for the duration."""
-    import diffusers.loaders.single_file as single_file
+def _component_from_state(name: str, library: str, class_name: str, state: dict[str, torch.Tensor], config: str, dtype):
+    """One pipeline component as diffusers' single-file loading makes it, from the dict ``state``: models through
+    their own converters (diffusers models' ``from_single_file``, which takes a state dict; diffusers' CLIP and T5
+    single-file builders for transformers' text encoders), everything without weights (scheduler, tokenizers) from
+    the config folder."""
+    import importlib
 
-    original = single_file.load_single_file_checkpoint
-    single_file.load_single_file_checkpoint = lambda *args, **kwargs: state
-    try:
-        yield
-    finally:
-        single_file.load_single_file_checkpoint = original
+    import diffusers
+    from diffusers.loaders.single_file_utils import (create_diffusers_clip_model_from_ldm, create_diffusers_t5_model_from_checkpoint,
+                                                     is_clip_model_in_single_file, is_t5_in_single_file)
+
+    module = getattr(diffusers.pipelines, library) if hasattr(diffusers.pipelines, library) else importlib.import_module(library)
+    cls = getattr(module, class_name)
+    common = {"config": config, "subfolder": name, "local_files_only": True}
+    if issubclass(cls, diffusers.FromOriginalModelMixin):
+        return cls.from_single_file(state, dtype=dtype, **common)
+    common["torch_dtype"] = dtype  # the name diffusers' text-encoder builders take
+    if library == "transformers" and issubclass(cls, torch.nn.Module):
+        if is_clip_model_in_single_file(cls, state):
+            return create_diffusers_clip_model_from_ldm(cls, checkpoint=state, **common)
+        if is_t5_in_single_file(state):
+            return create_diffusers_t5_model_from_checkpoint(cls, checkpoint=state, **common)
+    if issubclass(cls, torch.nn.Module):
+        raise ValueError(f"the checkpoint holds no {name} ({class_name}) diffusers can convert")
+    return cls.from_pretrained(config, subfolder=name, local_files_only=True)
 
 
-def pipeline_from_state(pipeline_class, path: Path, state: dict[str, torch.Tensor], **kwargs):
-    """``pipeline_class.from_single_file(path, **kwargs)`` on the dequantised ``state`` of ``path``."""
-    with _diffusers_reads(state):
-        return pipeline_class.from_single_file(str(path), **kwargs)
+def pipeline_from_state(pipeline_class, state: dict[str, torch.Tensor], config: Path, dtype, **components):
+    """``pipeline_class`` from the dequantised ``state`` of an all-in-one checkpoint (``read_weights``) and the
+    diffusers config folder ``config`` (its ``model_index.json`` names the components), as diffusers' pipeline
+    ``from_single_file`` builds it from a file, without reading any file's weights: each component not given in
+    ``components`` comes from ``_component_from_state``; the safety checker is never loaded (as in
+    ``from_single_file``), components the config marks null are None."""
+    import inspect
+
+    config = str(config)
+    index = pipeline_class.load_config(config)
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    arguments = {}
+    for name, value in index.items():
+        if name.startswith("_") or name not in accepted:
+            continue
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            arguments[name] = value  # requires_safety_checker, force_zeros_for_empty_prompt, ...
+        elif name in components:
+            arguments[name] = components[name]
+        elif value[0] is None or name == "safety_checker":
+            arguments[name] = None
+        else:
+            arguments[name] = _component_from_state(name, value[0], value[1], state, config, dtype)
+    return pipeline_class(**{**arguments, **{k: v for k, v in components.items() if k in accepted}})
