@@ -4,7 +4,9 @@ iteration ``training.distill`` runs) for the TDM Distill node.
 The student and the fake score are two LoRAs on a clone of the MODEL (``distill_adapters``), the teacher
 is that clone with both off; the schedule is the MODEL's own (``distill_schedule``); the model is called
 through ComfyUI's sampling path (``distill_model``). Each adapter has its own AdamW (fp32 state, the
-trainer's betas, warm-up and gradient clipping); backward runs under the adapter whose loss it is, as
+trainer's betas, warm-up and gradient clipping) and, under an fp16 base, its own loss scaler
+(``torch.amp.GradScaler``, as ``training.loop`` does): ComfyUI loads SD1.5 / SDXL UNets in fp16 on CUDA,
+where the backward of a mean loss underflows unscaled. Backward runs under the adapter whose loss it is, as
 checkpointed blocks are recomputed during backward with whatever adapter is active then.
 """
 from __future__ import annotations
@@ -107,6 +109,9 @@ class Distiller:
             self.optimizers = {role: torch.optim.AdamW(self.adapters.parameters(role), lr=rates[role], betas=learning_rates.ADAMW_BETAS,
                                                        weight_decay=0.0) for role in ROLES}
             self.schedulers = {role: torch.optim.lr_scheduler.LambdaLR(opt, learning_rates.warmup_factor) for role, opt in self.optimizers.items()}
+        # fp16 only: bf16 and fp32 have fp32's exponent range
+        self.scalers = ({role: torch.amp.GradScaler(self.device.type) for role in ROLES}
+                        if self.patcher.model_dtype() == torch.float16 else {})
         # every random draw of the run, in the trainer's order (prompts, noise, then tdm_core's)
         self.generator = torch.Generator().manual_seed(options.seed)
         self.loaded = False
@@ -140,13 +145,22 @@ class Distiller:
 
     # --- the optimiser side of tdm_core.iteration ------------------------------------------------------------
     def backward(self, role: str, loss: torch.Tensor) -> None:
+        scaler = self.scalers.get(role)
         with self.adapters.switch.use(role):
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
 
     def step(self, role: str) -> float:
-        params, optimizer = self.adapters.parameters(role), self.optimizers[role]
+        """Clip and step ``role``'s optimiser (fp16: unscale first; the scaler skips a step with inf/NaN
+        gradients and adapts its scale). Returns the gradient norm before clipping."""
+        params, optimizer, scaler = self.adapters.parameters(role), self.optimizers[role], self.scalers.get(role)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         self.schedulers[role].step()
         return float(grad_norm)

@@ -171,3 +171,49 @@ def test_a_bf16_base_trains_fp32_loras_with_fp32_optimiser_state(comfy, pack):
             assert {s.dtype for p in params for s in distiller.optimizers[role].state[p].values() if s.ndim} == {torch.float32}
         assert next(model.model.diffusion_model.parameters()).dtype == dtype
     torch.testing.assert_close(torch.tensor(losses[torch.bfloat16]), torch.tensor(losses[torch.float32]), rtol=5e-2, atol=0)
+
+
+def test_an_fp16_base_scales_each_adapters_loss_and_steps_with_unscaled_gradients(comfy, pack):
+    """ComfyUI loads SD1.5 / SDXL UNets in fp16 on CUDA, where the backward of a mean loss underflows unscaled:
+    under an fp16 base each adapter has its own GradScaler (scale in backward; unscale, clip, step, update).
+
+    On this tiny model (8x8 latents) nothing underflows even unscaled, so what is checked is that the scalers
+    are in the path: each scaled its role's loss, and the gradients its optimiser steps with are unscaled
+    (finite, non-zero, those of the fp32 base: a missing unscale_ would make them 65536 times larger).
+    Tolerances against fp32 (measured: losses 4e-4 relative, gradients 3e-3 (fake score) and 5e-2 (student)
+    of the largest entry): fp16 rounds each model output to ~5e-4 relative, the losses are means of those
+    (rtol 2e-3), and the student's gradient runs through the pseudo-Huber distance (c = 1e-3, the size of
+    that rounding) of a target built from three model outputs, which amplifies it (0.1 of the largest entry)."""
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+
+    positives = [h.conditioning("sd15_eps", seed=s) for s in (1, 2)]
+    negative = h.conditioning("sd15_eps", seed=3)
+    losses, grads = {}, {}
+    for dtype in (torch.float32, torch.float16):
+        model = h.build_model("sd15_eps", seed=21)
+        model.model.diffusion_model.to(dtype)
+        model.model.diffusion_model.dtype = dtype  # what ComfyUI's loader sets for an fp16 UNet
+        distiller = Distiller(model, positives, negative, LATENT["samples"].shape, DistillOptions(rank=4, batch_size=2))
+        assert set(distiller.scalers) == ({"student", "fake_score"} if dtype == torch.float16 else set())
+        grads[dtype] = {}
+        for role in ("student", "fake_score"):
+            params = distiller.adapters.parameters(role)
+
+            def record(_optimizer, _args, _kwargs, role=role, params=params, into=grads[dtype]):
+                into[role] = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.detach().flatten().float() for p in params])
+
+            distiller.optimizers[role].register_step_pre_hook(record)
+        try:
+            metrics = distiller.iterate()
+        finally:
+            distiller.release()
+        losses[dtype] = [metrics["loss_fake"], metrics["loss_student"]]
+        for role, scaler in distiller.scalers.items():
+            assert scaler._scale is not None, f"the {role} loss was not scaled"
+        assert set(grads[dtype]) == {"student", "fake_score"}, "an optimiser did not step (inf/NaN gradients skipped it)"
+        assert next(model.model.diffusion_model.parameters()).dtype == dtype
+    for role in ("student", "fake_score"):
+        fp16, fp32 = grads[torch.float16][role], grads[torch.float32][role]
+        assert torch.isfinite(fp16).all() and fp16.abs().max() > 0, role
+        assert (fp16 - fp32).abs().max() <= 0.1 * fp32.abs().max(), f"{role}: fp16 gradients are not fp32's"
+    torch.testing.assert_close(torch.tensor(losses[torch.float16]), torch.tensor(losses[torch.float32]), rtol=2e-3, atol=0)
