@@ -1,6 +1,6 @@
 """Issue 21: the TDM Distill node run in process on a tiny SD1.5 (ComfyUI's own classes, built and run under
 inference mode as ComfyUI's executor runs nodes): the LoRA it writes loads in stock LoraLoader with every
-key used, the MODEL it returns is the teacher + that file to 1e-4, the input model is left as it was, and the
+key used and is the student as the node trained it to 1e-4, the MODEL it returns is teacher + that file, the input model is left as it was, and the
 report says when the student did not learn. Parity with the trainer: tests/test_distill_node_parity.py."""
 from __future__ import annotations
 
@@ -58,7 +58,52 @@ def stock_lora_loader(model, name: str, caplog):
     return loaded, skipped
 
 
-def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(graph, lora_folder, caplog):
+def trained_student_probe(monkeypatch) -> dict:
+    """Patch ``Distiller.release`` to record, just before the node releases its model, the trained student as
+    the node trained it (the weight wrappers with the STUDENT switch on): its x0 on a fixed input."""
+    from comfyui_tdm_pack.nodes.distill import Distiller
+    from comfyui_tdm_pack.nodes.distill_adapters import STUDENT
+    from comfyui_tdm_pack.nodes.distill_conditions import batch_conditioning, processed_conds
+    from comfyui_tdm_pack.nodes.distill_model import model_x0
+
+    probe, release = {}, Distiller.release
+
+    def recording_release(self):
+        if self.loaded and "x0" not in probe:
+            rows = [0, 1]
+            x_t = torch.randn((2, *self.latent_shape[1:]), generator=torch.Generator().manual_seed(7)).to(self.device)
+            t = torch.tensor([674, 449])
+            conds = processed_conds(self.patcher, {"positive": batch_conditioning(self.positives, rows)}, torch.zeros_like(x_t), self.options.seed)
+            with torch.inference_mode(False), torch.no_grad(), self.adapters.switch.use(STUDENT):
+                x0 = model_x0(self.patcher, self.schedule, [conds["positive"]], x_t, t)[0]
+            probe.update(x0=x0, rows=rows, x_t=x_t, t=t, seed=self.options.seed, positives=self.positives)
+        release(self)
+
+    monkeypatch.setattr(Distiller, "release", recording_release)
+    return probe
+
+
+def x0_of_model(model, probe) -> torch.Tensor:
+    """The same x0 through a plain MODEL (no adapters), loaded the way sampling loads it."""
+    import comfy.model_management
+
+    from comfyui_tdm_pack.nodes.distill_conditions import batch_conditioning, processed_conds
+    from comfyui_tdm_pack.nodes.distill_model import model_x0
+    from comfyui_tdm_pack.nodes.distill_schedule import schedule_of
+
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
+        model.pre_run()
+        try:
+            conds = processed_conds(model, {"positive": batch_conditioning(probe["positives"], probe["rows"])}, torch.zeros_like(probe["x_t"]), probe["seed"])
+            return model_x0(model, schedule_of(model), [conds["positive"]], probe["x_t"], probe["t"])[0]
+        finally:
+            model.cleanup()
+
+
+def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(graph, lora_folder, caplog, monkeypatch):
+    """The file, loaded by stock LoraLoader on the teacher, is the student as the node trained it (its weight
+    wrappers, before release) to 1e-4: a wrong scale (alpha / rank), adapter or key in the file breaks it."""
     from dataclasses import asdict
 
     from comfyui_tdm_pack.nodes.comfy_sigmas import tdm_info_of
@@ -66,6 +111,7 @@ def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(g
     from tdm_core.metadata import TDMInfo
 
     teacher_before = tdm_sample(graph["model"], graph)
+    probe = trained_student_probe(monkeypatch)
     # the fake score all but frozen: a LoRA file and MODEL of the wrong adapter would be the teacher's
     student, lora, report = run_node(graph, "tiny_student", fake_rate=1e-12)
     path = lora_folder / "tiny_student.safetensors"
@@ -79,10 +125,13 @@ def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(g
     loaded, skipped = stock_lora_loader(graph["model"], "tiny_student.safetensors", caplog)
     assert not skipped, skipped
     assert len(loaded.patches) == len(state) // 3, "LoraLoader patched fewer layers than the file has"
-    by_file = tdm_sample(loaded, graph)
+    trained = probe["x0"]
+    teacher_x0 = x0_of_model(graph["model"], probe)
+    assert (x0_of_model(loaded, probe) - trained).abs().max() < 1e-4, "teacher + the file is not the student the node trained"
+    assert (trained - teacher_x0).abs().max() > 1e-3, "the student never left the teacher: the equality above says nothing"
+    # the MODEL output is teacher + that same file (what TDM KSampler samples)
     by_node = tdm_sample(student, graph)
-    assert (by_node - by_file).abs().max() < 1e-4
-    assert (by_node - teacher_before).abs().max() > 1e-3, "the student never left the teacher: the equality above says nothing"
+    assert (by_node - tdm_sample(loaded, graph)).abs().max() < 1e-4
     assert torch.equal(tdm_sample(graph["model"], graph), teacher_before), "distilling changed the input MODEL"
     assert "changed by" in report and str(path) in report
 
