@@ -11,7 +11,7 @@ cond / uncond its own way. Measured (CPU, fp32): losses 3e-7 relative, fake-scor
 gradients 1.7e-4 of their largest entry (the student's gradient runs through the pseudo-Huber distance with
 c = 1e-3 of x0 minus a target built from three model outputs, which amplifies rounding most). Tolerances:
 1e-5 on losses, 1e-3 on gradients. A wrong adapter or schedule moves them by 1e-4 .. 1 (losses) and 0.5 .. 1
-(gradients): see test_an_eps_model_read_as_v_breaks_parity and the README."""
+(gradients): see test_an_eps_model_read_as_v_breaks_parity and test_a_wrong_adapter_or_vp_table_breaks_parity."""
 from __future__ import annotations
 
 import pytest
@@ -118,9 +118,9 @@ def node_conditionings(family):
     return positives, [[family.encode_prompts([""])["encoder_hidden_states"].clone(), {}]]
 
 
-def run_both(teacher, root, model=None, **node_options):
+def run_both(teacher, root, model=None, tamper=None, **node_options):
     """The first iteration on both hosts; returns (trainer metrics, node metrics, gradients by role on each side
-    keyed by the trainer's names)."""
+    keyed by the trainer's names). ``tamper(distiller)``, if given, runs just before the node's iteration."""
     from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
     from training.distill import train_step
 
@@ -141,6 +141,8 @@ def run_both(teacher, root, model=None, **node_options):
         capture_gradients(parts.optimizers[role].optimizer, named, grads["trainer"][role])
         capture_gradients(distiller.optimizers[role], {n: node_parameter(distiller, role, *mapped(n)) for n in named}, grads["node"][role])
     trained = train_step(parts, cfg, list(PROMPTS), parts.family.null_condition(cfg.batch_size), latent_shape)
+    if tamper is not None:
+        tamper(distiller)
     try:
         node = distiller.iterate()
     finally:
@@ -164,13 +166,54 @@ def assert_parity(errors: dict) -> None:
     assert not too_far, f"node and trainer differ beyond tolerance (losses {LOSS_RTOL}, gradients {GRAD_RTOL}): {too_far}; all: {errors}"
 
 
+def checkpointed_modules(distiller) -> int:
+    """How many of the diffusion model's modules ComfyUI's gradient checkpointing patch has wrapped now."""
+    return sum(hasattr(m, "org_forward") for m in distiller.patcher.model.diffusion_model.modules())
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
 def test_first_iteration_matches_the_trainer(teacher, tmp_path, checkpointing):
-    trained, node, grads = run_both(teacher, tmp_path, gradient_checkpointing=checkpointing)
+    wrapped, seen = [], {}
+
+    def watch_backward(distiller):  # the checkpointing patch must be on while the losses back-propagate
+        seen["distiller"], backward = distiller, distiller.backward
+        distiller.backward = lambda role, loss: (wrapped.append(checkpointed_modules(distiller)), backward(role, loss))[-1]
+
+    trained, node, grads = run_both(teacher, tmp_path, tamper=watch_backward, gradient_checkpointing=checkpointing)
+    assert len(wrapped) == 2 and (min(wrapped) > 0 if checkpointing else max(wrapped) == 0), f"checkpointed modules at each backward: {wrapped}"
+    assert checkpointed_modules(seen["distiller"]) == 0, "release left modules checkpointed"
     assert all(g.abs().max() > 0 for role in ROLES for g in grads["trainer"][role].values() if g.ndim), "a LoRA got no gradient"
     errors = parity_errors(trained, node, grads)
     print("parity errors", errors)
     assert_parity(errors)
+
+
+def swap_adapters(distiller) -> None:
+    """The student's denoiser run through the fake score's LoRA and the other way round (the adapters are
+    randomised apart)."""
+    denoisers = distiller.iteration_denoisers
+
+    def swapped(rows, noise):
+        d = denoisers(rows, noise)  # type(d): the pack's own tdm_core class, not the top-level one
+        return type(d)(student=d.fake_score, fake_score=d.student, teacher=d.teacher)
+
+    distiller.iteration_denoisers = swapped
+
+
+def misread_vp_table(distiller) -> None:
+    """The VP table read from ComfyUI's sigmas as abar = 1 / (1 + sigma) (sigma not squared)."""
+    schedule = distiller.schedule
+    sigmas = distiller.patcher.get_model_object("model_sampling").sigmas.detach().double().cpu()
+    distiller.schedule = type(schedule)(type(schedule.schedule)(1.0 / (1.0 + sigmas)), flow=False)
+
+
+@pytest.mark.parametrize("tamper", [swap_adapters, misread_vp_table], ids=["adapters_swapped", "vp_table_misread"])
+def test_a_wrong_adapter_or_vp_table_breaks_parity(teacher, tmp_path, tamper):
+    """The parity assertion tells the two adapters apart and the right VP table from a misread one."""
+    errors = parity_errors(*run_both(teacher, tmp_path, tamper=tamper))
+    print("parity errors,", tamper.__name__, errors)
+    with pytest.raises(AssertionError, match="differ beyond tolerance"):
+        assert_parity(errors)
 
 
 def test_an_eps_model_read_as_v_breaks_parity(teacher, tmp_path):
