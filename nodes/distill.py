@@ -30,7 +30,9 @@ sample_tdm = samplers.sample_tdm
 
 @dataclass(frozen=True)
 class DistillOptions:
-    """The node's choices; the defaults are the trainer's (``training.config``)."""
+    """The node's choices; the defaults are the trainer's (``training.config``) except ``batch_size``: 4
+    against the trainer's 8, as the node shares the GPU with the rest of the graph and has no gradient
+    accumulation to fall back on when short of memory (raise it where memory allows)."""
 
     steps: int = 4  # K
     iterations: int = 500
@@ -91,6 +93,19 @@ def normal_tensors_(module: torch.nn.Module) -> None:
                     sub._buffers[name] = buffer.clone()
 
 
+def unload(patcher) -> None:
+    """Unload ``patcher`` as ComfyUI's ``free_memory`` does (``LoadedModel.model_unload``: weights unpatched,
+    moved to the offload device, and its entry dropped from ``current_loaded_models``), so ComfyUI's memory
+    bookkeeping does not count a model that is no longer loaded."""
+    loaded_models = comfy.model_management.current_loaded_models
+    for index, loaded in enumerate(loaded_models):
+        if loaded.model is patcher:
+            loaded.model_unload()
+            loaded_models.pop(index)
+            return
+    patcher.detach(unpatch_all=True)  # already evicted from the list (memory pressure): undo what is left
+
+
 class Distiller:
     """One distillation run on a clone of ``model``; ``positives`` is a list of ComfyUI conditionings (one per
     prompt), ``negative`` the empty-prompt one (needed at cfg != 1), ``latent_shape`` the shape of one
@@ -136,7 +151,7 @@ class Distiller:
         for module in self.patcher.model.modules():
             plain_forward(module)
         self.patcher.cleanup()
-        self.patcher.detach(unpatch_all=True)
+        unload(self.patcher)
         self.loaded = False
 
     @property

@@ -266,3 +266,24 @@ def test_an_fp16_base_scales_each_adapters_loss_and_steps_with_unscaled_gradient
         assert torch.isfinite(fp16).all() and fp16.abs().max() > 0, role
         assert (fp16 - fp32).abs().max() <= 0.1 * fp32.abs().max(), f"{role}: fp16 gradients are not fp32's"
     torch.testing.assert_close(torch.tensor(losses[torch.float16]), torch.tensor(losses[torch.float32]), rtol=2e-3, atol=0)
+
+
+def test_release_unloads_through_comfy_model_management(comfy, pack):
+    """After the run the distiller's model is gone from ComfyUI's ``current_loaded_models`` (its memory
+    bookkeeping), its weights back to the teacher's."""
+    import comfy.model_management
+
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+
+    model = h.build_model("sd15_eps", seed=21)
+    weights = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    distiller = Distiller(model, [h.conditioning("sd15_eps", seed=1)], h.conditioning("sd15_eps", seed=3), LATENT["samples"].shape,
+                          DistillOptions(rank=4, batch_size=1))
+    try:
+        distiller.iterate()
+        assert any(loaded.model is distiller.patcher for loaded in comfy.model_management.current_loaded_models)
+    finally:
+        distiller.release()
+    assert not any(loaded.model is distiller.patcher for loaded in comfy.model_management.current_loaded_models), \
+        "the released model is still in comfy.model_management.current_loaded_models"
+    assert all(torch.equal(v, weights[k]) for k, v in model.model.diffusion_model.state_dict().items())
