@@ -15,7 +15,7 @@ import comfy.utils
 import folder_paths
 
 from .comfy_sigmas import TDM_INFO_ATTACHMENT
-from .core_import import TDMInfo, atomic, progress
+from .core_import import TDMInfo, atomic, learning_rates, progress
 from .distill import Distiller, DistillOptions
 from .distill_adapters import STUDENT
 from .distill_schedule import prediction_type_of
@@ -74,6 +74,11 @@ def report(history: list[dict], change: float, options: DistillOptions, path: st
             f"learning rates fake score {rates['fake_score']:.3g} / student {rates['student']:.3g}, batch {options.batch_size}.\n"
             f"student vs teacher: {options.steps}-step samples changed by {100 * change:.1f}%; fake-score loss {fake_start:.4g} -> "
             f"{fake_end:.4g}, student loss {student_start:.4g} -> {student_end:.4g} (first vs last tenth).\nLoRA: {path}")
+    grown = progress.diverging({"fake-score": [m["loss_fake"] for m in history], "student": [m["loss_student"] for m in history]},
+                               learning_rates.LR_WARMUP_STEPS)
+    if grown:  # the trainer's rule (tdm_core.progress): a loss that grew several-fold after the warm-up
+        text += ("\nWARNING: the run diverged: " + ", ".join(f"the {name} loss grew {g:.1f}x" for name, g in grown.items())
+                 + ". Lower the learning rates and queue again.")
     if change < progress.BARELY_MOVED:
         text += (f"\nWARNING: the student did not learn: its samples moved less than {100 * progress.BARELY_MOVED:.0f}% from the "
                  "teacher's, so this LoRA will do almost nothing. Raise iterations, the learning rates or the batch size.")

@@ -141,6 +141,20 @@ def test_the_report_says_when_the_student_did_not_learn(graph, lora_folder):
     assert "did not learn" in report, report
 
 
+def test_the_report_flags_a_diverging_run_with_the_trainers_rule(pack):
+    # the rule is tdm_core.progress's, shared with training.distill (tests/test_run_divergence.py runs it for real):
+    # the fake-score curve (0.04 -> 1.35 over the run) is flagged, a flat one is not
+    from comfyui_tdm_pack.nodes.distill import DistillOptions
+    from comfyui_tdm_pack.nodes.distill_run import report
+
+    steps = 60
+    rising = [{"loss_fake": 0.04 * (1.35 / 0.04) ** (i / (steps - 1)), "loss_student": 0.01} for i in range(steps)]
+    flat = [{"loss_fake": 0.04, "loss_student": 0.01} for _ in range(steps)]
+    flagged = report(rising, 0.2, DistillOptions(iterations=steps), "x.safetensors")
+    assert "the run diverged" in flagged and "fake-score loss grew" in flagged, flagged
+    assert "diverged" not in report(flat, 0.2, DistillOptions(iterations=steps), "x.safetensors")
+
+
 def test_missing_negative_at_cfg_above_one_names_the_fix(graph, lora_folder):
     with pytest.raises(ValueError, match="connect a CLIPTextEncode of an empty prompt to negative"):
         run_node(graph, "x", negative=None)

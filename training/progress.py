@@ -20,22 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from tdm_core import sample_tdm
-from tdm_core.progress import BARELY_MOVED, PROBE_SEED, PROBE_SIZE, relative_change, trend  # noqa: F401 (re-exported)
+from tdm_core.progress import (  # noqa: F401 (re-exported)
+    BARELY_MOVED, DIVERGED_GROWTH, MIN_JUDGED_STEPS, PROBE_SEED, PROBE_SIZE, diverging, growth, relative_change, trend,
+)
 
 from .models import STUDENT, use_adapter
 from .steps_aware import num_steps
 
-# A loss whose last tenth averages DIVERGED_GROWTH times its first tenth after the warm-up marks a diverging run.
-# The fake-score loss is the one that shows it: the issue's run (--gradient-checkpointing training the fake score
-# through the student's adapter, an SD1.5-style teacher, 500 steps) went 0.04 -> 1.35, 34x, while healthy runs
-# stay flat: 0.9-1.7x on the tiny test teacher at 30-100 steps, at the default rates and at 25-500x them.
-# The student loss starts near 0 by design (the fake score starts as the teacher) and rises as the fake score
-# learns the student: 3.7x in a healthy 40-step tiny run, 6.9x at 100 steps; 12x at 80 steps and 14x at 100 with
-# the student rate at 250x the default (its LoRA ends 11x the norm of the weights it adapts). Neither rule sees
-# a run that blows up inside the warm-up (the digits teacher at 125x the student rate: fake-score loss 0.014 ->
-# 2.4 by step 5): its loss is high from the first judged step on.
-DIVERGED_GROWTH = {"fake-score": 5.0, "student": 10.0}
-MIN_JUDGED_STEPS = 20  # logged steps after the warm-up before a trend is judged (two a tenth)
 
 
 def lora_delta(network: torch.nn.Module, adapter: str = STUDENT) -> float:
@@ -86,20 +77,6 @@ def _k_step_samples(parts, adapter, noise, cond, grid) -> torch.Tensor:
         return sample_tdm(denoise, noise, grid, family.schedule, family.prediction_type)
 
 
-def growth(values: list[float], warmup_steps: int) -> float | None:
-    """How many times the last tenth's mean loss is the first tenth's, counted after the warm-up (whose losses
-    follow a learning rate still rising); None while too few steps are logged to judge."""
-    judged = values[warmup_steps:]
-    if len(judged) < MIN_JUDGED_STEPS:
-        return None
-    start, end = trend(judged)
-    return end / start if start > 0 else float("inf")
-
-
-def diverging(losses: dict[str, list[float]], warmup_steps: int) -> dict[str, float]:
-    """``{name: growth}`` of each loss curve that grew at least its ``DIVERGED_GROWTH``-fold."""
-    grown = {name: growth(values, warmup_steps) for name, values in losses.items()}
-    return {name: g for name, g in grown.items() if g is not None and g >= DIVERGED_GROWTH[name]}
 
 
 class LossWatch:
