@@ -19,7 +19,7 @@ import torch
 import comfy.model_management
 from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch as checkpoint_forward, unpatch as plain_forward
 
-from .core_import import grids, iteration, learning_rates, progress, samplers
+from .core_import import grids, iteration, learning_rates, optimiser, progress, samplers
 from .distill_adapters import FAKE_SCORE, ROLES, STUDENT, TDMAdapters, add_tdm_adapters
 from .distill_conditions import batch_conditioning, processed_conds
 from .distill_model import comfy_denoisers
@@ -167,18 +167,8 @@ class Distiller:
     def step(self, role: str) -> float:
         """Clip and step ``role``'s optimiser (fp16: unscale first; the scaler skips a step with inf/NaN
         gradients and adapts its scale). Returns the gradient norm before clipping."""
-        params, optimizer, scaler = self.adapters.parameters(role), self.optimizers[role], self.scalers.get(role)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        self.schedulers[role].step()
-        return float(grad_norm)
+        return float(optimiser.clip_and_step(self.adapters.parameters(role), self.optimizers[role], self.schedulers[role],
+                                             self.options.max_grad_norm, self.scalers.get(role)))
 
     def updates(self, norms: dict) -> iteration.TDMUpdates:
         def step(role: str) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tdm_core.iteration import TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration as core_iteration
+from tdm_core.optimiser import clip_and_step
 
 from .families.base import cat_conditions, select_condition
 from .models import FAKE_SCORE, STUDENT, use_adapter
@@ -106,16 +107,9 @@ def step(parts: LoopParts, adapter: str) -> Tensor:
     scaler, optimizer = parts.scalers.get(adapter), parts.optimizers[adapter]
     if parts.sharding is None:  # FSDP2 has reduce-scattered the gradients already
         average_gradients(parts.accelerator, parts.params[adapter])
-    if scaler is not None:
-        scaler.unscale_(optimizer.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parts.params[adapter], parts.max_grad_norm)
-    if scaler is not None:  # skips the step on inf/NaN gradients and adapts the scale
-        scaler.step(optimizer.optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    parts.schedulers[adapter].step()
+    # the loss scaler keys its state by the optimiser it unscaled: the torch optimiser inside accelerate's wrapper
+    grad_norm = clip_and_step(parts.params[adapter], optimizer.optimizer if scaler is not None else optimizer,
+                              parts.schedulers[adapter], parts.max_grad_norm, scaler)
     return replicated(grad_norm)  # FSDP2: the global norm comes as a DTensor
 
 
