@@ -15,7 +15,7 @@ import comfy.utils
 import folder_paths
 
 from .comfy_sigmas import TDM_INFO_ATTACHMENT
-from .core_import import TDMInfo, atomic, learning_rates, progress
+from .core_import import TDMInfo, learning_rates, lora_files, progress
 from .distill import Distiller, DistillOptions
 from .distill_adapters import STUDENT
 from .distill_schedule import prediction_type_of
@@ -52,11 +52,7 @@ def tdm_info(model, distiller: Distiller, iterations: int) -> TDMInfo:
 
 
 def write_lora(state: dict, path: str, info: TDMInfo) -> str:
-    from safetensors.torch import save_file
-
-    with atomic.atomic_write(path) as temp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(temp), metadata=info.to_safetensors_metadata())
-    return path
+    return lora_files.write_lora_file(state, path, info.to_safetensors_metadata())
 
 
 def check_finite(metrics: dict, iteration_number: int) -> None:

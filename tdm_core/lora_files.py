@@ -1,6 +1,8 @@
-"""Reading LoRA files, host-free: safetensors (tensors and header) or pickles through a weights-only load.
+"""Reading and writing LoRA files, host-free: safetensors (tensors and header) or pickles through a weights-only
+load; written atomically.
 
-Both hosts read the same files: the ComfyUI TDM LoRA Loader and ``training.convert``."""
+Both hosts read the same files (the ComfyUI TDM LoRA Loader and ``training.convert``) and write them the same way
+(``training.lora_io``, the TDM Distill node)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +10,8 @@ import pickle
 
 import torch
 from safetensors import safe_open
+
+from .atomic import atomic_write
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 POSITIONAL_KEY = "ema_parameters"  # the TDM-R1 release: {"ema_parameters": [tensor, ...]} in PEFT's parameter order
@@ -53,3 +57,13 @@ def positional_state(tensors, name: str) -> dict[str, torch.Tensor]:
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise ValueError(f"LoRA file '{name}' has a '{POSITIONAL_KEY}' list with entries that are not tensors: it is not a TDM-R1 file")
     return {f"{POSITIONAL_KEY}.{i}": t for i, t in enumerate(tensors)}
+
+
+def write_lora_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> str | os.PathLike:
+    """``tensors`` and the header ``metadata`` as a safetensors file at ``path``, through a temporary file in the
+    same folder renamed into place: a crash never leaves a half-written file."""
+    from safetensors.torch import save_file
+
+    with atomic_write(path) as temp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temp), metadata=metadata)
+    return path

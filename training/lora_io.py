@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tdm_core.metadata import TDMInfo
-from tdm_core.atomic import atomic_write
+from tdm_core.lora_files import write_lora_file
 from training.models import STUDENT, TrainingInputError, adapter_state_dict, base_model_hash
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -95,17 +95,13 @@ def renamed_modules(adapter_state: dict[str, torch.Tensor], rename) -> dict[str,
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write to a temporary file in the target folder, then rename: a crash never leaves a half file."""
-    from safetensors.torch import save_file
-
+    """``tdm_core.lora_files.write_lora_file`` (temporary file, then rename) after checking the output name."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise TrainingInputError(f"output {path} must end in .safetensors: e.g. ComfyUI/models/loras/my_tdm.safetensors")
     if path.is_dir():
         raise TrainingInputError(f"output {path} is a folder: give a file name ending in .safetensors")
-    with atomic_write(path) as temp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temp), metadata=metadata)
-    return path
+    return write_lora_file(tensors, path, metadata)
 
 
 def export_student_lora(family, path: str | os.PathLike, info: TDMInfo, dtype=None, base_hash: str | None = None) -> Path:
