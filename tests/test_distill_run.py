@@ -55,7 +55,10 @@ def test_run_writes_lora_with_metadata_log_checkpoints_and_validation_grid(teach
     assert all(torch.isfinite(torch.tensor(entry["loss_fake"])) and entry["grad_norm_student"] > 0 for entry in log)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002", "step-00000003"]
     grid = Image.open(run_dir / "validation" / "step-00000003.png")
-    assert grid.size == (4 * 16, 2 * 16)  # teacher + student at 1, 2, 4 steps; one row per prompt
+    # teacher + student at 1, 2, 4 steps, one row per prompt; below, the probe's per-step fidelity as text (issue 22)
+    assert grid.width >= 4 * 16 and grid.height > 2 * 16 + 3 * 10
+    caption = grid.crop((0, 2 * 16, grid.width, grid.height)).convert("L")
+    assert caption.getextrema()[0] < 64 and caption.getextrema()[1] == 255, "no caption text below the grid"
     assert not list(output.parent.glob(".*")), "temporary files left beside the LoRA"
     # ComfyUI lists every file with these extensions under models/loras as a LoRA (folder_paths.py)
     model_files = [p for p in output.parent.rglob("*") if p.suffix in {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}]
@@ -258,6 +261,13 @@ def test_a_run_that_learns_nothing_says_so(teacher, tmp_path, capsys):
     assert summary["barely_moved"] and summary["probe_change"] < 1e-3
     log = [json.loads(line) for line in (tmp_path / "still_run" / "log.jsonl").read_text().splitlines()]
     assert all("probe_change" in entry and "lora_delta" in entry for entry in log)
+    # issue 22: per-step fidelity in the log and the summary; an untrained fake score is the teacher, so its
+    # denoising error equals the teacher's and the distribution-matching term is ~0 against guidance
+    for steps in [entry["fidelity"] for entry in log] + [summary["fidelity"]]:
+        assert [e["t"] for e in steps] == [899, 449]
+        for e in steps:
+            assert e["fake_score_error"] == pytest.approx(e["teacher_error"], rel=1e-3) and e["dm_to_cfg"] < 1e-3
+    assert "per step, on the probe" in captured.err and "grows most at step" in captured.err
 
 
 def test_a_run_that_learns_reports_its_movement_without_a_warning(teacher, tmp_path, capsys):
@@ -270,3 +280,7 @@ def test_a_run_that_learns_reports_its_movement_without_a_warning(teacher, tmp_p
     assert not summary["barely_moved"] and summary["probe_change"] > BARELY_MOVED and summary["lora_delta"] > 0
     log = [json.loads(line) for line in (tmp_path / "moved_run" / "log.jsonl").read_text().splitlines()]
     assert "probe_change" in log[-1]  # the last step is always probed
+    # a trained fake score tracks the student, not the teacher: its error and the DM term move off the teacher's
+    last = summary["fidelity"]
+    assert len(last) == 2 and any(abs(e["fake_score_error"] - e["teacher_error"]) > 1e-3 and e["dm_to_cfg"] > 1e-2 for e in last)
+    assert "per step, on the probe" in captured.out

@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -186,9 +187,20 @@ class RunLog:
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tensorboard is not None:
-            for key, value in metrics.items():
-                if value is not None:
-                    self.tensorboard.add_scalar(key, value, step)
+            for key, value in scalars(metrics).items():
+                self.tensorboard.add_scalar(key, value, step)
+
+
+def scalars(metrics: dict) -> dict:
+    """The metrics as TensorBoard scalars: the per-step fidelity list becomes ``fidelity/step<i>/<measure>``."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            for i, entry in enumerate(value, start=1):
+                flat.update({f"{key}/step{i}/{name}": v for name, v in entry.items() if name != "t" and v is not None})
+        elif value is not None:
+            flat[key] = value
+    return flat
 
 
 def draw_prompt_batch(prompts: list[str], batch_size: int, generator: torch.Generator) -> list[str]:
@@ -203,8 +215,10 @@ def encode(family, prompts: list[str]) -> dict:
         raise ConfigError(f"the {family.name} model cannot use a prompt of --prompts: {err}") from err
 
 
-def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int) -> None:
-    """The main process writes the grid; under FSDP2 every process samples it (forwards are collective)."""
+def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int, fidelity: Optional[list] = None) -> None:
+    """The main process writes the grid, captioned with the probe's latest per-step fidelity; under FSDP2 every
+    process samples it (forwards are collective)."""
+    from tdm_core.fidelity import fidelity_table
     from tdm_core.atomic import save_png_atomic
     from .validation import grid_image, validation_columns
 
@@ -217,7 +231,9 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
                                          cfg.resolution, parts.accelerator.device, parts.grid, cfg.total_steps, parts.cfg_scale,
                                          cfg.teacher_validation_steps)
         if main:
-            save_png_atomic(grid_image(columns), cfg.run_dir() / "validation" / f"step-{step:08d}.png")
+            caption = ("columns: teacher, student at 1, 2, 4 steps. Per student step vs the teacher's ODE (step " + str(step) + "):\n"
+                       + fidelity_table(fidelity)) if fidelity else ""
+            save_png_atomic(grid_image(columns, caption), cfg.run_dir() / "validation" / f"step-{step:08d}.png")
     parts.accelerator.wait_for_everyone()
 
 
@@ -302,7 +318,8 @@ def new_probe(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_s
 
     if not parts.accelerator.is_main_process and parts.sharding is None:
         return None
-    return Probe.build(parts, encode(parts.family, prompts[:PROBE_SIZE]), latent_shape, cfg.trajectory_grid())
+    chosen = prompts[:PROBE_SIZE]
+    return Probe.build(parts, encode(parts.family, chosen), parts.family.null_condition(len(chosen)), latent_shape, cfg.trajectory_grid())
 
 
 def measure_movement(parts: LoopParts, probe) -> dict:
@@ -310,7 +327,7 @@ def measure_movement(parts: LoopParts, probe) -> dict:
         return probe.measure(parts)
     from .sharding import lora_delta
 
-    return {"probe_change": probe.change(parts), "lora_delta": lora_delta(parts, STUDENT)}
+    return {"probe_change": probe.change(parts), "lora_delta": lora_delta(parts, STUDENT), "fidelity": probe.fidelity(parts)}
 
 
 def train_step(parts: LoopParts, cfg: DistillConfig, prompts: list[str], null_cond: dict, latent_shape) -> dict:
@@ -361,7 +378,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
             write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
             saved_at = step
         if cfg.validate_every and step % cfg.validate_every == 0:
-            validate_now(parts, cfg, prompts, step)
+            validate_now(parts, cfg, prompts, step, movement.get("fidelity"))
     bar.close()
     if saved_at != step:
         write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)

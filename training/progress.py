@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from tdm_core import sample_tdm
+from tdm_core.fidelity import drifting_step, fidelity_table, step_fidelity, teacher_ode_points
+from tdm_core.iteration import TDMSettings
 from tdm_core.progress import (  # noqa: F401 (re-exported)
     BARELY_MOVED, DIVERGED_GROWTH, MIN_JUDGED_STEPS, PROBE_SEED, PROBE_SIZE, diverging, growth, relative_change, trend,
 )
 
+from .loop import denoisers
 from .models import STUDENT, use_adapter
 from .steps_aware import num_steps
 
@@ -44,26 +47,44 @@ def lora_delta(network: torch.nn.Module, adapter: str = STUDENT) -> float:
 
 @dataclass
 class Probe:
-    """Fixed noise and conditions, and the teacher's K-step samples from them."""
+    """Fixed noise and conditions, the teacher's K-step samples from them, and its guided ODE at the student's
+    times (tdm_core.fidelity: neither changes during a run, so both are made once)."""
 
     noise: torch.Tensor
     cond: dict
+    null_cond: dict
     grid: list  # the exported LoRA's grid (steps-aware: the largest K's)
     teacher_samples: torch.Tensor
+    teacher_points: list
 
     @classmethod
-    def build(cls, parts, cond: dict, latent_shape, grid: list) -> "Probe":
+    def build(cls, parts, cond: dict, null_cond: dict, latent_shape, grid: list) -> "Probe":
         batch = next(iter(cond.values())).shape[0]
         gen = torch.Generator().manual_seed(PROBE_SEED)
         noise = torch.randn((batch, *latent_shape[1:]), generator=gen).to(parts.accelerator.device)
-        return cls(noise, cond, list(grid), _k_step_samples(parts, None, noise, cond, grid))
+        teacher = denoisers(parts, cond, null_cond).teacher
+        with use_adapter(parts.family.network, None):
+            points = teacher_ode_points(teacher, noise, _settings(parts, grid), parts.family.schedule)
+        return cls(noise, cond, null_cond, list(grid), _k_step_samples(parts, None, noise, cond, grid), points)
 
     def change(self, parts) -> float:
         student = _k_step_samples(parts, STUDENT, self.noise, self.cond, self.grid)
         return relative_change(student, self.teacher_samples)
 
+    def fidelity(self, parts) -> list[dict]:
+        """Per student step (tdm_core.fidelity): how far the student's points are from the teacher's ODE, the fake
+        score's and the teacher's denoising error on the student's predictions, the DM-to-CFG ratio."""
+        with num_steps(parts.family.network, len(self.grid)):
+            return step_fidelity(denoisers(parts, self.cond, self.null_cond), self.noise, _settings(parts, self.grid),
+                                 parts.family.schedule, self.teacher_points)
+
     def measure(self, parts) -> dict:
-        return {"probe_change": self.change(parts), "lora_delta": lora_delta(parts.family.network)}
+        return {"probe_change": self.change(parts), "lora_delta": lora_delta(parts.family.network), "fidelity": self.fidelity(parts)}
+
+
+def _settings(parts, grid: list) -> TDMSettings:
+    return TDMSettings(grid=tuple(grid), prediction_type=parts.family.prediction_type, total_steps=parts.total_steps,
+                       cfg_scale=parts.cfg_scale)
 
 
 def _k_step_samples(parts, adapter, noise, cond, grid) -> torch.Tensor:
@@ -109,6 +130,17 @@ def divergence_warning(grown: dict[str, float], cfg) -> str:
             f"later ones under the run's checkpoints folder, then --resume) with lower rates.")
 
 
+def fidelity_text(steps: list[dict]) -> str:
+    """The per-step fidelity table of the run's final word, with the step whose gap to the teacher grows most."""
+    text = ("\nper step, on the probe (tdm_core.fidelity): the student's point after each step vs the teacher's guided ODE "
+            "from the same noise (paired / per-channel moments, relative), the fake score's and the teacher's denoising "
+            "error on the student's prediction, and the distribution-matching to guidance ratio:\n" + fidelity_table(steps))
+    worst = drifting_step(steps)
+    if worst is not None:
+        text += f"\nthe gap to the teacher grows most at step {worst} of {len(steps)}"
+    return text
+
+
 def final_word(movement: dict, fake_losses: list[float], student_losses: list[float], cfg) -> tuple[str, bool, bool]:
     """The run's closing summary, whether the student barely moved and whether the run diverged (the text then
     says what to change)."""
@@ -117,6 +149,8 @@ def final_word(movement: dict, fake_losses: list[float], student_losses: list[fl
     text = (f"student vs teacher: probe samples changed by {100 * movement['probe_change']:.1f}% "
             f"(LoRA |dW|/|W| = {movement['lora_delta']:.2e}); fake-score loss {fake_start:.4g} -> {fake_end:.4g}, "
             f"student loss {student_start:.4g} -> {student_end:.4g} (first vs last tenth of the run)")
+    if movement.get("fidelity"):
+        text += fidelity_text(movement["fidelity"])
     barely = movement["probe_change"] < BARELY_MOVED
     if barely:
         text += (f"\nwarning: the student barely moved from the teacher (probe change below {100 * BARELY_MOVED:.0f}%): "
