@@ -23,7 +23,7 @@ from comfy_extras.nodes_train import find_all_highest_child_module_with_forward,
 from .core_import import grids, iteration, learning_rates, optimiser, progress, samplers
 from .distill_adapters import FAKE_SCORE, ROLES, STUDENT, TDMAdapters, add_tdm_adapters
 from .distill_conditions import batch_conditioning, processed_conds
-from .distill_inplace import protect_norm_inputs, remove_hooks
+from .distill_inplace import copy_block_inputs, protect_norm_inputs, remove_hooks, restore_block_inputs
 from .distill_model import comfy_denoisers
 from .distill_schedule import PREDICTION_TYPE, ComfySchedule, schedule_of
 
@@ -152,6 +152,7 @@ class Distiller:
         self.hooks = protect_norm_inputs(self.patcher.model.diffusion_model)
         if self.options.gradient_checkpointing:
             for module in find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model):
+                copy_block_inputs(module)  # recomputed from inputs it must not have added into (Flux's in-place residuals)
                 checkpoint_forward(module)
         self.loaded = True
 
@@ -161,6 +162,7 @@ class Distiller:
             return
         for module in self.patcher.model.modules():
             plain_forward(module)
+            restore_block_inputs(module)
         remove_hooks(self.hooks)
         self.patcher.cleanup()
         unload(self.patcher)
