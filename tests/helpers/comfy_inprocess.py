@@ -265,6 +265,19 @@ def raw_denoiser(model, kind: str, cond, schedule):
     return denoise
 
 
+def build_wan_vae(seed: int = 3):
+    """A ComfyUI VAE (``comfy.sd.VAE``) over ComfyUI's Wan 2.1 VAE class at width 8 with random weights, detected
+    from its state dict as a real Wan 2.1 VAE file is (16 latent channels, 8x spatial and 4x temporal downscale)."""
+    setup_comfy()
+    import comfy.ldm.wan.vae
+    import comfy.sd
+
+    net = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True])
+    fill_random_(net, seed)
+    return comfy.sd.VAE(sd=net.state_dict())
+
+
 def set_lora_folder(folder: str) -> None:
     """Make ``folder`` the only ``models/loras`` folder ComfyUI lists."""
     import folder_paths
