@@ -230,3 +230,25 @@ def test_the_node_trains_at_the_models_own_sigma_for_each_timestep(comfy, pack, 
         expected = sampling.sigma(t)
     trained = schedule_of(model).comfy_sigma(timesteps)
     torch.testing.assert_close(trained.double(), expected.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan21"])
+def test_a_bf16_dit_trains_fp32_loras(comfy, pack, kind):
+    """ComfyUI loads Flux and Wan in bf16: the node trains on such a base with float32 LoRA masters and AdamW state
+    (updates smaller than bf16's step must not round away), and both adapters get finite, non-zero gradients."""
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+
+    model = h.build_model(kind, seed=21, dtype=torch.bfloat16)
+    assert model.model.get_dtype() == torch.bfloat16
+    positives = [h.conditioning(kind, seed=s) for s in (1, 2)]
+    distiller = Distiller(model, positives, h.conditioning(kind, seed=3), h.tiny_latent(kind).shape, DistillOptions(rank=4, batch_size=2))
+    try:
+        with torch.inference_mode():
+            metrics = [distiller.iterate() for _ in range(2)]
+    finally:
+        distiller.release()
+    for role in ("student", "fake_score"):
+        params = distiller.adapters.parameters(role)
+        assert {p.dtype for p in params} == {torch.float32}
+        assert {s.dtype for p in params for s in distiller.optimizers[role].state[p].values() if s.ndim} == {torch.float32}
+    assert all(math.isfinite(m[k]) and m[k] > 0 for m in metrics for k in ("loss_fake", "loss_student", "grad_norm_fake", "grad_norm_student"))

@@ -163,7 +163,7 @@ def fill_random_(module: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float32))
 
 
-def model_config(kind: str):
+def model_config(kind: str, dtype: torch.dtype = torch.float32):
     import comfy.supported_models
 
     if kind in ("sd15_eps", "sd15_v"):
@@ -179,19 +179,20 @@ def model_config(kind: str):
             config.unet_config.update(num_heads=1, num_head_channels=-1)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     return config
 
 
-def build_model(kind: str, seed: int = 0, diffusion_state_dict: dict | None = None):
+def build_model(kind: str, seed: int = 0, diffusion_state_dict: dict | None = None, dtype: torch.dtype = torch.float32):
     """A ComfyUI MODEL (ModelPatcher over a real ``comfy.model_base`` model) with tiny random weights:
-    ``sd15_eps``, ``sd15_v`` (SD1.5 layout, v-prediction) or ``sd3_flow`` (MMDiT, flow, shift 3)."""
+    ``sd15_eps``, ``sd15_v`` (SD1.5 layout, v-prediction), ``sd3_flow`` (MMDiT, flow, shift 3), ``flux`` or one of
+    ``TINY_ARCHITECTURES`` (SDXL, Flux.2, Z-Image, Qwen-Image, Wan 2.1 T2V / I2V, Wan 2.2 5B, HunyuanVideo 1.5)."""
     setup_comfy()
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
 
-    config = model_config(kind)
+    config = model_config(kind, dtype)  # bf16 / fp16: built as ComfyUI builds a checkpoint of that dtype
     if kind == "sd15_v":
         base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     else:
