@@ -2,7 +2,7 @@
 ``comfy.supported_models`` classes at toy widths, random weights), run as ComfyUI's executor runs it. For each: an
 iteration runs, the LoRA file loads in stock LoraLoader with no key skipped, and teacher + that file is the
 student as the node trained it to 1e-4. Conditionings made by stock nodes: Wan image-to-video's concat latent and
-mask (``WanImageToVideo`` with a tiny real Wan 2.1 VAE), Qwen-Image-Edit's ``ReferenceLatent``, Flux guidance.
+mask (``WanImageToVideo`` with a tiny real Wan 2.1 VAE), Qwen-Image-Edit's and Flux Kontext's ``ReferenceLatent``, Flux guidance.
 The schedule tests fail when the node reads the wrong sigma for a timestep (e.g. ignores a shift)."""
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ MOVED = 1e-4  # the student must have left the teacher by more than the toleranc
 CASES = {
     "sd15": "sd15_eps", "sdxl": "sdxl", "sd3": "sd3_flow", "flux1": "flux", "flux2": "flux2", "z_image": "z_image",
     "qwen_image": "qwen_image", "wan21_t2v": "wan21", "wan22_5b": "wan22_5b", "wan_i2v": "wan_i2v",
-    "qwen_image_edit": "qwen_image", "hunyuan_video15": "hunyuan_video15",
+    "qwen_image_edit": "qwen_image", "flux1_kontext": "flux", "hunyuan_video15": "hunyuan_video15",
 }
+# the reference latent of an edit case, as VAEEncode gives it (Qwen-Image's VAE latent has a frame axis)
+REFERENCE_SHAPE = {"qwen_image_edit": (1, 16, 1, 8, 8), "flux1_kontext": (1, 16, 8, 8)}
 
 
 def wan_i2v(positives: list, negative: list, start_image: torch.Tensor) -> tuple:
@@ -54,12 +56,17 @@ def case_graph(case: str) -> dict:
     negative = h.conditioning(kind, seed=3)
     latent = h.tiny_latent(kind, size=8, frames=2)
     g = torch.Generator().manual_seed(9)
+    if kind in ("flux", "flux2"):  # stock FluxGuidance, a different distilled guidance than the encoder's default
+        from comfy_extras.nodes_flux import FluxGuidance
+
+        positives = [FluxGuidance.execute(c, 2.5).result[0] for c in positives]
     if case == "wan_i2v":  # one start image for every prompt
         positives, negative, latent = wan_i2v(positives, negative, torch.rand(1, 64, 64, 3, generator=g))
         assert "concat_latent_image" in positives[0][0][1] and "concat_mask" in negative[0][1]
-    if case == "qwen_image_edit":  # a different reference image per prompt (an edit data set)
-        positives = [reference_latent(c, torch.randn(1, 16, 1, 8, 8, generator=g)) for c in positives]
-        negative = reference_latent(negative, torch.zeros(1, 16, 1, 8, 8))
+    if case in REFERENCE_SHAPE:  # a different reference image per prompt (an edit data set)
+        shape = REFERENCE_SHAPE[case]
+        positives = [reference_latent(c, torch.randn(shape, generator=g)) for c in positives]
+        negative = reference_latent(negative, torch.zeros(shape))
     return {"model": model, "positives": positives, "negative": negative, "latent": {"samples": latent}, "kind": kind}
 
 
@@ -85,7 +92,7 @@ def test_the_node_distils_the_architecture_and_its_lora_loads_in_stock_loraloade
     assert moved > MOVED, f"{case}: the student never left the teacher ({moved:.2e}): the equality above says nothing"
 
 
-@pytest.mark.parametrize("case", ["wan_i2v", "qwen_image_edit"])
+@pytest.mark.parametrize("case", ["wan_i2v", "qwen_image_edit", "flux1_kontext"])
 def test_each_row_of_a_batched_conditioning_is_its_prompt_alone(case, comfy, pack):
     """Batching prompts keeps each row's I2V image / edit reference: the teacher's x0 of a batch of rows (1, 0)
     equals each prompt's x0 run on its own."""
