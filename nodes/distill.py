@@ -17,11 +17,13 @@ from typing import Optional
 import torch
 
 import comfy.model_management
+import comfy.sample
 from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch as checkpoint_forward, unpatch as plain_forward
 
 from .core_import import grids, iteration, learning_rates, optimiser, progress, samplers
 from .distill_adapters import FAKE_SCORE, ROLES, STUDENT, TDMAdapters, add_tdm_adapters
 from .distill_conditions import batch_conditioning, processed_conds
+from .distill_inplace import copy_block_inputs, protect_norm_inputs, remove_hooks, restore_block_inputs
 from .distill_model import comfy_denoisers
 from .distill_schedule import PREDICTION_TYPE, ComfySchedule, schedule_of
 
@@ -106,6 +108,13 @@ def unload(patcher) -> None:
     patcher.detach(unpatch_all=True)  # already evicted from the list (memory pressure): undo what is left
 
 
+def sampled_latent_shape(model, latent_shape) -> tuple:
+    """The shape ComfyUI's samplers give an empty latent of ``latent_shape`` for this MODEL
+    (``comfy.sample.fix_empty_latent_channels``: its latent format's channels, and a frame axis for models
+    with 3-D latents such as Qwen-Image fed an image latent)."""
+    return tuple(comfy.sample.fix_empty_latent_channels(model, torch.zeros(tuple(latent_shape))).shape)
+
+
 class Distiller:
     """One distillation run on a clone of ``model``; ``positives`` is a list of ComfyUI conditionings (one per
     prompt), ``negative`` the empty-prompt one (needed at cfg != 1), ``latent_shape`` the shape of one
@@ -116,7 +125,7 @@ class Distiller:
         self.options, self.positives, self.negative = options, positives, negative
         self.schedule: ComfySchedule = schedule_of(model)
         grids.check_grid(options.grid(), self.schedule.num_timesteps, self.schedule.flow)
-        self.latent_shape = (options.batch_size, *tuple(latent_shape)[1:])
+        self.latent_shape = (options.batch_size, *sampled_latent_shape(model, latent_shape)[1:])
         self.patcher = model.clone()
         rates = options.rates()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; trainable tensors must not be made there
@@ -130,6 +139,7 @@ class Distiller:
         # every random draw of the run, in the trainer's order (prompts, noise, then tdm_core's)
         self.generator = torch.Generator().manual_seed(options.seed)
         self.loaded = False
+        self.hooks: list = []
 
     # --- the model on the device, with the adapters' weight wrappers --------------------------------------
     def load(self) -> None:
@@ -139,8 +149,10 @@ class Distiller:
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         normal_tensors_(self.patcher.model)
         self.patcher.pre_run()
+        self.hooks = protect_norm_inputs(self.patcher.model.diffusion_model)
         if self.options.gradient_checkpointing:
             for module in find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model):
+                copy_block_inputs(module)  # recomputed from inputs it must not have added into (Flux's in-place residuals)
                 checkpoint_forward(module)
         self.loaded = True
 
@@ -150,6 +162,8 @@ class Distiller:
             return
         for module in self.patcher.model.modules():
             plain_forward(module)
+            restore_block_inputs(module)
+        remove_hooks(self.hooks)
         self.patcher.cleanup()
         unload(self.patcher)
         self.loaded = False

@@ -107,11 +107,19 @@ def target_layers(patcher, targets) -> dict:
     return found
 
 
-def add_tdm_adapters(patcher, rank: int, alpha: float, seed: int, targets=lora_targets.TRANSFORMER_BLOCK_TARGETS) -> TDMAdapters:
+def targets_of(patcher) -> tuple:
+    """The block layers to adapt on this MODEL's architecture (tdm_core.lora_targets' rule, by the class of its
+    ``diffusion_model``)."""
+    return lora_targets.comfy_block_targets(type(patcher.model.diffusion_model).__name__)
+
+
+def add_tdm_adapters(patcher, rank: int, alpha: float, seed: int, targets=None) -> TDMAdapters:
     """Put the student and fake-score LoRAs (both zero change: both start as the teacher) on ``patcher``,
-    a clone the caller owns; returns them with the switch set to the teacher."""
+    a clone the caller owns; returns them with the switch set to the teacher. ``targets``: the layer names
+    to adapt, by default those of the MODEL's architecture."""
     if rank < 1:
         raise ValueError(f"LoRA rank {rank} must be at least 1: use e.g. 16")
+    targets = targets_of(patcher) if targets is None else targets
     generator = torch.Generator().manual_seed(seed)
     switch, layers = AdapterSwitch(), {}
     for name, module in sorted(target_layers(patcher, targets).items()):

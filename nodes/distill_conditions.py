@@ -27,16 +27,26 @@ def batch_conditioning(conditionings: list, rows: list[int]) -> list:
     if len(shapes) > 1:
         raise ValueError(f"the prompts' conditionings have different shapes {sorted(shapes)} (a prompt longer than 75 tokens "
                          "encodes to more tokens): shorten the long prompts so every prompt encodes to the same length")
-    extras = {}
-    for key, first in entries[0][1].items():
-        values = [e[1].get(key) for e in entries]
-        if isinstance(first, torch.Tensor) and all(isinstance(v, torch.Tensor) for v in values):
-            extras[key] = torch.cat(values)
-        elif all(v is first or v == first for v in values):
-            extras[key] = first
-        else:
-            raise ValueError(f"the prompts' conditionings differ in {key!r}: TDM Distill batches prompts whose settings agree")
+    extras = {key: batch_extra(key, [e[1].get(key) for e in entries]) for key in entries[0][1]}
     return [[torch.cat([e[0] for e in entries]), extras]]
+
+
+def batch_extra(key: str, values: list):
+    """One conditioning extra for the batch from the rows' values: shared when every row has the same one
+    (ComfyUI repeats a batch-1 tensor or list of tensors, e.g. one I2V image or edit reference, to the batch);
+    tensors per prompt (pooled text, each prompt's own image latent) stacked along the batch, lists of tensors
+    (``reference_latents``) stacked entry by entry; any other setting must agree across the prompts."""
+    first = values[0]
+    if all(v is first for v in values):
+        return first
+    if isinstance(first, torch.Tensor) and all(isinstance(v, torch.Tensor) for v in values):
+        return torch.cat(values)
+    if isinstance(first, (list, tuple)) and all(isinstance(v, type(first)) and len(v) == len(first) for v in values) \
+            and all(isinstance(t, torch.Tensor) for v in values for t in v):
+        return type(first)(batch_extra(key, list(column)) for column in zip(*values))
+    if not any(isinstance(v, torch.Tensor) for v in values) and all(v == first for v in values):
+        return first
+    raise ValueError(f"the prompts' conditionings differ in {key!r}: TDM Distill batches prompts whose settings agree")
 
 
 def processed_conds(patcher, conditionings: dict, latent: torch.Tensor, seed: int) -> dict:

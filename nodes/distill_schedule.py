@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .comfy_sigmas import check_supported_sampling, is_flow_sampling, is_flux_sampling
+from .comfy_sigmas import check_supported_sampling, is_flow_sampling, model_flow_shift, num_timesteps_of
 from .core_import import schedules
 
 PREDICTION_TYPE = "sample"  # what ComfyUI's apply_model returns: the denoised x0
@@ -47,11 +47,11 @@ def schedule_of(model) -> ComfySchedule:
     prediction type is apply_model's business), or a rectified flow with its shift."""
     model_sampling = model.get_model_object("model_sampling")
     check_supported_sampling(model_sampling)
-    if is_flux_sampling(model_sampling):
-        raise ValueError("TDM Distill does not support Flux's resolution-dependent shift (ModelSamplingFlux) yet: "
-                         "distil SD1.5 / SDXL (eps or v) or a discrete-flow model (SD3, ModelSamplingSD3)")
     if is_flow_sampling(model_sampling):
-        return ComfySchedule(schedules.FlowSchedule(shift=float(model_sampling.shift), num_timesteps=1000), flow=True)
+        # ModelSamplingFlux (Flux, Qwen-Image) keeps mu: its sigma(t) = exp(mu) / (exp(mu) + 1/t - 1) is the linear
+        # shift with shift = exp(mu) (model_flow_shift); a discrete flow keeps the shift itself
+        shift = model_flow_shift(model_sampling)
+        return ComfySchedule(schedules.FlowSchedule(shift=shift, num_timesteps=num_timesteps_of(model_sampling)), flow=True)
     sigmas = model_sampling.sigmas.detach().double().cpu()
     return ComfySchedule(schedules.VPSchedule(1.0 / (1.0 + sigmas**2)), flow=False)
 

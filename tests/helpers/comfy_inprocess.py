@@ -83,6 +83,60 @@ TINY_FLUX_DIT = {
 }
 FLUX_GUIDANCE = 3.5
 
+# issue 21's other architectures at toy size, each with its real block layout (ComfyUI's own classes; widths,
+# depths and rope axes shrunk; rope axes add up to the head width). Context width TINY_CONTEXT_DIM throughout.
+# SDXL: attention only at the second level, linear proj_in / proj_out, and the size embeddings (6 x 256) after a
+# pooled text vector of width TINY_CONTEXT_DIM.
+TINY_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": TINY_CONTEXT_DIM + 6 * 256, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "transformer_depth": [0, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+    "context_dim": TINY_CONTEXT_DIM, "transformer_depth_output": [0, 0, 1, 1], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+# Flux.2 (model_detection's flux2 branch): 128 latent channels at patch 1, four rope axes, shared modulation,
+# SiLU-gated MLP, no biases, no pooled vector; text padded to 512 tokens by model_base.Flux2
+TINY_FLUX2_DIT = {
+    "image_model": "flux2", "in_channels": 128, "patch_size": 1, "out_channels": 128, "vec_in_dim": None,
+    "context_in_dim": TINY_CONTEXT_DIM, "hidden_size": 32, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [4, 4, 4, 4], "theta": 2000, "qkv_bias": False, "guidance_embed": True,
+    "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+}
+# Z-Image (Lumina 2's NextDiT with Z-Image's modulation and time scale, as model_detection sets for dim 3840);
+# its modulation reads a 256-wide time embedding, so the width is 256 (the smallest it builds at)
+TINY_ZIMAGE_DIT = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": TINY_CONTEXT_DIM, "n_layers": 1,
+    "n_refiner_layers": 1, "qk_norm": True, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [8, 12, 12], "axes_lens": [64, 32, 32],
+    "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "multiple_of": 16, "z_image_modulation": True, "time_scale": 1000.0,
+}
+TINY_QWEN_IMAGE_DIT = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1, "attention_head_dim": 16,
+    "num_attention_heads": 2, "joint_attention_dim": TINY_CONTEXT_DIM, "axes_dims_rope": (4, 6, 6),
+}
+TINY_WAN21_DIT = {
+    "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 32, "ffn_dim": 64, "freq_dim": 256,
+    "text_dim": TINY_CONTEXT_DIM, "out_dim": 16, "num_heads": 2, "num_layers": 1, "window_size": (-1, -1), "qk_norm": True,
+    "cross_attn_norm": True, "eps": 1e-6,
+}
+# Wan 2.2 A14B I2V's layout (detected as t2v: no CLIP-vision embedder): 16 noise + 4 mask + 16 image channels in
+TINY_WAN_I2V_DIT = {**TINY_WAN21_DIT, "in_dim": 36}
+# Wan 2.2 5B (WAN22_T2V): its 48-channel latent in and out
+TINY_WAN22_5B_DIT = {**TINY_WAN21_DIT, "in_dim": 48, "out_dim": 48}
+# HunyuanVideo 1.5 (model_detection's hunyuan_video branch with a vision embedder): 32 noise + 32 image + 1 mask
+# channels in, patch 1x1x1, double-stream blocks only, the conditioning-type embedding
+TINY_HUNYUAN_VIDEO15_DIT = {
+    "image_model": "hunyuan_video", "in_channels": 65, "out_channels": 32, "patch_size": [1, 1, 1], "vec_in_dim": None,
+    "context_in_dim": TINY_CONTEXT_DIM, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 0,
+    "axes_dim": [4, 6, 6], "theta": 256, "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False,
+    "use_cond_type_embedding": True, "vision_in_dim": TINY_CONTEXT_DIM,
+}
+# kind -> (comfy.supported_models class name, tiny diffusion-model config)
+TINY_ARCHITECTURES = {
+    "sdxl": ("SDXL", TINY_SDXL_UNET), "flux2": ("Flux2", TINY_FLUX2_DIT), "z_image": ("ZImage", TINY_ZIMAGE_DIT),
+    "qwen_image": ("QwenImage", TINY_QWEN_IMAGE_DIT), "wan21": ("WAN21_T2V", TINY_WAN21_DIT), "wan_i2v": ("WAN21_T2V", TINY_WAN_I2V_DIT),
+    "wan22_5b": ("WAN22_T2V", TINY_WAN22_5B_DIT), "hunyuan_video15": ("HunyuanVideo15", TINY_HUNYUAN_VIDEO15_DIT),
+}
+
 # the diffusers twin of TINY_SD15_UNET (legacy naming: attention_head_dim=8 means 8 heads, as in SD1.5)
 TINY_DIFFUSERS_UNET = dict(
     sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TINY_CONTEXT_DIM, attention_head_dim=8,
@@ -109,7 +163,7 @@ def fill_random_(module: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float32))
 
 
-def model_config(kind: str):
+def model_config(kind: str, dtype: torch.dtype = torch.float32):
     import comfy.supported_models
 
     if kind in ("sd15_eps", "sd15_v"):
@@ -118,21 +172,27 @@ def model_config(kind: str):
         config = comfy.supported_models.SD3(TINY_SD3_MMDIT)
     elif kind == "flux":
         config = comfy.supported_models.Flux(TINY_FLUX_DIT)
+    elif kind in TINY_ARCHITECTURES:
+        class_name, unet_config = TINY_ARCHITECTURES[kind]
+        config = getattr(comfy.supported_models, class_name)(unet_config)
+        if kind == "sdxl":  # SDXL's head width 64 is wider than the tiny level: one head of the level's width
+            config.unet_config.update(num_heads=1, num_head_channels=-1)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     return config
 
 
-def build_model(kind: str, seed: int = 0, diffusion_state_dict: dict | None = None):
+def build_model(kind: str, seed: int = 0, diffusion_state_dict: dict | None = None, dtype: torch.dtype = torch.float32):
     """A ComfyUI MODEL (ModelPatcher over a real ``comfy.model_base`` model) with tiny random weights:
-    ``sd15_eps``, ``sd15_v`` (SD1.5 layout, v-prediction) or ``sd3_flow`` (MMDiT, flow, shift 3)."""
+    ``sd15_eps``, ``sd15_v`` (SD1.5 layout, v-prediction), ``sd3_flow`` (MMDiT, flow, shift 3), ``flux`` or one of
+    ``TINY_ARCHITECTURES`` (SDXL, Flux.2, Z-Image, Qwen-Image, Wan 2.1 T2V / I2V, Wan 2.2 5B, HunyuanVideo 1.5)."""
     setup_comfy()
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
 
-    config = model_config(kind)
+    config = model_config(kind, dtype)  # bf16 / fp16: built as ComfyUI builds a checkpoint of that dtype
     if kind == "sd15_v":
         base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     else:
@@ -159,15 +219,32 @@ def conditioning(kind: str, batch: int = 1, tokens: int = 5, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     cond = torch.randn(batch, tokens, TINY_CONTEXT_DIM, generator=g)
     extra = {}
-    if kind == "sd3_flow":
-        extra["pooled_output"] = torch.randn(batch, TINY_SD3_MMDIT["adm_in_channels"], generator=g)
+    if kind in ("sd3_flow", "sdxl"):  # SDXL's size embeddings come from the encoder's defaults (width, height...)
+        extra["pooled_output"] = torch.randn(batch, TINY_CONTEXT_DIM, generator=g)
     if kind == "flux":  # what CLIPTextEncodeFlux / FluxGuidance put in a Flux conditioning
         extra.update(pooled_output=torch.randn(batch, TINY_FLUX_DIT["vec_in_dim"], generator=g), guidance=FLUX_GUIDANCE)
+    if kind == "flux2":  # Flux.2 has no pooled vector; FluxGuidance sets its guidance
+        extra["guidance"] = FLUX_GUIDANCE
+    if kind in ("flux2", "hunyuan_video15"):  # CLIPTextEncode's key, None where the encoder has no pooled output
+        extra["pooled_output"] = None
     return [[cond, extra]]
 
 
+# the latent each architecture samples (EmptyLatentImage, EmptySD3LatentImage, EmptyFlux2LatentImage,
+# EmptyHunyuanLatentVideo, Wan22ImageToVideoLatent, EmptyHunyuanVideo15Latent): channels and whether it has frames
+LATENT_CHANNELS = {"sd3_flow": 16, "flux": 16, "flux2": 128, "z_image": 16, "qwen_image": 16, "wan21": 16, "wan_i2v": 16,
+                   "wan22_5b": 48, "hunyuan_video15": 32}
+VIDEO_KINDS = ("wan21", "wan_i2v", "wan22_5b", "hunyuan_video15")
+
+
 def latent_channels(kind: str) -> int:
-    return 16 if kind in ("sd3_flow", "flux") else 4
+    return LATENT_CHANNELS.get(kind, 4)
+
+
+def tiny_latent(kind: str, size: int = 8, frames: int = 2) -> torch.Tensor:
+    """An empty latent of ``kind`` (batch 1): 4-D for images, 5-D (frames) for video models."""
+    spatial = (frames, size, size) if kind in VIDEO_KINDS else (size, size)
+    return torch.zeros(1, latent_channels(kind), *spatial)
 
 
 def raw_denoiser(model, kind: str, cond, schedule):
@@ -187,6 +264,19 @@ def raw_denoiser(model, kind: str, cond, schedule):
         return net(x, timesteps, context=context)
 
     return denoise
+
+
+def build_wan_vae(seed: int = 3):
+    """A ComfyUI VAE (``comfy.sd.VAE``) over ComfyUI's Wan 2.1 VAE class at width 8 with random weights, detected
+    from its state dict as a real Wan 2.1 VAE file is (16 latent channels, 8x spatial and 4x temporal downscale)."""
+    setup_comfy()
+    import comfy.ldm.wan.vae
+    import comfy.sd
+
+    net = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True])
+    fill_random_(net, seed)
+    return comfy.sd.VAE(sd=net.state_dict())
 
 
 def set_lora_folder(folder: str) -> None:
