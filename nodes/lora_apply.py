@@ -19,7 +19,9 @@ from .lora_keys import convert_peft_layout, guess_lora_architecture, is_text_enc
 # ComfyUI model config class -> the base_family names training.distill writes in the TDM metadata
 FAMILY_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "PixArtAlpha": "pixart", "PixArtSigma": "pixart", "Flux": "flux",
                     "ZImage": "z_image",  # not Lumina2: Lumina 2.0 shares the NextDiT class but has a Gemma encoder
-                    "QwenImage": "qwen_image", "WAN21_T2V": "wan", "WAN22_T2V": "wan"}
+                    "QwenImage": "qwen_image", "WAN21_T2V": "wan", "WAN22_T2V": "wan",
+                    # families only the TDM Distill node makes LoRAs for (the trainer has no loader for them)
+                    "Flux2": "flux2", "HunyuanVideo15": "hunyuan_video15"}
 
 
 def model_architecture(model) -> str:

@@ -78,8 +78,12 @@ def test_the_node_distils_the_architecture_and_its_lora_loads_in_stock_loraloade
     probe = trained_student_probe(monkeypatch)
     _, lora, report = run_node(graph, f"student_{case}", iterations=2, rate=0.05, latent=graph["latent"])
     assert "changed by" in report, report
-    state, _ = read_lora_file(str(lora_folder / f"student_{case}.safetensors"))
+    state, metadata = read_lora_file(str(lora_folder / f"student_{case}.safetensors"))
     assert set(state) == set(lora) and state, "the file is not the LORA_MODEL output"
+    from tdm_core.metadata import TDMInfo
+
+    info = TDMInfo.from_safetensors_metadata(metadata)
+    assert info is not None and info.base_family, f"{case}: the file names no base family ({metadata})"
 
     loaded, skipped = stock_lora_loader(graph["model"], f"student_{case}.safetensors", caplog)
     assert not skipped, skipped
