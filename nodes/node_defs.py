@@ -9,6 +9,7 @@ from .distill import DistillOptions
 from .distill_run import distill
 from .grid_choice import DEFAULT_CUSTOM_TIMESTEPS, GRID_CHOICES
 from .lora_keys import read_lora_file
+from .prompt_list import NO_FILE, encode_prompts, file_fingerprint, prompt_files
 from .sampling import tdm_ksample
 from .steps_aware import apply_tdm_lora
 from .tdm_sampler import NOISE_STARTS, SOLVERS, TDMSamplerObject
@@ -218,4 +219,41 @@ class TDMDistill(io.ComfyNode):
         return io.NodeOutput(result.model, result.lora, result.report)
 
 
-NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader, TDMDistill]
+class TDMPromptList(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMPromptList",
+            display_name="TDM Prompt List",
+            category="training/tdm",
+            description="Encodes many prompts at once for TDM Distill: one prompt per line of text and / or of a .txt file (or one JSON object "
+                        "{\"prompt\": ...} / {\"text\": ...} per line of a .jsonl file) in ComfyUI's input folder, each as CLIPTextEncode encodes it. "
+                        "Outputs the list of prompt conditionings (TDM Distill's positive) and the empty prompt's (its negative).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder of the model you distil (the checkpoint loader's CLIP)."),
+                io.String.Input("text", multiline=True, default="", tooltip="One prompt per line; blank lines are skipped. Used together with prompt_file (text lines first)."),
+                io.Combo.Input("prompt_file", options=[NO_FILE, *prompt_files()], default=NO_FILE,
+                               tooltip="A .txt (one prompt per line) or .jsonl ({\"prompt\": ...} or {\"text\": ...} per line) file in ComfyUI's input folder; (none): text only."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="prompts", is_output_list=True, tooltip="One conditioning per prompt, as a list: connect to TDM Distill's positive."),
+                io.Conditioning.Output(display_name="empty_prompt", tooltip="The empty prompt's conditioning: connect to TDM Distill's negative (needed at cfg above 1)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt_file=None):
+        # only listed names: also keeps '../' and absolute paths out
+        return combo_problem("prompt_file", prompt_file, [NO_FILE, *prompt_files()])
+
+    @classmethod
+    def fingerprint_inputs(cls, clip=None, text=None, prompt_file=None):
+        return file_fingerprint(prompt_file)  # an edited file re-runs the node (clip and text are compared by ComfyUI itself)
+
+    @classmethod
+    def execute(cls, clip, text, prompt_file=NO_FILE) -> io.NodeOutput:
+        prompts, empty = encode_prompts(clip, text, prompt_file)
+        return io.NodeOutput(prompts, empty)
+
+
+NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader, TDMDistill, TDMPromptList]
