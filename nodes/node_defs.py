@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from .comfy_sigmas import tdm_sigmas
 from .distill import DistillOptions
-from .distill_run import distill
+from .distill_run import DEFAULT_CHECKPOINT_EVERY, distill
 from .grid_choice import DEFAULT_CUSTOM_TIMESTEPS, GRID_CHOICES
 from .lora_keys import read_lora_file
 from .prompt_list import NO_FILE, encode_prompts, file_fingerprint, prompt_files
@@ -181,7 +181,7 @@ class TDMDistill(io.ComfyNode):
             node_id="TDMDistill",
             display_name="TDM Distill",
             category="training/tdm",
-            description="Distils the model as the graph gives it (its LoRAs, shift and patches included) into a few-step TDM student LoRA (Trajectory Distribution Matching, data-free): the same iteration as the headless trainer, on ComfyUI's own model. Writes the LoRA to models/loras with TDM metadata. Checked on SD1.5 only so far.",
+            description="Distils the model as the graph gives it (its LoRAs, shift and patches included) into a few-step TDM student LoRA (Trajectory Distribution Matching, data-free): the same iteration as the headless trainer, on ComfyUI's own model. Writes the LoRA to models/loras with TDM metadata; checkpoints let a cancelled run resume when queued again. Checked on SD1.5 only so far.",
             is_input_list=True,  # positive may be a list of conditionings, one per prompt
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: the model as you sample it (checkpoint, LoRAs, ModelSampling shift). Its own noise schedule and prediction type are used."),
@@ -197,6 +197,9 @@ class TDMDistill(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of every random draw (prompts, noise, times, LoRA initialisation): a run is reproducible."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute the model's blocks in backward (less memory, slower); gradients stay the same."),
                 io.String.Input("lora_name", default="tdm_student", tooltip="File name of the student LoRA written to models/loras (.safetensors added); an existing file is replaced."),
+                io.Int.Input("checkpoint_every", default=DEFAULT_CHECKPOINT_EVERY, min=0, max=100000,
+                             tooltip="Save the run's state to models/loras/<lora_name>.tdmckpt every this many iterations (0: only when cancelled). "
+                                     "Cancel keeps it; queueing the same inputs again resumes from it; a finished run deletes it."),
                 io.Conditioning.Input("negative", optional=True, tooltip="The empty-prompt conditioning (CLIPTextEncode of \"\") for the teacher's guidance; needed when cfg is above 1."),
             ],
             outputs=[
@@ -208,14 +211,15 @@ class TDMDistill(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, steps, iterations, cfg, lora_rank, fake_score_learning_rate, student_learning_rate,
-                batch_size, seed, gradient_checkpointing, lora_name, negative=None) -> io.NodeOutput:
-        one = first_of_lists({"model": model, "latent": latent, "steps": steps, "iterations": iterations, "cfg": cfg, "rank": lora_rank,
+                batch_size, seed, gradient_checkpointing, lora_name, checkpoint_every=None, negative=None) -> io.NodeOutput:
+        every = checkpoint_every if checkpoint_every is not None else [DEFAULT_CHECKPOINT_EVERY]
+        one = first_of_lists({"checkpoint_every": every, "model": model, "latent": latent, "steps": steps, "iterations": iterations, "cfg": cfg, "rank": lora_rank,
                               "fake": fake_score_learning_rate, "student": student_learning_rate, "batch_size": batch_size, "seed": seed,
                               "checkpointing": gradient_checkpointing, "lora_name": lora_name, "negative": negative})
         options = DistillOptions(steps=one["steps"], iterations=one["iterations"], cfg=one["cfg"], rank=one["rank"],
                                  fake_score_lr=one["fake"] or None, student_lr=one["student"] or None, batch_size=one["batch_size"],
                                  seed=one["seed"], gradient_checkpointing=one["checkpointing"])
-        result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"])
+        result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"], one["checkpoint_every"])
         return io.NodeOutput(result.model, result.lora, result.report)
 
 

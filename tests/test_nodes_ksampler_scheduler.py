@@ -140,7 +140,7 @@ def test_node_schemas_have_tooltips_descriptions_and_the_agreed_names(pack):
         "TDMKSampler": ["model", "seed", "steps", "grid", "cfg", "positive", "latent_image", "denoise", "negative"],
         "TDMLoraLoader": ["model", "lora_name", "strength_model", "use_recommended_strength", "strength_clip", "clip"],
         "TDMDistill": ["model", "positive", "latent", "steps", "iterations", "cfg", "lora_rank", "fake_score_learning_rate",
-                       "student_learning_rate", "batch_size", "seed", "gradient_checkpointing", "lora_name", "negative"],
+                       "student_learning_rate", "batch_size", "seed", "gradient_checkpointing", "lora_name", "checkpoint_every", "negative"],
         "TDMPromptList": ["clip", "text", "prompt_file"],
     }
     for node_id, schema in schemas.items():

@@ -125,7 +125,7 @@ def test_the_list_feeds_tdm_distill_through_comfyuis_executor(clip, input_folder
         "5": {"class_type": "TDMDistill", "inputs": {
             "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1], "latent": ["3", 0], "steps": 4, "iterations": 2, "cfg": 2.0,
             "lora_rank": 4, "fake_score_learning_rate": 0.0, "student_learning_rate": 0.0, "batch_size": 2, "seed": 3,
-            "gradient_checkpointing": False, "lora_name": "from_list"}},
+            "gradient_checkpointing": False, "lora_name": "from_list", "checkpoint_every": 0}},
     }
     monkeypatch.setattr(node_defs, "distill", recording_distill)
     executor = ex.new_executor()
