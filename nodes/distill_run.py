@@ -1,6 +1,7 @@
-"""The TDM Distill node's run: the iterations (progress bar, Cancel between iterations, checkpoints and
-resume), the student's LoRA written to ``models/loras`` with TDM metadata (atomically), the teacher with that
-LoRA applied, and a report that says plainly when the student did not learn."""
+"""The TDM Distill node's run: the iterations (progress bar with the student's preview, Cancel between
+iterations, checkpoints and resume), the student's LoRA written to ``models/loras`` with TDM metadata
+(atomically), the teacher with that LoRA applied, and a report that says plainly when the student did not
+learn."""
 from __future__ import annotations
 
 import logging
@@ -22,6 +23,7 @@ from .distill import Distiller, DistillOptions
 from .distill_adapters import FAKE_SCORE, STUDENT
 from .distill_checkpoint import Checkpoints, RunState, checkpoint_path, start_or_resume
 from .distill_fingerprint import run_fingerprint
+from .distill_monitor import Monitor
 from .distill_schedule import prediction_type_of
 from .lora_apply import FAMILY_OF_CONFIG
 
@@ -37,6 +39,7 @@ class DistillResult:
     report: str
     history: list  # one metrics dict per iteration (a resumed run: the checkpoint's, then its own)
     fake_score: dict  # the fake score's LoRA at the end, in the LORA_MODEL layout (not written: it only serves training)
+    probes: list  # [(iteration, how far the student moved)]
 
 
 def lora_path(lora_name: str) -> str:
@@ -98,8 +101,8 @@ def interrupted_or_continue(store: Checkpoints, distiller: Distiller, state: Run
         raise
 
 
-def train(distiller: Distiller, options: DistillOptions, store: Checkpoints, state: RunState) -> None:
-    """The iterations from ``state`` on."""
+def train(distiller: Distiller, options: DistillOptions, store: Checkpoints, monitor: Monitor, state: RunState) -> float:
+    """The iterations from ``state`` on; returns the last probe (how far the student moved)."""
     bar = comfy.utils.ProgressBar(options.iterations)
     if state.iteration:
         bar.update_absolute(state.iteration)
@@ -109,9 +112,12 @@ def train(distiller: Distiller, options: DistillOptions, store: Checkpoints, sta
         check_finite(metrics, number)
         state.history.append(metrics)
         state.iteration = number
-        bar.update_absolute(number, options.iterations)
+        bar.update_absolute(number, options.iterations, monitor.observe(number, state.probes))
         if store.due(number, options.iterations):
             store.save(distiller, state)
+    if not state.probes or state.probes[-1][0] != options.iterations:  # e.g. resumed at the end
+        state.probes.append((options.iterations, monitor.measure()[0]))
+    return state.probes[-1][1]
 
 
 def distill(model, positives: list, negative, latent: dict, options: DistillOptions, lora_name: str,
@@ -125,8 +131,7 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
         state, note = start_or_resume(distiller, store, options.iterations)
         if note:
             logging.info("TDM Distill: %s", note)
-        train(distiller, options, store, state)
-        change = distiller.probe_change()
+        change = train(distiller, options, store, Monitor(distiller, model, options.iterations), state)
     finally:
         distiller.release()
     lora, info = distiller.adapters.lora_state(STUDENT), tdm_info(model, distiller, options.iterations)
@@ -135,4 +140,5 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
     student_model = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
     student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
     text = report(state.history, change, options, path)
-    return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, state.history, distiller.adapters.lora_state(FAKE_SCORE))
+    return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, state.history, distiller.adapters.lora_state(FAKE_SCORE),
+                         state.probes)

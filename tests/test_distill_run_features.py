@@ -1,9 +1,9 @@
-"""Issue 21: the TDM Distill run's checkpoints, Cancel and resume, on the tiny SD1.5 built from ComfyUI's own
-classes, run under inference mode as ComfyUI's executor runs nodes.
+"""Issue 21: the TDM Distill run's checkpoints, Cancel and resume, and progress-bar previews, on the tiny SD1.5
+built from ComfyUI's own classes, run under inference mode as ComfyUI's executor runs nodes.
 
 Resume equivalence: a run of N iterations cancelled (ComfyUI's interrupt flag) after M and queued again equals
-the uninterrupted N-iteration run from the same seed bit for bit (both LoRAs, the loss history); on CPU
-every kernel is deterministic, so no tolerance is needed."""
+the uninterrupted N-iteration run from the same seed bit for bit (both LoRAs, the loss history, the
+probe points); on CPU every kernel is deterministic, so no tolerance is needed."""
 from __future__ import annotations
 
 import os
@@ -73,7 +73,17 @@ def run(graph, name: str, hook: Hook | None = None, every: int = EVERY, **change
 
 
 @pytest.fixture(scope="module")
-def straight(graph, loras):
+def previews_on(comfy):
+    """ComfyUI's previews as with --preview-method latent2rgb (the default is none: no previews, as for KSampler)."""
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    saved, args.preview_method = args.preview_method, LatentPreviewMethod.Latent2RGB
+    yield
+    args.preview_method = saved
+
+
+@pytest.fixture(scope="module")
+def straight(graph, loras, previews_on):
     """The uninterrupted N-iteration run, with the hook's calls."""
     hook = Hook()
     result = run(graph, "straight", hook)
@@ -89,6 +99,7 @@ def cancelled(graph, name: str, at: int = M, **changes):
 
 def assert_same_run(a, b) -> None:
     assert a.history == b.history, "loss histories differ"
+    assert a.probes == b.probes, "probe points differ"
     for role in ("lora", "fake_score"):
         x, y = getattr(a, role), getattr(b, role)
         assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), f"the {role} LoRAs differ"
@@ -110,7 +121,7 @@ def test_cancel_keeps_a_checkpoint_and_the_same_inputs_resume_to_the_uninterrupt
     assert [c[0] for c in hook.calls] == list(range(M, N + 1)), "the progress bar does not continue where the run stopped"
     assert_same_run(resumed, result)
     assert not (loras / "resumed.tdmckpt").exists()
-    assert result.history[0] != result.history[-1], "the runs did not train: equality says nothing"
+    assert result.history[0] != result.history[-1] and result.probes[-1][1] > 0.0, "the runs did not train: equality says nothing"
 
 
 def test_a_periodic_checkpoint_alone_resumes_to_the_same_run(graph, loras, straight, monkeypatch):
@@ -186,6 +197,48 @@ def test_the_fingerprint_tells_apart_model_prompts_latent_and_settings(graph, co
     for field, value in dict(steps=2, cfg=3.0, rank=8, batch_size=1, seed=4, student_lr=0.01).items():
         assert changed(options=DistillOptions(**{**SETTINGS, field: value})) == ["settings"], field
     assert changed(options=DistillOptions(**{**SETTINGS, "iterations": 99, "gradient_checkpointing": True})) == []
+
+
+def test_the_progress_bar_shows_the_students_sample_as_it_trains(straight):
+    """Every iteration of this short run (monitor interval 1) sends ComfyUI's preview tuple, the first
+    prompt's K-step student sample decoded by the latent previewer; it changes as the student trains."""
+    import numpy as np
+
+    _, calls = straight
+    assert [c[:2] for c in calls] == [(i, N) for i in range(1, N + 1)]
+    previews = [c[2] for c in calls]
+    assert all(p is not None and p[0] == "JPEG" and p[1].size == (8, 8) for p in previews), previews
+    first, last = (np.asarray(p[1], dtype=np.float32) for p in (previews[0], previews[-1]))
+    assert np.abs(first - last).mean() > 1.0, "the preview did not change while the student trained"
+
+
+def test_the_preview_is_the_students_k_step_sample(graph, straight, previews_on):
+    """The last preview is the trained student's K-step sample of the first prompt on the probe noise: the
+    returned MODEL (teacher + the LoRA file) sampled by TDM KSampler's path from that noise, decoded by the same
+    previewer, gives the same picture (within 2 of 255: the file's model is the student to 1e-4)."""
+    import comfy.samplers
+    import latent_preview
+    import numpy as np
+
+    from comfyui_tdm_pack.nodes.comfy_sigmas import tdm_sigmas
+    from comfyui_tdm_pack.nodes.tdm_sampler import TDMSamplerObject
+    from tdm_core import progress
+
+    result, calls = straight
+    assert f"changed by {100 * result.probes[-1][1]:.1f}%" in result.report, "the report's number is not the last probe point"
+    noise = torch.randn((len(TEXTS), 4, 8, 8), generator=torch.Generator().manual_seed(progress.PROBE_SEED))[:1]
+    with torch.inference_mode():
+        guider = comfy.samplers.CFGGuider(result.model)
+        guider.inner_set_conds({"positive": graph["positives"][0]})
+        guider.set_cfg(1.0)
+        sample = guider.sample(noise, torch.zeros_like(noise), TDMSamplerObject("tdm"), tdm_sigmas(result.model, 4, "reference", "", 1.0),
+                               disable_pbar=True, seed=0)
+    model_space = result.model.model.latent_format.process_in(sample)
+    previewer = latent_preview.get_previewer(result.model.load_device, result.model.model.latent_format)
+    expected = np.asarray(previewer.decode_latent_to_preview_image("JPEG", model_space)[1], dtype=np.int16)
+    shown = np.asarray(calls[-1][2][1], dtype=np.int16)
+    assert np.abs(shown - expected).max() <= 2, np.abs(shown - expected).max()
+    assert np.abs(shown - np.asarray(calls[0][2][1], dtype=np.int16)).max() > 2, "the comparison cannot tell samples apart"
 
 
 def test_comfyuis_executor_reruns_a_cancelled_node_and_it_resumes(graph, loras, straight, pack):
