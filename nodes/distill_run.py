@@ -1,7 +1,7 @@
 """The TDM Distill node's run: the iterations (progress bar with the student's preview, Cancel between
 iterations, checkpoints and resume), the student's LoRA written to ``models/loras`` with TDM metadata
-(atomically), the teacher with that LoRA applied, and a report that says plainly when the student did not
-learn."""
+(atomically), the teacher with that LoRA applied, a loss plot and a report that says plainly when the student
+did not learn."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +26,7 @@ from .distill_fingerprint import run_fingerprint
 from .distill_monitor import Monitor
 from .distill_schedule import prediction_type_of
 from .lora_apply import FAMILY_OF_CONFIG
+from .loss_plot import as_comfy_image, loss_plot
 
 LORA_EXTENSION = ".safetensors"
 DEFAULT_CHECKPOINT_EVERY = 50
@@ -37,6 +38,7 @@ class DistillResult:
     lora: dict  # the student LoRA as a LORA_MODEL (stock SaveLoRA's input)
     path: str  # where the LoRA file was written
     report: str
+    plot: torch.Tensor  # IMAGE [1, H, W, 3]: losses and how far the student moved
     history: list  # one metrics dict per iteration (a resumed run: the checkpoint's, then its own)
     fake_score: dict  # the fake score's LoRA at the end, in the LORA_MODEL layout (not written: it only serves training)
     probes: list  # [(iteration, how far the student moved)]
@@ -140,5 +142,6 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
     student_model = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
     student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
     text = report(state.history, change, options, path)
-    return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, state.history, distiller.adapters.lora_state(FAKE_SCORE),
-                         state.probes)
+    plot = as_comfy_image(loss_plot(state.history, state.probes))
+    return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, plot, state.history,
+                         distiller.adapters.lora_state(FAKE_SCORE), state.probes)

@@ -206,6 +206,7 @@ class TDMDistill(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="The teacher with the student LoRA applied: sample it with TDM KSampler at K steps."),
                 io.Custom("LORA_MODEL").Output(display_name="LORA_MODEL", tooltip="The student LoRA, as stock SaveLoRA and Load LoRA Model take it."),
                 io.String.Output(display_name="report", tooltip="What was trained and how far the student moved from the teacher; says plainly when it did not learn."),
+                io.Image.Output(display_name="plot", tooltip="Loss curves of the fake score and the student, and how far the student's samples moved from the teacher's, over the iterations."),
             ],
         )
 
@@ -220,7 +221,7 @@ class TDMDistill(io.ComfyNode):
                                  fake_score_lr=one["fake"] or None, student_lr=one["student"] or None, batch_size=one["batch_size"],
                                  seed=one["seed"], gradient_checkpointing=one["checkpointing"])
         result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"], one["checkpoint_every"])
-        return io.NodeOutput(result.model, result.lora, result.report)
+        return io.NodeOutput(result.model, result.lora, result.report, result.plot)
 
 
 class TDMPromptList(io.ComfyNode):

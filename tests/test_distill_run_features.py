@@ -1,5 +1,5 @@
-"""Issue 21: the TDM Distill run's checkpoints, Cancel and resume, and progress-bar previews, on the tiny SD1.5
-built from ComfyUI's own classes, run under inference mode as ComfyUI's executor runs nodes.
+"""Issue 21: the TDM Distill run's checkpoints, Cancel and resume, progress-bar previews and loss plot, on the
+tiny SD1.5 built from ComfyUI's own classes, run under inference mode as ComfyUI's executor runs nodes.
 
 Resume equivalence: a run of N iterations cancelled (ComfyUI's interrupt flag) after M and queued again equals
 the uninterrupted N-iteration run from the same seed bit for bit (both LoRAs, the loss history, the
@@ -241,6 +241,18 @@ def test_the_preview_is_the_students_k_step_sample(graph, straight, previews_on)
     assert np.abs(shown - np.asarray(calls[0][2][1], dtype=np.int16)).max() > 2, "the comparison cannot tell samples apart"
 
 
+def test_the_loss_plot_is_an_image_of_both_losses_and_the_probe(straight):
+    result, _ = straight
+    plot = result.plot
+    assert plot.shape == (1, 420, 640, 3) and plot.dtype == torch.float32
+    assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
+    pixels = (plot[0] * 255).round().to(torch.int64)
+    colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
+    for rgb in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):  # fake-score, student, probe curves
+        assert rgb in colours, f"curve colour {rgb} is missing: a curve was not drawn"
+    assert (pixels.sum(-1) < 600).float().mean() > 0.01, "the plot is blank"
+
+
 def test_comfyuis_executor_reruns_a_cancelled_node_and_it_resumes(graph, loras, straight, pack):
     """The real executor does not cache a node that raised (Cancel), so queueing the same graph again runs it
     again and it resumes; the finished result equals the uninterrupted run's; a third queue is served from
@@ -269,7 +281,7 @@ def test_comfyuis_executor_reruns_a_cancelled_node_and_it_resumes(graph, loras, 
         comfy.model_management.interrupt_current_processing(False)
         messages = ex.run(executor, graph_api, ["5"])
         assert "execution_success" in [m[0] for m in messages]
-        model, lora, report = (out[0] for out in ex.cached_output(executor, "5"))
+        model, lora, report, plot = (out[0] for out in ex.cached_output(executor, "5"))
         assert report.startswith(f"Resumed from checkpoint queued.tdmckpt at iteration {M}."), report
         assert all(torch.equal(lora[k], result.lora[k]) for k in result.lora)
         assert not (loras / "queued.tdmckpt").exists()
