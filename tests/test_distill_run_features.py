@@ -294,3 +294,38 @@ def test_comfyuis_executor_reruns_a_cancelled_node_and_it_resumes(graph, loras, 
         ex.clear()
         executor.reset()
     assert os.listdir(loras)  # the LoRA files are there
+
+
+def test_an_fp16_base_resumes_with_its_loss_scalers(graph, tmp_path):
+    """Under an fp16 base each adapter has a GradScaler (ComfyUI loads SD1.5 in fp16 on CUDA). A distiller restored
+    from a checkpoint after two iterations has the scalers' state (scale, growth tracker), AdamW states and
+    generator of the original, and its third iteration equals the original's bit for bit."""
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+    from comfyui_tdm_pack.nodes.distill_checkpoint import RunState, read, restore, save
+
+    model = h.build_model("sd15_eps", seed=21)
+    model.model.diffusion_model.to(torch.float16)
+    model.model.diffusion_model.dtype = torch.float16  # what ComfyUI's loader sets for an fp16 UNet
+    options, path = DistillOptions(**SETTINGS), str(tmp_path / "half.tdmckpt")
+
+    def distiller():
+        return Distiller(model, graph["positives"], graph["negative"], LATENT["samples"].shape, options)
+
+    original = distiller()
+    try:
+        original.iterate(), original.iterate()
+        save(path, original, RunState(iteration=2), {})
+        third = original.iterate()
+    finally:
+        original.release()
+    saved = read(path)["distiller"]
+    assert set(saved["scalers"]) == {"student", "fake_score"} and all(s["_growth_tracker"] == 2 for s in saved["scalers"].values())
+    resumed = distiller()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            resumed.load()
+            restore(resumed, saved)
+        assert {r: s.state_dict() for r, s in resumed.scalers.items()} == saved["scalers"]
+        assert resumed.iterate() == third
+    finally:
+        resumed.release()
