@@ -4,10 +4,12 @@ iterations, checkpoints and resume), the student's LoRA written to ``models/lora
 did not learn."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -93,11 +95,14 @@ def report(history: list[dict], change: float, options: DistillOptions, path: st
     return text
 
 
-def interrupted_or_continue(store: Checkpoints, distiller: Distiller, state: RunState) -> None:
-    """ComfyUI's Cancel, checked between iterations: the state after the last whole iteration is saved (one
-    file write, cheap beside an iteration) before the interrupt goes up to the executor."""
+@contextlib.contextmanager
+def saved_on_cancel(store: Checkpoints, distiller: Distiller, state: RunState) -> Iterator[None]:
+    """Around the two places Cancel can come between iterations: the node's own check and the progress bar's
+    update (the server's progress hook raises the interrupt itself: main.py's hook calls
+    ``throw_exception_if_processing_interrupted``). The state after the last whole iteration is saved (one file
+    write, cheap beside an iteration) before the interrupt goes up to the executor."""
     try:
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        yield
     except comfy.model_management.InterruptProcessingException:
         store.save(distiller, state)
         raise
@@ -109,14 +114,17 @@ def train(distiller: Distiller, options: DistillOptions, store: Checkpoints, mon
     if state.iteration:
         bar.update_absolute(state.iteration)
     for number in range(state.iteration + 1, options.iterations + 1):
-        interrupted_or_continue(store, distiller, state)
+        with saved_on_cancel(store, distiller, state):
+            comfy.model_management.throw_exception_if_processing_interrupted()
         metrics = distiller.iterate()
         check_finite(metrics, number)
         state.history.append(metrics)
         state.iteration = number
-        bar.update_absolute(number, options.iterations, monitor.observe(number, state.probes))
+        preview = monitor.observe(number, state.probes)
         if store.due(number, options.iterations):
             store.save(distiller, state)
+        with saved_on_cancel(store, distiller, state):
+            bar.update_absolute(number, options.iterations, preview)
     if not state.probes or state.probes[-1][0] != options.iterations:  # e.g. resumed at the end
         state.probes.append((options.iterations, monitor.measure()[0]))
     return state.probes[-1][1]

@@ -42,16 +42,21 @@ def loras(comfy, tmp_path_factory):
 
 
 class Hook:
-    """A progress-bar hook as ComfyUI's server installs one; can press Cancel after iteration ``cancel_at``."""
+    """A progress-bar hook that does what the server's does (main.py: it raises the interrupt itself when Cancel
+    was pressed); presses Cancel at iteration ``cancel_at`` (``late``: just after the hook's check, so the node's
+    own check before the next iteration is the one that raises)."""
 
-    def __init__(self, cancel_at: int | None = None):
-        self.calls, self.cancel_at = [], cancel_at
+    def __init__(self, cancel_at: int | None = None, late: bool = False):
+        self.calls, self.cancel_at, self.late = [], cancel_at, late
 
     def __call__(self, value, total, preview, node_id=None):
         import comfy.model_management
 
         self.calls.append((value, total, preview))
-        if value == self.cancel_at:
+        if value == self.cancel_at and not self.late:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if value == self.cancel_at and self.late:
             comfy.model_management.interrupt_current_processing(True)
 
 
@@ -90,11 +95,13 @@ def straight(graph, loras, previews_on):
     return result, hook.calls
 
 
-def cancelled(graph, name: str, at: int = M, **changes):
+def cancelled(graph, name: str, at: int = M, late: bool = False, **changes):
     import comfy.model_management
 
+    hook = Hook(cancel_at=at, late=late)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        run(graph, name, Hook(cancel_at=at), **changes)
+        run(graph, name, hook, **changes)
+    assert [c[0] for c in hook.calls] == list(range(1, at + 1)), "iterations ran after Cancel"
 
 
 def assert_same_run(a, b) -> None:
@@ -146,8 +153,11 @@ def test_a_periodic_checkpoint_alone_resumes_to_the_same_run(graph, loras, strai
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(graph, loras, straight):
+    from comfyui_tdm_pack.nodes.distill_checkpoint import read
+
     result, _ = straight
-    cancelled(graph, "changed", at=2)
+    cancelled(graph, "changed", at=3, late=True)  # Cancel seen by the node's own check before iteration 4
+    assert read(str(loras / "changed.tdmckpt"))["iteration"] == 3, "the node's own Cancel check did not save"
     fresh = run(graph, "changed", seed=SETTINGS["seed"] + 1)
     assert "was made with a different settings: not resumed, started fresh" in fresh.report, fresh.report
     assert len(fresh.history) == N and fresh.history[0] != result.history[0]
