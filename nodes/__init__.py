@@ -8,7 +8,7 @@ and ``distill_model`` (ComfyUI's sampling path).
 """
 from comfy_api.latest import ComfyExtension
 
-from .node_defs import NODES, TDMDistill, TDMKSampler, TDMLoraLoader, TDMSampler, TDMScheduler
+from .node_defs import NODES, TDMDistill, TDMKSampler, TDMLoraLoader, TDMPromptList, TDMSampler, TDMScheduler
 
 
 class TDMExtension(ComfyExtension):
@@ -16,4 +16,4 @@ class TDMExtension(ComfyExtension):
         return list(NODES)
 
 
-__all__ = ["NODES", "TDMDistill", "TDMExtension", "TDMKSampler", "TDMLoraLoader", "TDMSampler", "TDMScheduler"]
+__all__ = ["NODES", "TDMDistill", "TDMExtension", "TDMKSampler", "TDMLoraLoader", "TDMPromptList", "TDMSampler", "TDMScheduler"]

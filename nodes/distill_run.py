@@ -1,11 +1,15 @@
-"""The TDM Distill node's run: the iterations (progress bar, Cancel between iterations), the student's LoRA
-written to ``models/loras`` with TDM metadata (atomically), the teacher with that LoRA applied, and a report
-that says plainly when the student did not learn."""
+"""The TDM Distill node's run: the iterations (progress bar with the student's preview, Cancel between
+iterations, checkpoints and resume), the student's LoRA written to ``models/loras`` with TDM metadata
+(atomically), the teacher with that LoRA applied, a loss plot and a report that says plainly when the student
+did not learn."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -16,12 +20,18 @@ import folder_paths
 
 from .comfy_sigmas import TDM_INFO_ATTACHMENT
 from .core_import import TDMInfo, learning_rates, lora_files, progress
+from . import distill_checkpoint
 from .distill import Distiller, DistillOptions
-from .distill_adapters import STUDENT
+from .distill_adapters import FAKE_SCORE, STUDENT
+from .distill_checkpoint import Checkpoints, RunState, checkpoint_path, start_or_resume
+from .distill_fingerprint import run_fingerprint
+from .distill_monitor import Monitor
 from .distill_schedule import prediction_type_of
 from .lora_apply import FAMILY_OF_CONFIG
+from .loss_plot import as_comfy_image, loss_plot
 
 LORA_EXTENSION = ".safetensors"
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 @dataclass
@@ -30,6 +40,10 @@ class DistillResult:
     lora: dict  # the student LoRA as a LORA_MODEL (stock SaveLoRA's input)
     path: str  # where the LoRA file was written
     report: str
+    plot: torch.Tensor  # IMAGE [1, H, W, 3]: losses and how far the student moved
+    history: list  # one metrics dict per iteration (a resumed run: the checkpoint's, then its own)
+    fake_score: dict  # the fake score's LoRA at the end, in the LORA_MODEL layout (not written: it only serves training)
+    probes: list  # [(iteration, how far the student moved)]
 
 
 def lora_path(lora_name: str) -> str:
@@ -81,23 +95,61 @@ def report(history: list[dict], change: float, options: DistillOptions, path: st
     return text
 
 
-def distill(model, positives: list, negative, latent: dict, options: DistillOptions, lora_name: str) -> DistillResult:
-    """Distil ``model`` into a K-step student LoRA; Cancel stops between iterations (nothing is written)."""
+@contextlib.contextmanager
+def saved_on_cancel(store: Checkpoints, distiller: Distiller, state: RunState) -> Iterator[None]:
+    """Around the two places Cancel can come between iterations: the node's own check and the progress bar's
+    update (the server's progress hook raises the interrupt itself: main.py's hook calls
+    ``throw_exception_if_processing_interrupted``). The state after the last whole iteration is saved (one file
+    write, cheap beside an iteration) before the interrupt goes up to the executor."""
+    try:
+        yield
+    except comfy.model_management.InterruptProcessingException:
+        store.save(distiller, state)
+        raise
+
+
+def train(distiller: Distiller, options: DistillOptions, store: Checkpoints, monitor: Monitor, state: RunState) -> float:
+    """The iterations from ``state`` on; returns the last probe (how far the student moved)."""
+    bar = comfy.utils.ProgressBar(options.iterations)
+    if state.iteration:
+        bar.update_absolute(state.iteration)
+    for number in range(state.iteration + 1, options.iterations + 1):
+        with saved_on_cancel(store, distiller, state):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        metrics = distiller.iterate()
+        check_finite(metrics, number)
+        state.history.append(metrics)
+        state.iteration = number
+        preview = monitor.observe(number, state.probes)
+        if store.due(number, options.iterations):
+            store.save(distiller, state)
+        with saved_on_cancel(store, distiller, state):
+            bar.update_absolute(number, options.iterations, preview)
+    if not state.probes or state.probes[-1][0] != options.iterations:  # e.g. resumed at the end
+        state.probes.append((options.iterations, monitor.measure()[0]))
+    return state.probes[-1][1]
+
+
+def distill(model, positives: list, negative, latent: dict, options: DistillOptions, lora_name: str,
+            checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> DistillResult:
+    """Distil ``model`` into a K-step student LoRA. Cancel stops between iterations and keeps a checkpoint
+    (``distill_checkpoint``); the same inputs queued again resume from it; a finished run deletes it."""
     path = lora_path(lora_name)
     distiller = Distiller(model, positives, negative, latent["samples"].shape, options)
-    bar, history = comfy.utils.ProgressBar(options.iterations), []
+    store = Checkpoints(checkpoint_path(path), run_fingerprint(model, positives, negative, distiller.latent_shape, options), checkpoint_every)
     try:
-        for number in range(1, options.iterations + 1):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            metrics = distiller.iterate()
-            check_finite(metrics, number)
-            history.append(metrics)
-            bar.update(1)
-        change = distiller.probe_change()
+        state, note = start_or_resume(distiller, store, options.iterations)
+        if note:
+            logging.info("TDM Distill: %s", note)
+        change = train(distiller, options, store, Monitor(distiller, model, options.iterations), state)
     finally:
         distiller.release()
     lora, info = distiller.adapters.lora_state(STUDENT), tdm_info(model, distiller, options.iterations)
     write_lora(lora, path, info)
+    distill_checkpoint.remove(store.path)  # finished: the same inputs queued again train afresh
     student_model = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
     student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
-    return DistillResult(student_model, lora, path, report(history, change, options, path))
+    text = report(state.history, change, options, path)
+    plot = as_comfy_image(loss_plot(state.history, state.probes))
+    return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, plot, state.history,
+                         distiller.adapters.lora_state(FAKE_SCORE), state.probes)

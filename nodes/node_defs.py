@@ -6,9 +6,10 @@ from comfy_api.latest import io
 
 from .comfy_sigmas import tdm_sigmas
 from .distill import DistillOptions
-from .distill_run import distill
+from .distill_run import DEFAULT_CHECKPOINT_EVERY, distill
 from .grid_choice import DEFAULT_CUSTOM_TIMESTEPS, GRID_CHOICES
 from .lora_keys import read_lora_file
+from .prompt_list import NO_FILE, encode_prompts, file_fingerprint, prompt_files
 from .sampling import tdm_ksample
 from .steps_aware import apply_tdm_lora
 from .tdm_sampler import NOISE_STARTS, SOLVERS, TDMSamplerObject
@@ -180,7 +181,7 @@ class TDMDistill(io.ComfyNode):
             node_id="TDMDistill",
             display_name="TDM Distill",
             category="training/tdm",
-            description="Distils the model as the graph gives it (its LoRAs, shift and patches included) into a few-step TDM student LoRA (Trajectory Distribution Matching, data-free): the same iteration as the headless trainer, on ComfyUI's own model. Writes the LoRA to models/loras with TDM metadata. Checked on SD1.5 only so far.",
+            description="Distils the model as the graph gives it (its LoRAs, shift and patches included) into a few-step TDM student LoRA (Trajectory Distribution Matching, data-free): the same iteration as the headless trainer, on ComfyUI's own model. Writes the LoRA to models/loras with TDM metadata; checkpoints let a cancelled run resume when queued again; the progress bar previews the student's sample. Checked on SD1.5 only so far.",
             is_input_list=True,  # positive may be a list of conditionings, one per prompt
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: the model as you sample it (checkpoint, LoRAs, ModelSampling shift). Its own noise schedule and prediction type are used."),
@@ -196,26 +197,68 @@ class TDMDistill(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of every random draw (prompts, noise, times, LoRA initialisation): a run is reproducible."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute the model's blocks in backward (less memory, slower); gradients stay the same."),
                 io.String.Input("lora_name", default="tdm_student", tooltip="File name of the student LoRA written to models/loras (.safetensors added); an existing file is replaced."),
+                io.Int.Input("checkpoint_every", default=DEFAULT_CHECKPOINT_EVERY, min=0, max=100000,
+                             tooltip="Save the run's state to models/loras/<lora_name>.tdmckpt every this many iterations (0: only when cancelled). "
+                                     "Cancel keeps it; queueing the same inputs again resumes from it; a finished run deletes it."),
                 io.Conditioning.Input("negative", optional=True, tooltip="The empty-prompt conditioning (CLIPTextEncode of \"\") for the teacher's guidance; needed when cfg is above 1."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The teacher with the student LoRA applied: sample it with TDM KSampler at K steps."),
                 io.Custom("LORA_MODEL").Output(display_name="LORA_MODEL", tooltip="The student LoRA, as stock SaveLoRA and Load LoRA Model take it."),
                 io.String.Output(display_name="report", tooltip="What was trained and how far the student moved from the teacher; says plainly when it did not learn."),
+                io.Image.Output(display_name="plot", tooltip="Loss curves of the fake score and the student, and how far the student's samples moved from the teacher's, over the iterations."),
             ],
         )
 
     @classmethod
     def execute(cls, model, positive, latent, steps, iterations, cfg, lora_rank, fake_score_learning_rate, student_learning_rate,
-                batch_size, seed, gradient_checkpointing, lora_name, negative=None) -> io.NodeOutput:
-        one = first_of_lists({"model": model, "latent": latent, "steps": steps, "iterations": iterations, "cfg": cfg, "rank": lora_rank,
+                batch_size, seed, gradient_checkpointing, lora_name, checkpoint_every=None, negative=None) -> io.NodeOutput:
+        every = checkpoint_every if checkpoint_every is not None else [DEFAULT_CHECKPOINT_EVERY]
+        one = first_of_lists({"checkpoint_every": every, "model": model, "latent": latent, "steps": steps, "iterations": iterations, "cfg": cfg, "rank": lora_rank,
                               "fake": fake_score_learning_rate, "student": student_learning_rate, "batch_size": batch_size, "seed": seed,
                               "checkpointing": gradient_checkpointing, "lora_name": lora_name, "negative": negative})
         options = DistillOptions(steps=one["steps"], iterations=one["iterations"], cfg=one["cfg"], rank=one["rank"],
                                  fake_score_lr=one["fake"] or None, student_lr=one["student"] or None, batch_size=one["batch_size"],
                                  seed=one["seed"], gradient_checkpointing=one["checkpointing"])
-        result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"])
-        return io.NodeOutput(result.model, result.lora, result.report)
+        result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"], one["checkpoint_every"])
+        return io.NodeOutput(result.model, result.lora, result.report, result.plot)
 
 
-NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader, TDMDistill]
+class TDMPromptList(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMPromptList",
+            display_name="TDM Prompt List",
+            category="training/tdm",
+            description="Encodes many prompts at once for TDM Distill: one prompt per line of text and / or of a .txt file (or one JSON object "
+                        "{\"prompt\": ...} / {\"text\": ...} per line of a .jsonl file) in ComfyUI's input folder, each as CLIPTextEncode encodes it. "
+                        "Outputs the list of prompt conditionings (TDM Distill's positive) and the empty prompt's (its negative).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder of the model you distil (the checkpoint loader's CLIP)."),
+                io.String.Input("text", multiline=True, default="", tooltip="One prompt per line; blank lines are skipped. Used together with prompt_file (text lines first)."),
+                io.Combo.Input("prompt_file", options=[NO_FILE, *prompt_files()], default=NO_FILE,
+                               tooltip="A .txt (one prompt per line) or .jsonl ({\"prompt\": ...} or {\"text\": ...} per line) file in ComfyUI's input folder; (none): text only."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="prompts", is_output_list=True, tooltip="One conditioning per prompt, as a list: connect to TDM Distill's positive."),
+                io.Conditioning.Output(display_name="empty_prompt", tooltip="The empty prompt's conditioning: connect to TDM Distill's negative (needed at cfg above 1)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt_file=None):
+        # only listed names: also keeps '../' and absolute paths out
+        return combo_problem("prompt_file", prompt_file, [NO_FILE, *prompt_files()])
+
+    @classmethod
+    def fingerprint_inputs(cls, clip=None, text=None, prompt_file=None):
+        return file_fingerprint(prompt_file)  # an edited file re-runs the node (clip and text are compared by ComfyUI itself)
+
+    @classmethod
+    def execute(cls, clip, text, prompt_file=NO_FILE) -> io.NodeOutput:
+        prompts, empty = encode_prompts(clip, text, prompt_file)
+        return io.NodeOutput(prompts, empty)
+
+
+NODES = [TDMScheduler, TDMSampler, TDMKSampler, TDMLoraLoader, TDMDistill, TDMPromptList]

@@ -133,20 +133,24 @@ def test_node_schemas_have_tooltips_descriptions_and_the_agreed_names(pack):
     extension = asyncio.run(root.comfy_entrypoint())
     node_list = asyncio.run(extension.get_node_list())
     schemas = {cls.define_schema().node_id: cls.define_schema() for cls in node_list}
-    assert set(schemas) == {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader", "TDMDistill"}
+    assert set(schemas) == {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader", "TDMDistill", "TDMPromptList"}
     expected_inputs = {
         "TDMScheduler": ["model", "steps", "grid", "custom_timesteps", "denoise"],
         "TDMSampler": ["solver", "gamma", "noise_start"],
         "TDMKSampler": ["model", "seed", "steps", "grid", "cfg", "positive", "latent_image", "denoise", "negative"],
         "TDMLoraLoader": ["model", "lora_name", "strength_model", "use_recommended_strength", "strength_clip", "clip"],
         "TDMDistill": ["model", "positive", "latent", "steps", "iterations", "cfg", "lora_rank", "fake_score_learning_rate",
-                       "student_learning_rate", "batch_size", "seed", "gradient_checkpointing", "lora_name", "negative"],
+                       "student_learning_rate", "batch_size", "seed", "gradient_checkpointing", "lora_name", "checkpoint_every", "negative"],
+        "TDMPromptList": ["clip", "text", "prompt_file"],
     }
     for node_id, schema in schemas.items():
         assert schema.description, node_id
         assert [i.id for i in schema.inputs] == expected_inputs[node_id]
         assert all(i.tooltip for i in schema.inputs), node_id
-        assert schema.category == {"TDMLoraLoader": "loaders", "TDMDistill": "training/tdm"}.get(node_id, "sampling/tdm")
+        assert schema.category == {"TDMLoraLoader": "loaders", "TDMDistill": "training/tdm", "TDMPromptList": "training/tdm"}.get(node_id, "sampling/tdm")
+    # new outputs go after the old ones, so saved workflows keep their links
+    assert [o.get_io_type() for o in schemas["TDMDistill"].outputs] == ["MODEL", "LORA_MODEL", "STRING", "IMAGE"]
+    assert [(o.get_io_type(), o.is_output_list) for o in schemas["TDMPromptList"].outputs] == [("CONDITIONING", True), ("CONDITIONING", False)]
     grid = next(i for i in schemas["TDMScheduler"].inputs if i.id == "grid")
     assert grid.options == ["auto", "reference", "diffusers_leading", "diffusers_trailing", "dpmsolver_leading_sd15", "cogvideox", "custom"]
     steps = next(i for i in schemas["TDMKSampler"].inputs if i.id == "steps")
