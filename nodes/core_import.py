@@ -5,12 +5,12 @@ so ``tdm_core`` is a sibling sub-package there; in a plain checkout on ``sys.pat
 """
 try:
     from .. import tdm_core
-    from ..tdm_core import atomic, grids, iteration, learning_rates, lora_files, lora_targets, metadata, optimiser, progress, releases, samplers, schedules
+    from ..tdm_core import atomic, fidelity, grids, iteration, learning_rates, lora_files, lora_targets, metadata, optimiser, progress, releases, samplers, schedules
 except ImportError:  # nodes imported as a top-level package (no parent package)
     import tdm_core
-    from tdm_core import atomic, grids, iteration, learning_rates, lora_files, lora_targets, metadata, optimiser, progress, releases, samplers, schedules
+    from tdm_core import atomic, fidelity, grids, iteration, learning_rates, lora_files, lora_targets, metadata, optimiser, progress, releases, samplers, schedules
 
 TDMInfo = metadata.TDMInfo
 
-__all__ = ["TDMInfo", "atomic", "grids", "iteration", "learning_rates", "lora_files", "lora_targets", "metadata", "optimiser", "progress", "releases", "samplers",
+__all__ = ["TDMInfo", "atomic", "fidelity", "grids", "iteration", "learning_rates", "lora_files", "lora_targets", "metadata", "optimiser", "progress", "releases", "samplers",
            "schedules", "tdm_core"]

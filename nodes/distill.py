@@ -198,14 +198,6 @@ class Distiller:
         with torch.inference_mode(False), torch.no_grad():
             return sample_tdm(denoise, noise, self.options.grid(), self.schedule.schedule, PREDICTION_TYPE)
 
-    def probe_change(self) -> float:
-        """The student's K-step samples against the teacher's on fixed noise and the first prompts
-        (tdm_core.progress): 0 for an untrained student."""
-        rows = list(range(min(progress.PROBE_SIZE, len(self.positives))))
-        noise = torch.randn((len(rows), *self.latent_shape[1:]), generator=torch.Generator().manual_seed(progress.PROBE_SEED)).to(self.device)
-        return progress.relative_change(self.k_step_samples(STUDENT, rows, noise), self.k_step_samples(None, rows, noise))
-
-    # --- one iteration -----------------------------------------------------------------------------------------
     def iteration_denoisers(self, rows: list[int], noise: torch.Tensor) -> iteration.TDMDenoisers:
         conditionings = {"positive": batch_conditioning(self.positives, rows), "negative": self.negative}
         conds = processed_conds(self.patcher, conditionings, torch.zeros_like(noise), self.options.seed)

@@ -10,7 +10,7 @@ import torch
 
 import latent_preview
 
-from .core_import import progress
+from .core_import import fidelity, progress
 from .distill_adapters import STUDENT
 
 PREVIEW_FORMAT = "JPEG"  # what ComfyUI's sampler previews send
@@ -23,8 +23,8 @@ def monitor_interval(iterations: int) -> int:
 
 
 class Monitor:
-    """The probe (rows and noise as ``Distiller.probe_change``, so the last point is the report's number)
-    and the previewer (None when ComfyUI's preview method is 'none': no preview images, as for KSampler)."""
+    """The probe (the first prompts on the probe's fixed noise; the last point is the report's number), the
+    per-step fidelity at the end (``tdm_core.fidelity``, as the trainer's final word) and the previewer (None when ComfyUI's preview method is 'none': no preview images, as for KSampler)."""
 
     def __init__(self, distiller, model, iterations: int):
         self.distiller = distiller
@@ -46,6 +46,16 @@ class Monitor:
             self.teacher = self.distiller.k_step_samples(None, self.rows, noise)
         student = self.distiller.k_step_samples(STUDENT, self.rows, noise)
         return progress.relative_change(student, self.teacher), student
+
+    def fidelity(self) -> list[dict]:
+        """Per student step: the gap to the teacher's guided ODE from the probe's noise, the fake score's and the
+        teacher's denoising error on the student's predictions, the DM-to-CFG ratio (tdm_core.fidelity)."""
+        noise = self.noise_cpu.to(self.distiller.device)
+        denoisers = self.distiller.iteration_denoisers(self.rows, noise)
+        settings, schedule = self.distiller.options.settings(), self.distiller.schedule.schedule
+        with torch.inference_mode(False), torch.no_grad():
+            points = fidelity.teacher_ode_points(denoisers.teacher, noise, settings, schedule)
+            return fidelity.step_fidelity(denoisers, noise, settings, schedule, points)
 
     def preview(self, samples: torch.Tensor):
         """ComfyUI's preview tuple of the first prompt's sample, or None without a previewer."""

@@ -19,7 +19,7 @@ import comfy.utils
 import folder_paths
 
 from .comfy_sigmas import TDM_INFO_ATTACHMENT
-from .core_import import TDMInfo, learning_rates, lora_files, progress
+from .core_import import TDMInfo, fidelity, learning_rates, lora_files, progress
 from . import distill_checkpoint
 from .distill import Distiller, DistillOptions
 from .distill_adapters import FAKE_SCORE, STUDENT
@@ -76,7 +76,7 @@ def check_finite(metrics: dict, iteration_number: int) -> None:
                              "(or keep the model in fp32) and queue again")
 
 
-def report(history: list[dict], change: float, options: DistillOptions, path: str) -> str:
+def report(history: list[dict], change: float, options: DistillOptions, path: str, steps: list[dict]) -> str:
     rates = options.rates()
     fake_start, fake_end = progress.trend([m["loss_fake"] for m in history])
     student_start, student_end = progress.trend([m["loss_student"] for m in history])
@@ -84,6 +84,11 @@ def report(history: list[dict], change: float, options: DistillOptions, path: st
             f"learning rates fake score {rates['fake_score']:.3g} / student {rates['student']:.3g}, batch {options.batch_size}.\n"
             f"student vs teacher: {options.steps}-step samples changed by {100 * change:.1f}%; fake-score loss {fake_start:.4g} -> "
             f"{fake_end:.4g}, student loss {student_start:.4g} -> {student_end:.4g} (first vs last tenth).\nLoRA: {path}")
+    text += ("\nPer student step on the probe: its point vs the teacher's guided ODE from the same noise (paired, moments), "
+             "the fake score's vs the teacher's denoising error, distribution matching vs guidance:\n" + fidelity.fidelity_table(steps))
+    worst = fidelity.drifting_step(steps)
+    if worst is not None:
+        text += f"\nThe gap to the teacher grows most at step {worst} of {len(steps)}."
     grown = progress.diverging({"fake-score": [m["loss_fake"] for m in history], "student": [m["loss_student"] for m in history]},
                                learning_rates.LR_WARMUP_STEPS)
     if grown:  # the trainer's rule (tdm_core.progress): a loss that grew several-fold after the warm-up
@@ -141,7 +146,9 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
         state, note = start_or_resume(distiller, store, options.iterations)
         if note:
             logging.info("TDM Distill: %s", note)
-        change = train(distiller, options, store, Monitor(distiller, model, options.iterations), state)
+        monitor = Monitor(distiller, model, options.iterations)
+        change = train(distiller, options, store, monitor, state)
+        steps = monitor.fidelity()
     finally:
         distiller.release()
     lora, info = distiller.adapters.lora_state(STUDENT), tdm_info(model, distiller, options.iterations)
@@ -149,7 +156,7 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
     distill_checkpoint.remove(store.path)  # finished: the same inputs queued again train afresh
     student_model = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
     student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
-    text = report(state.history, change, options, path)
+    text = report(state.history, change, options, path, steps)
     plot = as_comfy_image(loss_plot(state.history, state.probes))
     return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, plot, state.history,
                          distiller.adapters.lora_state(FAKE_SCORE), state.probes)

@@ -139,6 +139,12 @@ def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(g
 def test_the_report_says_when_the_student_did_not_learn(graph, lora_folder):
     report = run_node(graph, "frozen_student", iterations=2, rate=1e-12)[2]
     assert "did not learn" in report, report
+    # the per-step fidelity (tdm_core.fidelity, as in the trainer's final word): K rows; an untrained fake score is
+    # the teacher, so its denoising error is the teacher's and the distribution-matching term is 0 against guidance
+    table = report.split("distribution matching vs guidance:\n")[1].splitlines()
+    rows = [line.split() for line in table[1:5]]
+    assert table[0].startswith("step") and [r[1] for r in rows] == ["899", "674", "449", "224"], report
+    assert all(r[4] == r[5] and float(r[6]) < 1e-3 for r in rows), report
 
 
 def test_the_report_flags_a_diverging_run_with_the_trainers_rule(pack):
@@ -150,9 +156,9 @@ def test_the_report_flags_a_diverging_run_with_the_trainers_rule(pack):
     steps = 60
     rising = [{"loss_fake": 0.04 * (1.35 / 0.04) ** (i / (steps - 1)), "loss_student": 0.01} for i in range(steps)]
     flat = [{"loss_fake": 0.04, "loss_student": 0.01} for _ in range(steps)]
-    flagged = report(rising, 0.2, DistillOptions(iterations=steps), "x.safetensors")
+    flagged = report(rising, 0.2, DistillOptions(iterations=steps), "x.safetensors", [])
     assert "the run diverged" in flagged and "fake-score loss grew" in flagged, flagged
-    assert "diverged" not in report(flat, 0.2, DistillOptions(iterations=steps), "x.safetensors")
+    assert "diverged" not in report(flat, 0.2, DistillOptions(iterations=steps), "x.safetensors", [])
 
 
 def test_missing_negative_at_cfg_above_one_names_the_fix(graph, lora_folder):
