@@ -21,8 +21,9 @@ import comfy.sample
 from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch as checkpoint_forward, unpatch as plain_forward
 
 from .core_import import grids, iteration, learning_rates, optimiser, progress, samplers
-from .distill_adapters import FAKE_SCORE, ROLES, STUDENT, TDMAdapters, add_tdm_adapters
+from .distill_adapters import FAKE_SCORE, ROLES, STUDENT, add_tdm_adapters
 from .distill_conditions import batch_conditioning, processed_conds
+from .distill_experts import WAN22_T2V_BOUNDARY, Expert, JointAdapters, check_experts, routed_denoisers
 from .distill_inplace import copy_block_inputs, protect_norm_inputs, remove_hooks, restore_block_inputs
 from .distill_model import comfy_denoisers
 from .distill_schedule import PREDICTION_TYPE, ComfySchedule, schedule_of
@@ -49,6 +50,7 @@ class DistillOptions:
     total_steps: int = 900
     max_grad_norm: float = 1.0
     distance: str = "huber"
+    boundary: float = WAN22_T2V_BOUNDARY  # sigma where a low_noise_model takes over (two experts only)
 
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
@@ -120,16 +122,23 @@ class Distiller:
     prompt), ``negative`` the empty-prompt one (needed at cfg != 1), ``latent_shape`` the shape of one
     training latent (its batch entry is replaced by ``options.batch_size``)."""
 
-    def __init__(self, model, positives: list, negative: Optional[list], latent_shape, options: DistillOptions):
+    def __init__(self, model, positives: list, negative: Optional[list], latent_shape, options: DistillOptions, low_noise_model=None):
         check_options(options, len(positives), negative is not None)
         self.options, self.positives, self.negative = options, positives, negative
         self.schedule: ComfySchedule = schedule_of(model)
         grids.check_grid(options.grid(), self.schedule.num_timesteps, self.schedule.flow)
+        if low_noise_model is not None:
+            check_experts(model, low_noise_model, options.boundary)
         self.latent_shape = (options.batch_size, *sampled_latent_shape(model, latent_shape)[1:])
-        self.patcher = model.clone()
         rates = options.rates()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; trainable tensors must not be made there
-            self.adapters: TDMAdapters = add_tdm_adapters(self.patcher, options.rank, options.lora_alpha(), options.seed)
+            self.experts: list[Expert] = []
+            for number, expert_model in enumerate(m for m in (model, low_noise_model) if m is not None):
+                patcher = expert_model.clone()
+                switch = self.experts[0].adapters.switch if self.experts else None  # one switch drives both experts
+                adapters = add_tdm_adapters(patcher, options.rank, options.lora_alpha(), options.seed + number, switch=switch)
+                self.experts.append(Expert(patcher, adapters))
+            self.adapters = JointAdapters(self.experts)
             self.optimizers = {role: torch.optim.AdamW(self.adapters.parameters(role), lr=rates[role], betas=learning_rates.ADAMW_BETAS,
                                                        weight_decay=0.0) for role in ROLES}
             self.schedulers = {role: torch.optim.lr_scheduler.LambdaLR(opt, learning_rates.warmup_factor) for role, opt in self.optimizers.items()}
@@ -141,31 +150,41 @@ class Distiller:
         self.loaded = False
         self.hooks: list = []
 
+    @property
+    def patcher(self):
+        """The (first expert's) model clone the adapters are on."""
+        return self.experts[0].patcher
+
     # --- the model on the device, with the adapters' weight wrappers --------------------------------------
     def load(self) -> None:
-        """Load the clone the way sampling does (weight patches of the graph's LoRAs applied, wrappers
+        """Load the clones the way sampling does (weight patches of the graph's LoRAs applied, wrappers
         installed); gradient checkpointing wraps the diffusion model's top blocks as TrainLoraNode does."""
-        self.patcher.model.requires_grad_(False)
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
-        normal_tensors_(self.patcher.model)
-        self.patcher.pre_run()
-        self.hooks = protect_norm_inputs(self.patcher.model.diffusion_model)
-        if self.options.gradient_checkpointing:
-            for module in find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model):
-                copy_block_inputs(module)  # recomputed from inputs it must not have added into (Flux's in-place residuals)
-                checkpoint_forward(module)
+        patchers = [e.patcher for e in self.experts]
+        for patcher in patchers:
+            patcher.model.requires_grad_(False)
+        comfy.model_management.load_models_gpu(patchers, force_full_load=True)
+        for patcher in patchers:
+            normal_tensors_(patcher.model)
+            patcher.pre_run()
+            self.hooks += protect_norm_inputs(patcher.model.diffusion_model)
+            if self.options.gradient_checkpointing:
+                for module in find_all_highest_child_module_with_forward(patcher.model.diffusion_model):
+                    copy_block_inputs(module)  # recomputed from inputs it must not have added into (Flux's in-place residuals)
+                    checkpoint_forward(module)
         self.loaded = True
 
     def release(self) -> None:
         """Undo ``load``: plain forwards, the wrappers removed and the base weights restored."""
         if not self.loaded:
             return
-        for module in self.patcher.model.modules():
-            plain_forward(module)
-            restore_block_inputs(module)
         remove_hooks(self.hooks)
-        self.patcher.cleanup()
-        unload(self.patcher)
+        self.hooks = []
+        for patcher in [e.patcher for e in self.experts]:
+            for module in patcher.model.modules():
+                plain_forward(module)
+                restore_block_inputs(module)
+            patcher.cleanup()
+            unload(patcher)
         self.loaded = False
 
     @property
@@ -199,9 +218,18 @@ class Distiller:
             return sample_tdm(denoise, noise, self.options.grid(), self.schedule.schedule, PREDICTION_TYPE)
 
     def iteration_denoisers(self, rows: list[int], noise: torch.Tensor) -> iteration.TDMDenoisers:
+        """The three denoisers for a batch whose row ``b`` is prompt ``rows[b]``; with two experts each call goes
+        row by row to the expert that owns its sigma (``distill_experts``)."""
+        if len(self.experts) == 1:
+            return self.expert_denoisers(0, rows, noise)
+        return routed_denoisers(lambda e, positions: self.expert_denoisers(e, [rows[p] for p in positions], noise[positions]),
+                                self.schedule, self.options.boundary)
+
+    def expert_denoisers(self, number: int, rows: list[int], noise: torch.Tensor) -> iteration.TDMDenoisers:
+        expert = self.experts[number]
         conditionings = {"positive": batch_conditioning(self.positives, rows), "negative": self.negative}
-        conds = processed_conds(self.patcher, conditionings, torch.zeros_like(noise), self.options.seed)
-        return comfy_denoisers(self.patcher, self.adapters, self.schedule, conds["positive"], conds.get("negative"), self.options.cfg)
+        conds = processed_conds(expert.patcher, conditionings, torch.zeros_like(noise), self.options.seed)
+        return comfy_denoisers(expert.patcher, expert.adapters, self.schedule, conds["positive"], conds.get("negative"), self.options.cfg)
 
     def iterate(self) -> dict:
         """One fake-score update and one student update on a batch of ``batch_size`` rows (prompts drawn,

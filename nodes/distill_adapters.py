@@ -113,15 +113,16 @@ def targets_of(patcher) -> tuple:
     return lora_targets.comfy_block_targets(type(patcher.model.diffusion_model).__name__)
 
 
-def add_tdm_adapters(patcher, rank: int, alpha: float, seed: int, targets=None) -> TDMAdapters:
+def add_tdm_adapters(patcher, rank: int, alpha: float, seed: int, targets=None, switch: Optional[AdapterSwitch] = None) -> TDMAdapters:
     """Put the student and fake-score LoRAs (both zero change: both start as the teacher) on ``patcher``,
     a clone the caller owns; returns them with the switch set to the teacher. ``targets``: the layer names
-    to adapt, by default those of the MODEL's architecture."""
+    to adapt, by default those of the MODEL's architecture; ``switch``: one shared with another model's
+    adapters (two experts), else a new one."""
     if rank < 1:
         raise ValueError(f"LoRA rank {rank} must be at least 1: use e.g. 16")
     targets = targets_of(patcher) if targets is None else targets
     generator = torch.Generator().manual_seed(seed)
-    switch, layers = AdapterSwitch(), {}
+    switch, layers = switch or AdapterSwitch(), {}
     for name, module in sorted(target_layers(patcher, targets).items()):
         wrapper = SwitchedLora(switch, {role: new_lora(module.weight, rank, alpha, generator) for role in ROLES})
         patcher.add_weight_wrapper(f"{name}.weight", wrapper)

@@ -102,12 +102,16 @@ def settings_fingerprint(options) -> str:
     return _digest([plain_value(fields), plain_value(options.rates())])
 
 
-def run_fingerprint(model, positives: list, negative, latent_shape, options) -> dict[str, str]:
-    """``{part: hash}`` of the run: model, prompts, negative, settings, latent (shape with the batch)."""
-    return {
+def run_fingerprint(model, positives: list, negative, latent_shape, options, low_noise_model=None) -> dict[str, str]:
+    """``{part: hash}`` of the run: model (and a low-noise expert), prompts, negative, settings, latent (shape
+    with the batch)."""
+    parts = {
         "model": model_fingerprint(model),
         "prompts": conditioning_fingerprint(list(positives)),
         "negative": conditioning_fingerprint([negative] if negative is not None else []),
         "settings": settings_fingerprint(options),
         "latent shape": _digest([tuple(latent_shape)]),
     }
+    if low_noise_model is not None:
+        parts["low-noise model"] = model_fingerprint(low_noise_model)
+    return parts

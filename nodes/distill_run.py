@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -23,6 +23,7 @@ from .core_import import TDMInfo, fidelity, learning_rates, lora_files, progress
 from . import distill_checkpoint
 from .distill import Distiller, DistillOptions
 from .distill_adapters import FAKE_SCORE, STUDENT
+from .distill_experts import low_noise_suffix
 from .distill_checkpoint import Checkpoints, RunState, checkpoint_path, start_or_resume
 from .distill_fingerprint import run_fingerprint
 from .distill_monitor import Monitor
@@ -44,6 +45,9 @@ class DistillResult:
     history: list  # one metrics dict per iteration (a resumed run: the checkpoint's, then its own)
     fake_score: dict  # the fake score's LoRA at the end, in the LORA_MODEL layout (not written: it only serves training)
     probes: list  # [(iteration, how far the student moved)]
+    low_noise_model: object = None  # two experts: the low-noise expert with its student LoRA
+    low_noise_lora: Optional[dict] = None  # and that LoRA (written beside the first, "<lora_name>_low_noise")
+    low_noise_path: str = ""
 
 
 def lora_path(lora_name: str) -> str:
@@ -136,12 +140,15 @@ def train(distiller: Distiller, options: DistillOptions, store: Checkpoints, mon
 
 
 def distill(model, positives: list, negative, latent: dict, options: DistillOptions, lora_name: str,
-            checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> DistillResult:
-    """Distil ``model`` into a K-step student LoRA. Cancel stops between iterations and keeps a checkpoint
-    (``distill_checkpoint``); the same inputs queued again resume from it; a finished run deletes it."""
+            checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, low_noise_model=None) -> DistillResult:
+    """Distil ``model`` into a K-step student LoRA (with ``low_noise_model``: two experts, one LoRA each,
+    ``distill_experts``). Cancel stops between iterations and keeps a checkpoint (``distill_checkpoint``); the
+    same inputs queued again resume from it; a finished run deletes it."""
     path = lora_path(lora_name)
-    distiller = Distiller(model, positives, negative, latent["samples"].shape, options)
-    store = Checkpoints(checkpoint_path(path), run_fingerprint(model, positives, negative, distiller.latent_shape, options), checkpoint_every)
+    low_path = lora_path(low_noise_suffix(lora_name)) if low_noise_model is not None else ""
+    distiller = Distiller(model, positives, negative, latent["samples"].shape, options, low_noise_model)
+    fingerprint = run_fingerprint(model, positives, negative, distiller.latent_shape, options, low_noise_model)
+    store = Checkpoints(checkpoint_path(path), fingerprint, checkpoint_every)
     try:
         state, note = start_or_resume(distiller, store, options.iterations)
         if note:
@@ -151,12 +158,16 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
         steps = monitor.fidelity()
     finally:
         distiller.release()
-    lora, info = distiller.adapters.lora_state(STUDENT), tdm_info(model, distiller, options.iterations)
-    write_lora(lora, path, info)
+    students = []
+    for expert_model, lora, lora_file in zip((model, low_noise_model), distiller.adapters.lora_states(STUDENT), (path, low_path)):
+        info = tdm_info(expert_model, distiller, options.iterations)
+        write_lora(lora, lora_file, info)
+        student_model = comfy.sd.load_lora_for_models(expert_model, None, lora, 1.0, 0)[0]
+        student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
+        students.append((student_model, lora))
     distill_checkpoint.remove(store.path)  # finished: the same inputs queued again train afresh
-    student_model = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
-    student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
-    text = report(state.history, change, options, path, steps)
+    text = report(state.history, change, options, path + (f" and {low_path} (low-noise expert)" if low_path else ""), steps)
     plot = as_comfy_image(loss_plot(state.history, state.probes))
+    (student_model, lora), low = students[0], (students[1] if len(students) > 1 else (None, None))
     return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, plot, state.history,
-                         distiller.adapters.lora_state(FAKE_SCORE), state.probes)
+                         distiller.adapters.lora_state(FAKE_SCORE), state.probes, low[0], low[1], low_path)

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from .comfy_sigmas import tdm_sigmas
 from .distill import DistillOptions
+from .distill_experts import WAN22_I2V_BOUNDARY, WAN22_T2V_BOUNDARY
 from .distill_run import DEFAULT_CHECKPOINT_EVERY, distill
 from .grid_choice import DEFAULT_CUSTOM_TIMESTEPS, GRID_CHOICES
 from .lora_keys import read_lora_file
@@ -201,27 +202,34 @@ class TDMDistill(io.ComfyNode):
                              tooltip="Save the run's state to models/loras/<lora_name>.tdmckpt every this many iterations (0: only when cancelled). "
                                      "Cancel keeps it; queueing the same inputs again resumes from it; a finished run deletes it."),
                 io.Conditioning.Input("negative", optional=True, tooltip="The empty-prompt conditioning (CLIPTextEncode of \"\") for the teacher's guidance; needed when cfg is above 1."),
+                io.Model.Input("low_noise_model", optional=True, tooltip="Two-expert models (Wan 2.2 A14B): the low-noise expert, with model the high-noise one. Each expert gets its own student LoRA, trained on its side of the boundary with that expert as teacher; the second LoRA is written as <lora_name>_low_noise."),
+                io.Float.Input("boundary", default=WAN22_T2V_BOUNDARY, min=0.01, max=0.99, step=0.005, optional=True, tooltip=f"With low_noise_model: the sigma where the low-noise expert takes over, as in ComfyUI's Wan 2.2 A14B templates ({WAN22_T2V_BOUNDARY} text-to-video, {WAN22_I2V_BOUNDARY} image-to-video)."),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The teacher with the student LoRA applied: sample it with TDM KSampler at K steps."),
+                io.Model.Output(display_name="MODEL", tooltip="The teacher with the student LoRA applied: sample it with TDM KSampler at K steps. With two experts: the high-noise expert with its student."),
                 io.Custom("LORA_MODEL").Output(display_name="LORA_MODEL", tooltip="The student LoRA, as stock SaveLoRA and Load LoRA Model take it."),
                 io.String.Output(display_name="report", tooltip="What was trained and how far the student moved from the teacher; says plainly when it did not learn."),
                 io.Image.Output(display_name="plot", tooltip="Loss curves of the fake score and the student, and how far the student's samples moved from the teacher's, over the iterations."),
+                io.Model.Output(display_name="low_noise_MODEL", tooltip="With low_noise_model: the low-noise expert with its student LoRA (the second sampler of the two-model workflow). Without: nothing (leave unconnected)."),
+                io.Custom("LORA_MODEL").Output(display_name="low_noise_LORA_MODEL", tooltip="With low_noise_model: the low-noise expert's student LoRA. Without: nothing."),
             ],
         )
 
     @classmethod
     def execute(cls, model, positive, latent, steps, iterations, cfg, lora_rank, fake_score_learning_rate, student_learning_rate,
-                batch_size, seed, gradient_checkpointing, lora_name, checkpoint_every=None, negative=None) -> io.NodeOutput:
+                batch_size, seed, gradient_checkpointing, lora_name, checkpoint_every=None, negative=None, low_noise_model=None,
+                boundary=None) -> io.NodeOutput:
         every = checkpoint_every if checkpoint_every is not None else [DEFAULT_CHECKPOINT_EVERY]
         one = first_of_lists({"checkpoint_every": every, "model": model, "latent": latent, "steps": steps, "iterations": iterations, "cfg": cfg, "rank": lora_rank,
                               "fake": fake_score_learning_rate, "student": student_learning_rate, "batch_size": batch_size, "seed": seed,
-                              "checkpointing": gradient_checkpointing, "lora_name": lora_name, "negative": negative})
+                              "checkpointing": gradient_checkpointing, "lora_name": lora_name, "negative": negative,
+                              "low_noise_model": low_noise_model, "boundary": boundary if boundary is not None else [WAN22_T2V_BOUNDARY]})
         options = DistillOptions(steps=one["steps"], iterations=one["iterations"], cfg=one["cfg"], rank=one["rank"],
                                  fake_score_lr=one["fake"] or None, student_lr=one["student"] or None, batch_size=one["batch_size"],
-                                 seed=one["seed"], gradient_checkpointing=one["checkpointing"])
-        result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"], one["checkpoint_every"])
-        return io.NodeOutput(result.model, result.lora, result.report, result.plot)
+                                 seed=one["seed"], gradient_checkpointing=one["checkpointing"], boundary=one["boundary"])
+        result = distill(one["model"], list(positive), one["negative"], one["latent"], options, one["lora_name"], one["checkpoint_every"],
+                         one["low_noise_model"])
+        return io.NodeOutput(result.model, result.lora, result.report, result.plot, result.low_noise_model, result.low_noise_lora)
 
 
 class TDMPromptList(io.ComfyNode):

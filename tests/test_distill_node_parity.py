@@ -91,14 +91,14 @@ def trainer_lora(network, role: str) -> dict:
 
 
 def node_parameter(distiller, role: str, module: str, side: str):
-    return getattr(distiller.adapters.layers[module].loras[role], side).weight
+    return getattr(distiller.experts[0].adapters.layers[module].loras[role], side).weight
 
 
 def copy_trainer_loras(network, distiller, mapped) -> None:
     with torch.no_grad():
         for role in ROLES:
             params = trainer_lora(network, role)
-            assert len(params) == 2 * len(distiller.adapters.layers), "the two hosts adapt different layers"
+            assert len(params) == 2 * len(distiller.experts[0].adapters.layers), "the two hosts adapt different layers"
             for name, p in params.items():
                 node_parameter(distiller, role, *mapped(name)).copy_(p)
 

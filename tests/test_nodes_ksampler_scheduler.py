@@ -140,7 +140,8 @@ def test_node_schemas_have_tooltips_descriptions_and_the_agreed_names(pack):
         "TDMKSampler": ["model", "seed", "steps", "grid", "cfg", "positive", "latent_image", "denoise", "negative"],
         "TDMLoraLoader": ["model", "lora_name", "strength_model", "use_recommended_strength", "strength_clip", "clip"],
         "TDMDistill": ["model", "positive", "latent", "steps", "iterations", "cfg", "lora_rank", "fake_score_learning_rate",
-                       "student_learning_rate", "batch_size", "seed", "gradient_checkpointing", "lora_name", "checkpoint_every", "negative"],
+                       "student_learning_rate", "batch_size", "seed", "gradient_checkpointing", "lora_name", "checkpoint_every", "negative",
+                       "low_noise_model", "boundary"],
         "TDMPromptList": ["clip", "text", "prompt_file"],
     }
     for node_id, schema in schemas.items():
@@ -149,7 +150,7 @@ def test_node_schemas_have_tooltips_descriptions_and_the_agreed_names(pack):
         assert all(i.tooltip for i in schema.inputs), node_id
         assert schema.category == {"TDMLoraLoader": "loaders", "TDMDistill": "training/tdm", "TDMPromptList": "training/tdm"}.get(node_id, "sampling/tdm")
     # new outputs go after the old ones, so saved workflows keep their links
-    assert [o.get_io_type() for o in schemas["TDMDistill"].outputs] == ["MODEL", "LORA_MODEL", "STRING", "IMAGE"]
+    assert [o.get_io_type() for o in schemas["TDMDistill"].outputs] == ["MODEL", "LORA_MODEL", "STRING", "IMAGE", "MODEL", "LORA_MODEL"]
     assert [(o.get_io_type(), o.is_output_list) for o in schemas["TDMPromptList"].outputs] == [("CONDITIONING", True), ("CONDITIONING", False)]
     grid = next(i for i in schemas["TDMScheduler"].inputs if i.id == "grid")
     assert grid.options == ["auto", "reference", "diffusers_leading", "diffusers_trailing", "dpmsolver_leading_sd15", "cogvideox", "custom"]

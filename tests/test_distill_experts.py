@@ -1,0 +1,128 @@
+"""Issue 21: TDM Distill on a two-expert model (Wan 2.2 A14B: high-noise and low-noise transformers that hand
+over at a boundary sigma), on two tiny Wan 2.1-architecture ComfyUI models with their own random weights,
+both sampling with ModelSamplingSD3 shift 8 as ComfyUI's A14B templates do.
+
+Each row of every call goes to the expert that owns its sigma; each expert's student LoRA learns only from
+rows on its side (a boundary that gives every row to one expert leaves the other's LoRA at zero); both LoRAs
+load in stock LoraLoader on their expert with no skipped key and reproduce the node's student there."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import comfy_inprocess as h
+from tests.test_distill_node import stock_lora_loader
+
+SHIFT = 8.0
+KIND = "wan21"
+
+
+def shifted(model):
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    return ModelSamplingSD3().patch(model, SHIFT)[0]
+
+
+@pytest.fixture(scope="module")
+def experts(comfy, pack):
+    with torch.inference_mode():
+        high = shifted(h.build_model(KIND, seed=31))
+        low = shifted(h.build_model(KIND, seed=32))
+    positives = [h.conditioning(KIND, seed=s) for s in (1, 2, 4)]
+    return {"high": high, "low": low, "positives": positives, "negative": h.conditioning(KIND, seed=3),
+            "latent": {"samples": h.tiny_latent(KIND, size=8, frames=2)}}
+
+
+def run(experts, name: str, boundary: float, iterations: int = 2, **extra):
+    from comfyui_tdm_pack.nodes.node_defs import TDMDistill
+
+    inputs = dict(model=experts["high"], positive=experts["positives"], latent=experts["latent"], steps=4, iterations=iterations, cfg=2.0,
+                  lora_rank=4, fake_score_learning_rate=0.05, student_learning_rate=0.05, batch_size=4, seed=5, gradient_checkpointing=False,
+                  lora_name=name, checkpoint_every=0, negative=experts["negative"], low_noise_model=experts["low"], boundary=boundary)
+    inputs.update(extra)
+    with torch.inference_mode():
+        return TDMDistill.execute(**{k: [v] if k != "positive" else v for k, v in inputs.items()}).result
+
+
+def test_each_row_goes_to_the_expert_that_owns_its_sigma(experts):
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+
+    options = DistillOptions(batch_size=4, rank=4, cfg=2.0, boundary=0.875)
+    with torch.inference_mode():
+        distiller = Distiller(experts["high"], experts["positives"], experts["negative"], experts["latent"]["samples"].shape, options, experts["low"])
+    rows = [0, 1, 2, 0]
+    noise = torch.randn(distiller.latent_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([899.0, 500.0, 449.0, 224.0], dtype=torch.float64)
+    sigma = distiller.schedule.comfy_sigma(t)
+    assert sigma[1] >= 0.875 > sigma[2], sigma  # sigma(449) = 0.867 at shift 8: steps 3 and 4 of K = 4 are the low expert's
+    with torch.inference_mode(False), torch.no_grad():
+        distiller.load()
+        try:
+            routed = distiller.iteration_denoisers(rows, noise).teacher(noise, t)
+            alone = [distiller.expert_denoisers(e, rows, noise).teacher(noise, t) for e in (0, 1)]
+        finally:
+            distiller.release()
+    for part in (0, 1):  # conditional and unconditional passes
+        torch.testing.assert_close(routed[part][:2], alone[0][part][:2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(routed[part][2:], alone[1][part][2:], rtol=1e-5, atol=1e-6)
+        assert (alone[0][part][2:] - alone[1][part][2:]).abs().max() > 1e-3  # the experts differ: the routing is seen
+
+
+@pytest.mark.parametrize("boundary, trained", [(0.875, {"high", "low"}), (0.02, {"high"}), (0.99, {"low"})])
+def test_each_experts_student_learns_only_from_its_side_of_the_boundary(experts, lora_folder, boundary, trained):
+    result = run(experts, f"a14b_{int(boundary * 1000)}", boundary)
+    loras = {"high": result[1], "low": result[5]}
+    for side, lora in loras.items():
+        change = max(float(v.abs().max()) for k, v in lora.items() if k.endswith("lora_up.weight"))
+        if side in trained:
+            assert change > 1e-4, f"the {side}-noise student never trained ({change})"
+        else:  # no row on its side: its LoRA B stays exactly zero
+            assert change == 0.0, f"the {side}-noise student trained on the other expert's rows ({change})"
+    assert (lora_folder / f"a14b_{int(boundary * 1000)}.safetensors").is_file()
+    assert (lora_folder / f"a14b_{int(boundary * 1000)}_low_noise.safetensors").is_file()
+
+
+def test_both_loras_load_in_stock_loraloader_on_their_expert(experts, lora_folder, caplog, monkeypatch):
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+    from comfyui_tdm_pack.nodes.distill_adapters import STUDENT
+
+    probe, release = {}, Distiller.release
+
+    def recording_release(self):  # each expert's student x0 as the node trained it, just before it lets go
+        if self.loaded and not probe:
+            x_t = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(7))
+            t = torch.tensor([674.0, 674.0, 224.0, 224.0], dtype=torch.float64)
+            with torch.inference_mode(False), torch.no_grad(), self.adapters.switch.use(STUDENT):
+                probe.update(x_t=x_t, t=t, rows=[0, 1, 2, 0], experts=[self.expert_denoisers(e, [0, 1, 2, 0], x_t).student(x_t, t) for e in (0, 1)])
+        release(self)
+
+    monkeypatch.setattr(Distiller, "release", recording_release)
+    result = run(experts, "a14b_pair", 0.875, iterations=3)
+    assert "low-noise expert" in result[2]
+    for number, (expert, name) in enumerate([(experts["high"], "a14b_pair.safetensors"), (experts["low"], "a14b_pair_low_noise.safetensors")]):
+        loaded, skipped = stock_lora_loader(expert, name, caplog)
+        assert not skipped, skipped
+        with torch.inference_mode():
+            distiller = Distiller(loaded, experts["positives"], experts["negative"], experts["latent"]["samples"].shape,
+                                  DistillOptions(batch_size=4, rank=4))
+        with torch.inference_mode(False), torch.no_grad():
+            distiller.load()
+            try:
+                x0 = distiller.expert_denoisers(0, probe["rows"], probe["x_t"]).teacher(probe["x_t"], probe["t"])[0]
+            finally:
+                distiller.release()
+        error = float((x0 - probe["experts"][number]).abs().max())
+        assert error < 1e-4, f"expert {number}: stock LoraLoader's model is {error:.2e} from the node's student"
+
+
+def test_experts_on_different_schedules_are_refused(experts):
+    from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    with torch.inference_mode():
+        other = ModelSamplingSD3().patch(experts["low"], 5.0)[0]
+    with pytest.raises(ValueError, match="same ModelSamplingSD3 shift"):
+        Distiller(experts["high"], experts["positives"], experts["negative"], experts["latent"]["samples"].shape, DistillOptions(), other)
+    with pytest.raises(ValueError, match="different architectures"):
+        Distiller(experts["high"], experts["positives"], experts["negative"], experts["latent"]["samples"].shape, DistillOptions(),
+                  h.build_model("sd15_eps", seed=1))
