@@ -36,7 +36,7 @@ from .training import (
     generator_normaliser,
     generator_target_x_tilde,
     importance_weight,
-    min_snr_weight,
+    fake_score_weight,
     ode_point,
     teacher_cfg_x0,
 )
@@ -64,6 +64,7 @@ class TDMSettings:
     huber_c: Optional[float] = None
     interval_mode: str = "separate"
     randmid: bool = False
+    fake_score_weighting: str = "min_snr"  # tdm_core.training.fake_score_weight
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,14 @@ def draw_times(settings: TDMSettings, batch_size: int, generator: torch.Generato
     return tuple(x.to(device) for x in times)
 
 
-def noised_at_t(x0_hat: Tensor, eps_hat: Tensor, u: Tensor, t: Tensor, n: Tensor, schedule) -> tuple[Tensor, Tensor]:
+def noised_at_t(x0_hat: Tensor, eps_hat: Tensor, u: Tensor, t: Tensor, n: Tensor, schedule,
+                weighting: str = "min_snr") -> tuple[Tensor, Tensor]:
     """METHOD.md steps 3-4: the ODE point ``x_u`` diffused forward to ``x_t`` with the drawn noise ``n``;
-    returns ``(x_t, weight)`` with ``weight`` = min-SNR times the importance weight of step 5 (from the
-    effective noise m)."""
+    returns ``(x_t, weight)`` with ``weight`` = the fake-score weighting (min-SNR by default) times the
+    importance weight of step 5 (from the effective noise m)."""
     (a_u, s_u), (a_t, s_t) = schedule.alpha_sigma(u), schedule.alpha_sigma(t)
     x_t = diffuse_u_to_t(ode_point(x0_hat, eps_hat, a_u, s_u), n, a_u, s_u, a_t, s_t)
-    weight = importance_weight(effective_noise_m(eps_hat, n, a_u, s_u, a_t, s_t), n) * min_snr_weight(a_t, s_t)
+    weight = importance_weight(effective_noise_m(eps_hat, n, a_u, s_u, a_t, s_t), n) * fake_score_weight(a_t, s_t, weighting)
     return x_t, weight
 
 
@@ -153,7 +155,7 @@ def fake_score_draws(rollout: Rollout, settings: TDMSettings, schedule, generato
     with torch.no_grad():
         x0_hat, eps_hat = at_step(rollout.x0, i), at_step(rollout.eps, i)
         n = randn_on(x0_hat.shape, generator, x0_hat.device)
-        x_t, weight = noised_at_t(x0_hat, eps_hat, u, t, n, schedule)
+        x_t, weight = noised_at_t(x0_hat, eps_hat, u, t, n, schedule, settings.fake_score_weighting)
     return FakeScoreDraws(x_t, t, x0_hat, weight)
 
 

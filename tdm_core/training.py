@@ -78,6 +78,22 @@ def min_snr_weight(a_t: Tensor, s_t: Tensor, gamma: float = 5.0) -> Tensor:
     return snr(a_t, s_t).clamp(max=gamma)
 
 
+FAKE_SCORE_WEIGHTINGS = ("min_snr", "velocity", "x0")
+
+
+def fake_score_weight(a_t: Tensor, s_t: Tensor, weighting: str = "min_snr") -> Tensor:
+    # METHOD.md step 5's weight of the x0-space loss: min(SNR, 5) (the reference); "velocity": 1 / s^2, the
+    # x0-space form of a plain velocity MSE on a flow model (x0 = x_t - s v), as TDM-R1 trains its fake score;
+    # "x0": 1, an unweighted x0 MSE. Issue 22's ablation: min(SNR, 5) learns the first window 1/50 to 1/500 as fast
+    if weighting == "min_snr":
+        return min_snr_weight(a_t, s_t)
+    if weighting == "velocity":
+        return 1.0 / s_t**2
+    if weighting == "x0":
+        return torch.ones_like(s_t)
+    raise ValueError(f"unknown fake-score weighting {weighting!r}: use one of {', '.join(FAKE_SCORE_WEIGHTINGS)}")
+
+
 def fake_score_loss(x0_fake: Tensor, x0_hat: Tensor, weight: Tensor) -> Tensor:
     # METHOD.md step 5: weighted denoising score matching towards sg(x0_hat), in x0 space
     dims = tuple(range(1, x0_fake.ndim))

@@ -126,3 +126,22 @@ def test_moment_gap_is_the_channel_mean_shift_over_the_spread():
     assert fidelity.moment_gap(shifted, x) == pytest.approx(0.6 / float(std.pow(2).sum().sqrt()), rel=1e-5)
     video = torch.randn(8, 4, 3, 2, 2)  # (B, C, F, H, W): channels still on axis 1
     assert fidelity.channel_moments(video)[0].shape == (4,)
+
+
+def test_fake_score_weightings_are_min_snr_velocity_and_flat():
+    """Issue 22's ablation of the fake-score weighting: on a flow schedule "velocity" is 1/sigma^2, so the x0 loss
+    it weights is exactly the velocity MSE (x0 = x_t - sigma v); min(SNR, 5) is the reference."""
+    from tdm_core.training import fake_score_weight
+
+    schedule = FlowSchedule(shift=3.0, num_timesteps=1000)
+    t = torch.tensor([100.0, 450.0, 899.0], dtype=torch.float64)
+    a, s = schedule.alpha_sigma(t)
+    torch.testing.assert_close(fake_score_weight(a, s), ((a / s) ** 2).clamp(max=5.0))
+    torch.testing.assert_close(fake_score_weight(a, s, "x0"), torch.ones_like(s))
+    v_true, v_fake = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64).chunk(1)[0], torch.zeros(3, 4, dtype=torch.float64)
+    x_t = torch.randn(3, 4, dtype=torch.float64)
+    x0_true, x0_fake = x_t - s[:, None] * v_true, x_t - s[:, None] * v_fake
+    x0_mse = ((x0_fake - x0_true) ** 2).mean(1)
+    torch.testing.assert_close(x0_mse * fake_score_weight(a, s, "velocity"), ((v_fake - v_true) ** 2).mean(1))
+    with pytest.raises(ValueError, match="unknown fake-score weighting"):
+        fake_score_weight(a, s, "snr")

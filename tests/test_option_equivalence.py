@@ -211,6 +211,12 @@ def test_gradient_checkpointing_trains_what_the_plain_path_trains(family, step_o
     assert_same_step(step_of(family, gradient_checkpointing=True), step_of(family))
 
 
+def test_the_fake_score_weighting_flag_reaches_the_fake_score_loss(step_of):
+    """Not an equivalence: issue 22's ablation flag must change the fake score's loss and gradient."""
+    plain, flat = step_of("flux"), step_of("flux", fake_score_weighting="x0")
+    assert flat.losses["fake"] != plain.losses["fake"] and relative(flat.grads["fake_score"], plain.grads["fake_score"]) > 1e-2
+
+
 @pytest.mark.parametrize("family", WITH_CFG_PASS)
 def test_teacher_cfg_pair_in_two_calls_equals_one_batched_call(family, step_of):
     assert_same_step(step_of(family, batch_cfg=False), step_of(family))
