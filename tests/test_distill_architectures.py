@@ -258,8 +258,5 @@ def test_a_bf16_dit_trains_fp32_loras(comfy, pack, kind):
             metrics = [distiller.iterate() for _ in range(2)]
     finally:
         distiller.release()
-    for role in ("student", "fake_score"):
-        params = distiller.adapters.parameters(role)
-        assert {p.dtype for p in params} == {torch.float32}
-        assert {s.dtype for p in params for s in distiller.optimizers[role].state[p].values() if s.ndim} == {torch.float32}
+    h.assert_fp32_training_state(distiller)
     assert all(math.isfinite(m[k]) and m[k] > 0 for m in metrics for k in ("loss_fake", "loss_student", "grad_norm_fake", "grad_norm_student"))

@@ -17,16 +17,8 @@ LATENT = {"samples": torch.zeros(1, 4, 8, 8)}
 @pytest.fixture(scope="module")
 def graph(comfy, pack):
     """Teacher MODEL, prompt conditionings and the empty-prompt one, made with stock nodes."""
-    import nodes as comfy_nodes
-
     torch.set_num_threads(1)
-    with torch.inference_mode():
-        model = h.build_model("sd15_eps", seed=21)
-        clip = h.build_clip()
-        encode = comfy_nodes.CLIPTextEncode().encode
-        positives = [encode(clip, text)[0] for text in ("a red cat", "a blue dog", "the sea at night")]
-        negative = encode(clip, "")[0]
-    return {"model": model, "positives": positives, "negative": negative}
+    return h.sd15_graph()
 
 
 def run_node(graph, lora_name: str, iterations: int = 4, rate: float = 0.02, fake_rate: float | None = None, **extra):
@@ -234,10 +226,7 @@ def test_a_bf16_base_trains_fp32_loras_with_fp32_optimiser_state(comfy, pack):
             losses[dtype] = [distiller.iterate()["loss_fake"] for _ in range(2)]
         finally:
             distiller.release()
-        for role in ("student", "fake_score"):
-            params = distiller.adapters.parameters(role)
-            assert {p.dtype for p in params} == {torch.float32}
-            assert {s.dtype for p in params for s in distiller.optimizers[role].state[p].values() if s.ndim} == {torch.float32}
+        h.assert_fp32_training_state(distiller)
         assert next(model.model.diffusion_model.parameters()).dtype == dtype
     torch.testing.assert_close(torch.tensor(losses[torch.bfloat16]), torch.tensor(losses[torch.float32]), rtol=5e-2, atol=0)
 

@@ -15,23 +15,15 @@ from tests.helpers import comfy_executor as ex
 from tests.helpers import comfy_inprocess as h
 
 LATENT = {"samples": torch.zeros(1, 4, 8, 8)}
-TEXTS = ["a red cat", "a blue dog", "the sea at night"]
+TEXTS = list(h.SD15_PROMPTS)
 N, M, EVERY = 6, 3, 2  # iterations, cancel after, checkpoint interval
 SETTINGS = dict(steps=4, iterations=N, cfg=2.0, rank=4, fake_score_lr=0.02, student_lr=0.02, batch_size=2, seed=3)
 
 
 @pytest.fixture(scope="module")
 def graph(comfy, pack):
-    import nodes as comfy_nodes
-
     torch.set_num_threads(1)
-    with torch.inference_mode():
-        model = h.build_model("sd15_eps", seed=21)
-        clip = h.build_clip()
-        encode = comfy_nodes.CLIPTextEncode().encode
-        positives = [encode(clip, text)[0] for text in TEXTS]
-        negative = encode(clip, "")[0]
-    return {"model": model, "clip": clip, "positives": positives, "negative": negative}
+    return h.sd15_graph()
 
 
 @pytest.fixture(scope="module")

@@ -390,3 +390,28 @@ def diffusers_unet_sample(unet, scheduler, noise, cond):
             eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
             latents = scheduler.step(eps, t, latents).prev_sample
     return latents
+
+
+SD15_PROMPTS = ("a red cat", "a blue dog", "the sea at night")
+
+
+def sd15_graph(seed: int = 21) -> dict:
+    """A tiny SD1.5 teacher MODEL, its CLIP, three prompt conditionings and the empty prompt's, made with stock
+    CLIPTextEncode under inference mode (as ComfyUI's executor runs nodes): the TDM Distill tests' graph."""
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        model = build_model("sd15_eps", seed=seed)
+        clip = build_clip()
+        encode = comfy_nodes.CLIPTextEncode().encode
+        positives = [encode(clip, text)[0] for text in SD15_PROMPTS]
+        negative = encode(clip, "")[0]
+    return {"model": model, "clip": clip, "positives": positives, "negative": negative}
+
+
+def assert_fp32_training_state(distiller) -> None:
+    """Both roles' LoRA masters and AdamW state are float32, whatever the base's dtype."""
+    for role in ("student", "fake_score"):
+        params = distiller.adapters.parameters(role)
+        assert {p.dtype for p in params} == {torch.float32}
+        assert {s.dtype for p in params for s in distiller.optimizers[role].state[p].values() if s.ndim} == {torch.float32}
