@@ -127,7 +127,7 @@ def step_fidelity(denoisers: TDMDenoisers, noise: Tensor, settings: TDMSettings,
 
 
 def fidelity_table(steps: list[dict]) -> str:
-    """The per-step numbers as a few aligned text lines (logs, reports, the validation grid's caption)."""
+    """The per-step numbers as a few aligned text lines (logs, reports, the text beside each validation grid)."""
     lines = ["step  t    paired  moments  fake err  teacher err  DM/CFG"]
     for i, e in enumerate(steps):
         ratio = "-" if e.get("dm_to_cfg") is None else f"{e['dm_to_cfg']:.2f}"

@@ -55,10 +55,9 @@ def test_run_writes_lora_with_metadata_log_checkpoints_and_validation_grid(teach
     assert all(torch.isfinite(torch.tensor(entry["loss_fake"])) and entry["grad_norm_student"] > 0 for entry in log)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002", "step-00000003"]
     grid = Image.open(run_dir / "validation" / "step-00000003.png")
-    # teacher + student at 1, 2, 4 steps, one row per prompt; below, the probe's per-step fidelity as text (issue 22)
-    assert grid.width >= 4 * 16 and grid.height > 2 * 16 + 3 * 10
-    caption = grid.crop((0, 2 * 16, grid.width, grid.height)).convert("L")
-    assert caption.getextrema()[0] < 64 and caption.getextrema()[1] == 255, "no caption text below the grid"
+    assert grid.size == (4 * 16, 2 * 16)  # teacher + student at 1, 2, 4 steps, one row per prompt
+    table = (run_dir / "validation" / "step-00000003.txt").read_text()  # beside it, the probe's per-step fidelity
+    assert "step-00000003.png" in table and len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 2
     assert not list(output.parent.glob(".*")), "temporary files left beside the LoRA"
     # ComfyUI lists every file with these extensions under models/loras as a LoRA (folder_paths.py)
     model_files = [p for p in output.parent.rglob("*") if p.suffix in {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}]

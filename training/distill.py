@@ -216,10 +216,10 @@ def encode(family, prompts: list[str]) -> dict:
 
 
 def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int, fidelity: Optional[list] = None) -> None:
-    """The main process writes the grid, captioned with the probe's latest per-step fidelity; under FSDP2 every
-    process samples it (forwards are collective)."""
+    """The main process writes the grid and, beside it as text, the probe's latest per-step fidelity; under FSDP2
+    every process samples it (forwards are collective)."""
     from tdm_core.fidelity import fidelity_table
-    from tdm_core.atomic import save_png_atomic
+    from tdm_core.atomic import atomic_write, save_png_atomic
     from .validation import grid_image, validation_columns
 
     main = parts.accelerator.is_main_process
@@ -231,9 +231,13 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
                                          cfg.resolution, parts.accelerator.device, parts.grid, cfg.total_steps, parts.cfg_scale,
                                          cfg.teacher_validation_steps)
         if main:
-            caption = ("columns: teacher, student at 1, 2, 4 steps. Per student step vs the teacher's ODE (step " + str(step) + "):\n"
-                       + fidelity_table(fidelity)) if fidelity else ""
-            save_png_atomic(grid_image(columns, caption), cfg.run_dir() / "validation" / f"step-{step:08d}.png")
+            path = cfg.run_dir() / "validation" / f"step-{step:08d}.png"
+            save_png_atomic(grid_image(columns), path)
+            if fidelity:
+                with atomic_write(path.with_suffix(".txt")) as temp:
+                    temp.write_text(f"{path.name}: columns are the teacher, then the student at 1, 2, 4 steps.\n"
+                                    f"Per student step vs the teacher's ODE, on the probe at step {step}:\n"
+                                    + fidelity_table(fidelity) + "\n")
     parts.accelerator.wait_for_everyone()
 
 

@@ -62,26 +62,12 @@ def validation_columns(family, cond: dict, null_cond: dict, batch_size: int, res
     return [frames_as_image(family.decode(latents)).float().clamp(0, 1).cpu() for latents in columns]
 
 
-def grid_image(columns: list[torch.Tensor], caption: str = "") -> Image.Image:
-    """Rows = samples, columns = samplers, as one RGB image; ``caption`` (e.g. the per-step fidelity table)
-    is written in a strip below it."""
+def grid_image(columns: list[torch.Tensor]) -> Image.Image:
+    """Rows = samples, columns = samplers, as one RGB image."""
     tiles = [torch.cat([column[b] for column in columns], dim=2) for b in range(columns[0].shape[0])]  # (3, H, C*W)
     image = torch.cat(tiles, dim=1)
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    grid = Image.fromarray(array)
-    return with_caption(grid, caption) if caption else grid
-
-
-def with_caption(image: Image.Image, caption: str) -> Image.Image:
-    from PIL import ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = draw.multiline_textbbox((0, 0), caption, font=font)
-    out = Image.new("RGB", (max(image.width, right + 8), image.height + bottom + 8), "white")
-    out.paste(image, (0, 0))
-    ImageDraw.Draw(out).multiline_text((4, image.height + 4), caption, fill="black", font=font)
-    return out
+    return Image.fromarray(array)
 
 
 def write_validation_grid(path: Path, family, cond: dict, null_cond: dict, batch_size: int, resolution: int, device,
