@@ -21,7 +21,8 @@ import torch
 
 from tdm_core.metadata import TDMInfo
 from tdm_core.lora_files import write_lora_file
-from training.models import STUDENT, TrainingInputError, adapter_state_dict, base_model_hash
+from training.errors import TrainingInputError
+from training.models import STUDENT, adapter_state_dict, base_model_hash
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 

@@ -25,7 +25,8 @@ from tdm_core import grids, releases, sample_tdm
 from tdm_core.lora_files import read_lora_file
 from tdm_core.metadata import TDMInfo
 from tdm_core.atomic import atomic_write
-from training.models import TrainingInputError, load_family
+from training.errors import TrainingInputError
+from training.models import load_family
 from training.precision import WEIGHT_DTYPES, Precision
 
 EXIT_BAD_INPUT = 2

@@ -188,7 +188,7 @@ def load_digits_family(model_path, device="cpu", dtype=torch.float32, config_pat
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from training.models import TrainingInputError
+    from training.errors import TrainingInputError
 
     root = Path(model_path)
     needed = [root / "unet" / "config.json", root / "scheduler" / "scheduler_config.json", root / EMBEDDINGS_FILE]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from training.errors import TrainingInputError
+
 
 def network_from_state(model_class, config: dict, state: dict[str, torch.Tensor], file_name: str, what: str, fix: str,
                        dtype=torch.float32):
@@ -12,7 +14,6 @@ def network_from_state(model_class, config: dict, state: dict[str, torch.Tensor]
     model makes itself (rope tables) stay real (accelerate's ``init_empty_weights``)."""
     from accelerate import init_empty_weights
 
-    from training.models import TrainingInputError
 
     with init_empty_weights():
         model = model_class.from_config({k: v for k, v in config.items() if not k.startswith("_")})
