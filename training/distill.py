@@ -26,12 +26,11 @@ from tdm_core.training import pseudo_huber_c_for
 
 from .checkpoint import check_processes_agree, latest_checkpoint, remove_interrupted_writes, restore_state, write_checkpoint
 from .config import DistillConfig, parse_config, read_prompts
-from .errors import ConfigError, NonFiniteLoss, TrainingInputError
+from .errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_OK, ConfigError, NonFiniteLoss, TrainingInputError
 from .loop import LoopParts, tdm_iteration
 from .models import FAKE_SCORE, STUDENT, TDM_ADAPTERS
 from .precision import Precision, save_dtype
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 2, 3
 # test hook: sleep this many seconds after the LoRA's temporary file is complete, before the rename
 PAUSE_LORA_ENV = "TDM_TEST_PAUSE_IN_LORA_WRITE"
 STAGING_SUFFIX = ".tdm-export"

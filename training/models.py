@@ -201,10 +201,12 @@ def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None
 
 def _load_registered(name: str, path: Path, device, dtype, config_path):
     if name not in FAMILY_LOADERS:
-        try:  # a plug-in family lives in training/families/<name>.py and registers itself on import
-            importlib.import_module(f"training.families.{name}")
+        try:  # a plug-in family lives in training/families/<name>.py and names its loader FAMILY_LOADER
+            module = importlib.import_module(f"training.families.{name}")
         except ModuleNotFoundError:
-            pass
+            module = None
+        if getattr(module, "FAMILY_LOADER", None) is not None:
+            register_family(name, module.FAMILY_LOADER)
     if name not in FAMILY_LOADERS:
         raise TrainingInputError(f"unknown model family {name!r} for {path}: use one of {', '.join(known_families())}.")
     return FAMILY_LOADERS[name](str(path), device=device, dtype=dtype, config_path=config_path)

@@ -25,17 +25,16 @@ import torch
 
 from training.errors import TrainingInputError
 
-from .file_weights import network_from_state
+from .file_weights import CHECKPOINT_PREFIX, network_from_state, strip_checkpoint_prefix
 from .text_encoders import clip_vocabulary_folders, t5_tokenizer_folders, text_encoder_files, text_model
 from .weight_formats import read_weights
 
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
-BFL_PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "flux"
 
 
 def is_bfl_flux(keys) -> bool:
-    return any(k in (BFL_MARKER, BFL_PREFIX + BFL_MARKER) for k in keys)
+    return any(k in (BFL_MARKER, CHECKPOINT_PREFIX + BFL_MARKER) for k in keys)
 
 
 def companion_files(diffusion_model: Path) -> dict[str, Path]:
@@ -63,10 +62,6 @@ def _comfy_utils():
         raise TrainingInputError(f"reading a Flux file in ComfyUI's layout uses ComfyUI's own Flux key map (comfy/utils.py), and no "
                            f"ComfyUI was found: {missing_comfy_fix()}; or pass a diffusers FLUX.1 folder as --model")
     return utils
-
-
-def strip_checkpoint_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k: v for k, v in state.items()}
 
 
 def block_counts(keys) -> tuple[int, int]:

@@ -25,13 +25,12 @@ from accelerate import init_empty_weights
 
 from training.errors import TrainingInputError
 
-from .file_weights import network_from_state
+from .file_weights import CHECKPOINT_PREFIX, network_from_state, strip_checkpoint_prefix
 from .qwen_image import CONFIGS
 from .text_encoders import QWEN_TOKENIZER, comfy_tokenizer_folders, text_encoder_files
 from .weight_formats import read_weights
 
 MARKERS = ("txt_norm.weight", "transformer_blocks.0.img_mlp.net.0.proj.weight")  # what only a Qwen-Image DiT has
-PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
 TEXT_ENCODER_GLOB, TEXT_ENCODER_FILE = "qwen_2.5_vl_7b*.safetensors", "models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"
 VAE_FILE = "qwen_image_vae.safetensors"
 UNUSED_TEXT_WEIGHTS = ("model.visual.", "lm_head.")  # the vision tower and the LM head: text-to-image never runs them
@@ -39,7 +38,7 @@ UNUSED_TEXT_WEIGHTS = ("model.visual.", "lm_head.")  # the vision tower and the 
 
 def is_qwen_image(keys) -> bool:
     keys = set(keys)
-    return all(k in keys for k in MARKERS) or all(PREFIX + k in keys for k in MARKERS)
+    return all(k in keys for k in MARKERS) or all(CHECKPOINT_PREFIX + k in keys for k in MARKERS)
 
 
 def companion_files(diffusion_model: Path) -> dict[str, Path]:
@@ -59,7 +58,7 @@ def companion_files(diffusion_model: Path) -> dict[str, Path]:
 def _transformer(path: Path, config_dir: Path, dtype):
     from diffusers import QwenImageTransformer2DModel
 
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_weights(path, dtype).items()}
+    state = strip_checkpoint_prefix(read_weights(path, dtype))
     config = json.loads((config_dir / "transformer" / "config.json").read_text())
     width = state["img_in.weight"].shape[0]
     if width != config["num_attention_heads"] * config["attention_head_dim"]:

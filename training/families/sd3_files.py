@@ -24,12 +24,11 @@ import torch
 
 from training.errors import TrainingInputError
 
-from .file_weights import network_from_state
+from .file_weights import CHECKPOINT_PREFIX, network_from_state
 from .text_encoders import clip_tokenizers, t5_tokenizer_folders, text_encoder_files, text_model
 from .weight_formats import pipeline_from_state, read_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sd3"
-PREFIX = "model.diffusion_model."
 TEXT_ENCODERS = {  # pipeline component -> (key prefix inside an all-in-one file, ComfyUI file pattern, example name)
     "text_encoder": ("text_encoders.clip_l.transformer.", "clip_l*.safetensors", "clip_l.safetensors"),
     "text_encoder_2": ("text_encoders.clip_g.transformer.", "clip_g*.safetensors", "clip_g.safetensors"),
@@ -63,7 +62,7 @@ def _transformer(path: Path, weights: dict[str, torch.Tensor], config_dir: Path,
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     base = json.loads((config_dir / "transformer" / "config.json").read_text())
-    state = {k[len(PREFIX):]: v for k, v in weights.items() if k.startswith(PREFIX)}
+    state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in weights.items() if k.startswith(CHECKPOINT_PREFIX)}
     config = mmdit_config({k: tuple(v.shape) for k, v in state.items()}, {k: v for k, v in base.items() if not k.startswith("_")})
     return network_from_state(SD3Transformer2DModel, config, convert_sd3_transformer_checkpoint_to_diffusers(state), path.name,
                               "MMDiT", "pass an intact SD3 / SD3.5 checkpoint", dtype)

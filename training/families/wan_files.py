@@ -25,13 +25,12 @@ from accelerate import init_empty_weights
 
 from training.errors import TrainingInputError
 
-from .file_weights import network_from_state
+from .file_weights import CHECKPOINT_PREFIX, network_from_state, strip_checkpoint_prefix
 from .text_encoders import text_encoder_files
 from .wan import CONFIGS
 from .weight_formats import read_weights
 
 MARKERS = ("patch_embedding.weight", "blocks.0.self_attn.q.weight", "head.head.weight")  # Wan's original DiT names
-PREFIX = "model.diffusion_model."
 TEXT_ENCODER_GLOB, TEXT_ENCODER_FILE = "umt5_xxl*.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE_FILES = {16: "wan_2.1_vae.safetensors", 48: "wan2.2_vae.safetensors"}  # latent channels -> ComfyUI's template VAE
 # transformer width -> its shipped diffusers config (a model of another width needs --model-config)
@@ -41,7 +40,7 @@ SHIPPED_TRANSFORMERS = {1536: CONFIGS / "transformer" / "config.json", 5120: CON
 
 def is_wan(keys) -> bool:
     keys = set(keys)
-    return all(k in keys for k in MARKERS) or all(PREFIX + k in keys for k in MARKERS)
+    return all(k in keys for k in MARKERS) or all(CHECKPOINT_PREFIX + k in keys for k in MARKERS)
 
 
 def companion_files(diffusion_model: Path, channels: int) -> dict[str, Path]:
@@ -83,7 +82,7 @@ def load_transformer(path: Path, config_dir: Path | None, dtype):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_weights(path, dtype).items()}
+    state = strip_checkpoint_prefix(read_weights(path, dtype))
     if not is_wan(state):
         raise TrainingInputError(f"{path.name} is not a Wan diffusion model (no {', '.join(MARKERS)}): pass ComfyUI's "
                            "models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors or a diffusers Wan folder, or drop --family wan")

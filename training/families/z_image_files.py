@@ -18,6 +18,7 @@ import torch
 
 from training.errors import TrainingInputError
 
+from .file_weights import CHECKPOINT_PREFIX
 from .text_encoders import QWEN_TOKENIZER, comfy_tokenizer_folders, text_encoder_files
 from .weight_formats import read_weights
 
@@ -35,7 +36,6 @@ QWEN3_CHAT_TEMPLATE = (
 )
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "z_image"
 
-PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
 # NextDiT keys every Z-Image file has; cap_pad_token tells Z-Image from Lumina 2.0 (same class, Gemma encoder, no pad tokens)
 MARKERS = ("cap_embedder.1.weight", "layers.0.attention.qkv.weight", "cap_pad_token")
 TEXT_ENCODER_GLOB, TEXT_ENCODER_FILE = "qwen_3_4b*.safetensors", "models/text_encoders/qwen_3_4b.safetensors"
@@ -44,7 +44,7 @@ VAE_FILES, VAE_FILE = ("ae.safetensors", "flux_vae.safetensors"), "models/vae/ae
 
 def is_comfy_z_image(keys) -> bool:
     keys = set(keys)
-    return any(all(prefix + marker in keys for marker in MARKERS) for prefix in ("", PREFIX))
+    return any(all(prefix + marker in keys for marker in MARKERS) for prefix in ("", CHECKPOINT_PREFIX))
 
 
 def companion_files(diffusion_model: Path) -> dict[str, Path]:
