@@ -42,11 +42,11 @@ import torch
 from benchmarks.teacher_fit import fit, fit_vae, folder_size, num_parameters, warmup_cosine
 from benchmarks.train_text_teacher import DEFAULT_OUTPUT as SHAPES_TEACHER
 from benchmarks.train_text_teacher import load_tokenizer
+from benchmarks.video_sampling import prompt_table, shifted_sigma, velocity
 from tdm_core.atomic import atomic_folder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "video_teacher"
 FLOW_SHIFT = 3.0
-MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 TEXT_DIM = 64
 Z_DIM = 8
 VAE_CONFIG = dict(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 4], num_res_blocks=1, attn_scales=[],
@@ -56,11 +56,6 @@ TRANSFORMER_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention
                           cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
                         flow_shift=FLOW_SHIFT)
-
-
-def shifted_sigma(u: torch.Tensor, shift: float = FLOW_SHIFT) -> torch.Tensor:
-    """Wan's (SD3's) time shift of a flow time ``u`` in [0, 1]."""
-    return shift * u / (1 + (shift - 1) * u)
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -116,20 +111,6 @@ def channel_stats(latents: torch.Tensor) -> tuple[list[float], list[float]]:
     return [round(float(v), 5) for v in flat.mean(1)], [round(float(v), 5) for v in flat.std(1)]
 
 
-@torch.no_grad()
-def prompt_table(pipeline, captions: list[str]) -> torch.Tensor:
-    """``(len(captions) + 1, 512, TEXT_DIM)``: each caption's embedding as ``WanPipeline`` computes it, the
-    empty prompt (the pipeline's default negative prompt) last."""
-    embeds, _ = pipeline.encode_prompt(captions + [""], do_classifier_free_guidance=False,
-                                       max_sequence_length=MAX_SEQUENCE_LENGTH, device=torch.device("cpu"))
-    return embeds.float()
-
-
-def velocity(transformer, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """The network's ``eps - x_0`` prediction at flow time ``sigma`` (timestep ``1000 sigma``, as Wan's schedulers pass it)."""
-    return transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
-
-
 def train_transformer(latents, caption_index, table, iterations: int, batch_size: int, seed: int,
                       lr: float = 1e-3, cond_drop: float = 0.1, ema_decay: float = 0.999, log=print):
     """Rectified flow on the normalised posterior-mean latents (N, Z, T', H', W'); returns the EMA transformer."""
@@ -142,7 +123,7 @@ def train_transformer(latents, caption_index, table, iterations: int, batch_size
         idx = torch.randint(0, latents.shape[0], (batch_size,), generator=generator)
         x0 = latents[idx]
         rows = torch.where(torch.rand(batch_size, generator=generator) < cond_drop, empty_row, caption_index[idx])
-        sigma = shifted_sigma(torch.rand(batch_size, generator=generator))
+        sigma = shifted_sigma(torch.rand(batch_size, generator=generator), FLOW_SHIFT)
         eps = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, 1, 1, 1, 1)
         loss = (velocity(network, (1 - s) * x0 + s * eps, sigma, table[rows]) - (eps - x0)).pow(2).mean()

@@ -1,4 +1,6 @@
-"""Sampling the video teacher (a ``WanPipeline``) with a plain Euler flow sampler, prompts as text.
+"""The video teacher's flow (a ``WanPipeline``), shared by its training (:mod:`benchmarks.train_video_teacher`) and
+its sampling: the shifted flow times, the network's velocity call and the prompt embeddings; and a plain Euler
+flow sampler on them, prompts as text.
 
 Euler on the teacher's own shifted flow times: ``sigma_i = shift u_i / (1 + (shift - 1) u_i)`` on the uniform grid
 ``u = 1, 1 - 1/K, ..., 0`` (the shift read from the scheduler config's ``flow_shift``), the network called at
@@ -11,7 +13,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmarks.train_video_teacher import MAX_SEQUENCE_LENGTH, prompt_table, shifted_sigma, velocity
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
+
+
+def shifted_sigma(u: Tensor, shift: float) -> Tensor:
+    """Wan's (SD3's) time shift of a flow time ``u`` in [0, 1]."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+@torch.no_grad()
+def prompt_table(pipeline, captions: list[str]) -> Tensor:
+    """``(len(captions) + 1, MAX_SEQUENCE_LENGTH, text width)``: each caption's embedding as ``WanPipeline`` computes it, the
+    empty prompt (the pipeline's default negative prompt) last."""
+    embeds, _ = pipeline.encode_prompt(captions + [""], do_classifier_free_guidance=False,
+                                       max_sequence_length=MAX_SEQUENCE_LENGTH, device=torch.device("cpu"))
+    return embeds.float()
+
+
+def velocity(transformer, x: Tensor, sigma: Tensor, embeds: Tensor) -> Tensor:
+    """The network's ``eps - x_0`` prediction at flow time ``sigma`` (timestep ``1000 sigma``, as Wan's schedulers pass it)."""
+    return transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
 
 
 def load_teacher(folder):
@@ -77,4 +98,5 @@ def sample_clips(pipeline, prompts: list[str], noise: Tensor, steps: int, cfg: f
     return decode(pipeline, torch.cat(latents))
 
 
-__all__ = ["MAX_SEQUENCE_LENGTH", "decode", "euler_flow", "euler_sigmas", "latent_shape", "load_teacher", "sample_clips"]
+__all__ = ["MAX_SEQUENCE_LENGTH", "decode", "euler_flow", "euler_sigmas", "latent_shape", "load_teacher", "prompt_table", "sample_clips",
+           "shifted_sigma", "velocity"]

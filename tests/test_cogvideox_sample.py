@@ -101,7 +101,8 @@ def test_release_layout_file_loads_with_no_key_skipped_and_on_its_grid(trained, 
 
     from tdm_core.releases import RELEASES
     from training import convert, sample
-    from training.models import TrainingInputError, load_family
+    from training.errors import TrainingInputError
+    from training.models import load_family
 
     path = save_release_layout_lora(trained["folder"], tmp_path / "release")
     lora, info, release = sample.read_video_lora(path)

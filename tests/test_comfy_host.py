@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, sys
 from training.families.flux_files import _comfy_utils
-from training.models import _clip_vocabulary_folders
+from training.families.text_encoders import clip_vocabulary_folders
 utils = _comfy_utils()
 print(json.dumps({"utils": utils.__file__, "flux_map": len(utils.flux_to_diffusers({"depth": 1, "depth_single_blocks": 1, "hidden_size": 32})),
-                  "vocab": [str(f) for f in _clip_vocabulary_folders() if (f / "vocab.json").is_file()],
+                  "vocab": [str(f) for f in clip_vocabulary_folders() if (f / "vocab.json").is_file()],
                   "on_path": [p for p in sys.path if p.rstrip("/").endswith("_comfyui") or p.rstrip("/").endswith("ComfyUI")]}))
 """
 

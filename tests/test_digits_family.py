@@ -11,7 +11,8 @@ from benchmarks.demo import TEACHER_DIR
 from benchmarks.digits_data import load_digits_split
 from benchmarks.train_teacher import CHECK_NOISE_SEED, train_teacher
 from training.families.digits import DigitsFamily, class_index
-from training.models import TrainingInputError, load_family
+from training.errors import TrainingInputError
+from training.models import load_family
 
 FD_BOUND = 30.0  # 200 samples: the committed teacher scores 22.1, 200 training digits 18.4, the old linear-schedule teacher ~200
 

@@ -149,7 +149,8 @@ def write_comfy_flux_files(pipe, models: Path, layout_prefix: str = "") -> Path:
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_comfyui_flux_files_load_as_the_same_model(folder, family, tmp_path, prefix):
-    from training.models import TrainingInputError, load_family
+    from training.errors import TrainingInputError
+    from training.models import load_family
 
     path = write_comfy_flux_files(family.pipeline, tmp_path / "ComfyUI" / "models", prefix)
     # the tiny architecture is not Flux.1's 3072 width: its diffusers config folder says what it is

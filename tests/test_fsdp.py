@@ -38,7 +38,7 @@ from tests.helpers.distill_runs import distill_args, tiny_teacher
 from tests.helpers.tiny_models import save_tiny_pipeline
 from tests.helpers.tiny_wan import save_tiny_wan_pipeline
 from training.checkpoint import ADAPTERS_FILE, STATE_FILE, list_checkpoints
-from training.config import ConfigError
+from training.errors import ConfigError
 from training.distill import EXIT_BAD_INPUT, main
 from training.sharding import SHARDS_DIR, fsdp_plugin
 

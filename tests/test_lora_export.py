@@ -55,7 +55,8 @@ def student_and_teacher(family, x_t, t, cond):
 
 def test_export_layout_metadata_and_atomic_write(folders, tmp_path):
     from training.lora_io import read_lora
-    from training.models import STUDENT, TrainingInputError, adapter_state_dict, base_model_hash
+    from training.errors import TrainingInputError
+    from training.models import STUDENT, adapter_state_dict, base_model_hash
 
     family = trained_family(folders["sd15"])
     path = export(family, tmp_path / "loras" / "tdm.safetensors")

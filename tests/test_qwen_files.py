@@ -88,7 +88,8 @@ def test_fp8_diffusion_model_is_cast_to_the_run_dtype(family, folder, tmp_path):
 
 def test_bad_input_is_named_and_nothing_is_written(family, folder, tmp_path, capsys):
     from training.distill import main
-    from training.models import TrainingInputError, load_family
+    from training.errors import TrainingInputError
+    from training.models import load_family
 
     models = tmp_path / "ComfyUI" / "models"
     path = write_comfy_qwen_files(family.pipeline, models)

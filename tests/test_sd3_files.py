@@ -92,7 +92,8 @@ def test_checkpoint_with_text_encoders_beside_it_loads_the_same_model(comfy_layo
 def test_missing_text_encoders_are_named(comfy_layout, tmp_path):
     import shutil
 
-    from training.models import TrainingInputError, load_family
+    from training.errors import TrainingInputError
+    from training.models import load_family
 
     checkpoint, folder = comfy_layout
     models = tmp_path / "models"

@@ -9,10 +9,10 @@ import torch
 
 from tests.helpers import comfy_inprocess as h
 from tdm_core.steps_aware import K_EMBEDDING_KEY
+from training.errors import TrainingInputError
 from training.models import (
     FAKE_SCORE,
     STUDENT,
-    TrainingInputError,
     adapter_parameters,
     adapter_state_dict,
     add_tdm_adapters,

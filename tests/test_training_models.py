@@ -141,7 +141,7 @@ def test_single_file_checkpoint_loads_same_weights(single_files, family_name):
 def test_bad_inputs_raise_clear_errors(tmp_path, single_files):
     from safetensors.torch import save_file
 
-    from training.models import TrainingInputError
+    from training.errors import TrainingInputError
 
     with pytest.raises(TrainingInputError, match="does not exist"):
         load(tmp_path / "nowhere")
@@ -244,8 +244,9 @@ def test_switching_adapters_keeps_requires_grad_and_routes_gradients(tiny_folder
 
 
 def test_adapter_state_dict_round_trip(tiny_folders):
-    from training.models import (FAKE_SCORE, STUDENT, TrainingInputError, adapter_parameters, adapter_state_dict,
-                                 add_tdm_adapters, load_adapter_state_dict)
+    from training.errors import TrainingInputError
+    from training.models import (FAKE_SCORE, STUDENT, adapter_parameters, adapter_state_dict, add_tdm_adapters,
+                                 load_adapter_state_dict)
 
     family = load(tiny_folders["pixart"])
     add_tdm_adapters(family, rank=2, alpha=1)
@@ -321,7 +322,7 @@ def test_sdxl_size_conditions_follow_the_latent_size(tiny_folders):
 
 
 def test_family_option_must_match_the_folder(tiny_folders):
-    from training.models import TrainingInputError
+    from training.errors import TrainingInputError
 
     with pytest.raises(TrainingInputError, match="holds a sd15 model, not sdxl"):
         load(tiny_folders["sd15"], family="sdxl")

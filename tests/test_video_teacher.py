@@ -9,7 +9,8 @@ import torch
 
 from benchmarks import video_data, video_metrics
 from benchmarks.train_video_teacher import DEFAULT_OUTPUT as TEACHER_DIR
-from benchmarks.train_video_teacher import FLOW_SHIFT, MAX_SEQUENCE_LENGTH, build_teacher, channel_stats
+from benchmarks.train_video_teacher import FLOW_SHIFT, build_teacher, channel_stats
+from benchmarks.video_sampling import MAX_SEQUENCE_LENGTH
 from benchmarks.train_video_teacher import main as train_video_teacher_main
 
 

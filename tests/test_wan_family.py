@@ -68,7 +68,7 @@ def test_another_flow_shift_in_the_config_is_read_not_assumed(folder, tmp_path):
 
 
 def test_frame_counts_the_vae_cannot_encode_are_refused(family):
-    from training.models import TrainingInputError
+    from training.errors import TrainingInputError
 
     with pytest.raises(TrainingInputError, match=r"--num-frames 6: Wan's VAE encodes 4k \+ 1 frames .* use e.g. 5"):
         family.set_num_frames(6)
@@ -175,7 +175,7 @@ def test_two_expert_wan22_a14b_is_refused_naming_the_design(family):
     from diffusers import WanPipeline
 
     from training.families.wan import WanFamily
-    from training.models import TrainingInputError
+    from training.errors import TrainingInputError
 
     pipe = family.pipeline
     two_experts = WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,

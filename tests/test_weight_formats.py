@@ -247,7 +247,7 @@ REFUSED = {  # what the file holds -> (tensors, metadata, what the error must sa
 @pytest.mark.parametrize("kind", REFUSED)
 def test_unreadable_layouts_are_refused_by_name(kind, tmp_path):
     from training.families.weight_formats import USE_INSTEAD, read_weights
-    from training.models import TrainingInputError
+    from training.errors import TrainingInputError
 
     tensors, metadata, says = REFUSED[kind]
     path = _write(tmp_path / f"{kind}.safetensors", tensors, metadata)
@@ -260,7 +260,8 @@ def test_a_refused_text_encoder_stops_load_family_naming_the_file(tmp_path):
     """Through the real loader: Flux's T5 in a layout it cannot dequantise is refused before anything runs."""
     from safetensors.torch import load_file
 
-    from training.models import TrainingInputError, load_family
+    from training.errors import TrainingInputError
+    from training.models import load_family
 
     folder, path = _flux(tmp_path)
     t5 = path.parent.parent / "text_encoders" / "t5xxl_fp16.safetensors"

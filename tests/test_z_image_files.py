@@ -52,7 +52,8 @@ def write_comfy_z_image_files(pipe, models: Path, prefix: str = "") -> Path:
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_comfyui_z_image_files_load_as_the_same_model(folder_family, tmp_path, prefix):
-    from training.models import TrainingInputError, detect_single_file_family, load_family, _safetensors_keys
+    from training.errors import TrainingInputError
+    from training.models import detect_single_file_family, load_family, _safetensors_keys
 
     folder, family = folder_family
     path = write_comfy_z_image_files(family.pipeline, tmp_path / "ComfyUI" / "models", prefix)
@@ -80,7 +81,8 @@ def test_comfyui_z_image_files_load_as_the_same_model(folder_family, tmp_path, p
 
 def test_a_diffusion_model_without_its_companions_is_refused_naming_them(folder_family, tmp_path, capsys):
     from training.distill import main
-    from training.models import TrainingInputError, load_family
+    from training.errors import TrainingInputError
+    from training.models import load_family
 
     folder, family = folder_family
     models = tmp_path / "ComfyUI" / "models"

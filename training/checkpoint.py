@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
-from .loop import ADAPTERS, LoopParts
+from .errors import ConfigError
+from .loop import LoopParts
+from .models import TDM_ADAPTERS
 
 CHECKPOINTS = "checkpoints"
 ADAPTERS_FILE = "adapters.tdmckpt"
@@ -146,7 +147,7 @@ def run_state(parts: LoopParts) -> dict:
 
     rng = gather_object([{"generator": parts.generator.get_state(), "torch": torch.get_rng_state()}])
     state = {
-        "schedulers": {name: parts.schedulers[name].state_dict() for name in ADAPTERS},
+        "schedulers": {name: parts.schedulers[name].state_dict() for name in TDM_ADAPTERS},
         "rng": rng,
         "num_processes": parts.accelerator.num_processes,
     }
@@ -159,8 +160,8 @@ def training_state(parts: LoopParts) -> tuple[dict, dict]:
     """``(adapters, state)`` of a data-parallel checkpoint; RNG states come from every process."""
     from .models import adapter_state_dict
 
-    adapters = {name: adapter_state_dict(parts.family.network, name) for name in ADAPTERS}
-    state = {**run_state(parts), "optimizers": {name: parts.optimizers[name].state_dict() for name in ADAPTERS}}
+    adapters = {name: adapter_state_dict(parts.family.network, name) for name in TDM_ADAPTERS}
+    state = {**run_state(parts), "optimizers": {name: parts.optimizers[name].state_dict() for name in TDM_ADAPTERS}}
     return adapters, state
 
 
@@ -185,7 +186,7 @@ def restore_state(parts: LoopParts, checkpoint: Path) -> int:
         raise ConfigError(f"checkpoint {checkpoint} was written by {state['num_processes']} processes: resume with as many")
     if sharded:
         sharding.load_shards(parts, checkpoint)
-    for name in ADAPTERS:
+    for name in TDM_ADAPTERS:
         if not sharded:
             load_adapter_state_dict(parts.family.network, name, {k: v.to(accelerator.device) for k, v in adapters[name].items()})
             parts.optimizers[name].load_state_dict(state["optimizers"][name])
@@ -206,7 +207,7 @@ def adapters_digest(parts: LoopParts) -> str:
     from .sharding import full_tensors
 
     digest = hashlib.sha256()
-    for name in ADAPTERS:
+    for name in TDM_ADAPTERS:
         tensors = (t for _, t in full_tensors(parts.sharding, name)) if parts.sharding is not None else parts.params[name]
         for p in tensors:
             digest.update(p.detach().float().cpu().numpy().tobytes())

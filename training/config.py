@@ -17,6 +17,7 @@ from tdm_core.learning_rates import FAKE_TO_STUDENT_LR, LR_PER_SQRT_RANK_OVER_AL
 from tdm_core.steps_aware import parse_k_choices
 from tdm_core.training import DISTANCES, FAKE_SCORE_WEIGHTINGS, INTERVAL_MODES
 
+from .errors import ConfigError
 from .precision import SAVE_DTYPES, WEIGHT_DTYPES
 
 try:
@@ -29,10 +30,6 @@ MAX_STUDENT_STEPS = 8  # TDM students are few-step samplers; the grid rule is te
 MIXED_PRECISION = tuple(WEIGHT_DTYPES)
 SAVE_PRECISION = ("auto", *SAVE_DTYPES)
 LR_SCHEDULERS = ("cosine_with_restarts", "cosine", "constant", "constant_with_warmup", "linear")
-
-
-class ConfigError(ValueError):
-    """A bad option or input file; the message names the problem and the fix."""
 
 
 def _opt(default, help: str, **extra):

@@ -25,10 +25,9 @@ from safetensors.torch import save_file
 
 from tdm_core import lora_files, releases
 from tdm_core.atomic import atomic_write
+from training.errors import EXIT_BAD_INPUT, TrainingInputError
 from training.lora_io import LORA_A, LORA_B, adapter_to_kohya
-from training.models import TrainingInputError
 
-EXIT_BAD_INPUT = 2
 UNET_PEFT_PREFIX = "unet."
 
 

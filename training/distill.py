@@ -25,19 +25,18 @@ from tdm_core.metadata import TDMInfo
 from tdm_core.training import pseudo_huber_c_for
 
 from .checkpoint import check_processes_agree, latest_checkpoint, remove_interrupted_writes, restore_state, write_checkpoint
-from .config import ConfigError, DistillConfig, parse_config, read_prompts
-from .loop import ADAPTERS, FAKE_SCORE, STUDENT, LoopParts, NonFiniteLoss, tdm_iteration
+from .config import DistillConfig, parse_config, read_prompts
+from .errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_OK, ConfigError, NonFiniteLoss, TrainingInputError
+from .loop import LoopParts, tdm_iteration
+from .models import FAKE_SCORE, STUDENT, TDM_ADAPTERS
 from .precision import Precision, save_dtype
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 2, 3
 # test hook: sleep this many seconds after the LoRA's temporary file is complete, before the rename
 PAUSE_LORA_ENV = "TDM_TEST_PAUSE_IN_LORA_WRITE"
 STAGING_SUFFIX = ".tdm-export"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models import TrainingInputError
-
     try:
         cfg = parse_config(argv)
         return run(cfg)
@@ -91,7 +90,7 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
         adamw = torch.optim.AdamW
     rates = {FAKE_SCORE: cfg.fake_lr(), STUDENT: cfg.student_lr()}
     optimizers, schedulers = {}, {}
-    for name in ADAPTERS:
+    for name in TDM_ADAPTERS:
         # METHOD.md step 8: AdamW betas (0, 0.95), student lr = fake lr / 5; rates and schedule: training.config
         optimizer = adamw(params[name], lr=rates[name], betas=ADAMW_BETAS, weight_decay=cfg.weight_decay)
         extra = {"num_cycles": cfg.lr_num_cycles} if cfg.lr_scheduler == "cosine_with_restarts" else {}
@@ -274,11 +273,11 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
         install_k_embedding(family.network, cfg.k_choice_list(), (STUDENT, FAKE_SCORE) if cfg.k_on_fake_score else (STUDENT,))
     sharding = None
     if plugin is not None:  # the optimisers are built over the sharded parameters
-        sharding = shard_network(family.network, accelerator, plugin, ADAPTERS)
+        sharding = shard_network(family.network, accelerator, plugin, TDM_ADAPTERS)
         place_family(family, accelerator.device)
-    params = {name: adapter_parameters(family.network, name) for name in ADAPTERS}
+    params = {name: adapter_parameters(family.network, name) for name in TDM_ADAPTERS}
     optimizers, schedulers = build_optimisers(cfg, params, accelerator)
-    scalers = {name: precision.new_scaler() for name in ADAPTERS} if cfg.mixed_precision == "fp16" else {}
+    scalers = {name: precision.new_scaler() for name in TDM_ADAPTERS} if cfg.mixed_precision == "fp16" else {}
     parts = LoopParts(
         family=family, accelerator=accelerator, precision=precision, grid=grid, batch_cfg=cfg.batch_cfg, scalers=scalers, total_steps=cfg.total_steps, cfg_scale=cfg_scale,
         distance=cfg.distance, huber_c=resolved_huber_c(cfg, latent_shape), interval_mode=cfg.interval_mode,

@@ -20,17 +20,11 @@ from torch import Tensor
 from tdm_core.iteration import TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration as core_iteration
 from tdm_core.optimiser import clip_and_step
 
+from .errors import NonFiniteLoss
 from .families.base import cat_conditions, select_condition
 from .models import FAKE_SCORE, STUDENT, use_adapter
 from .precision import Precision
 from .sharding import replicated
-
-ADAPTERS = (FAKE_SCORE, STUDENT)
-
-
-class NonFiniteLoss(RuntimeError):
-    """A NaN/inf loss: the run stops and keeps its last good checkpoint."""
-
 
 @dataclass
 class LoopParts:

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
-from tdm_core.metadata import TDMInfo
 from tdm_core.lora_files import write_lora_file
-from training.models import STUDENT, TrainingInputError, adapter_state_dict, base_model_hash
+from tdm_core.metadata import TDMInfo
+from tdm_core.releases import PEFT_SUFFIXES
+from training.errors import TrainingInputError
+from training.models import STUDENT, adapter_state_dict, base_model_hash
 
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+LORA_A, LORA_B = PEFT_SUFFIXES  # a PEFT LoRA's down and up weights
 
 
 def kohya_module_key(prefix: str, module_path: str) -> str:

@@ -23,15 +23,12 @@ from typing import Callable, Iterator
 import torch
 
 from tdm_core.iteration import FAKE_SCORE, STUDENT  # the adapters are named after the roles tdm_core updates
+from training.errors import TrainingInputError
 from training.families.base import ModelFamily
 
 TDM_ADAPTERS = (STUDENT, FAKE_SCORE)
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 FAMILY_FILE = "tdm_family.json"
-
-
-class TrainingInputError(ValueError):
-    """A user input the trainer cannot use; the message names the problem and the fix."""
 
 
 # --- family registry -----------------------------------------------------------------------------
@@ -180,41 +177,6 @@ def _load_pipeline_folder(folder: Path, family: str, dtype):
             raise TrainingInputError(f"cannot load the {family} diffusers folder {folder}: {err}. Check that the folder is complete.") from err
 
 
-TOKENIZER_ENV = "TDM_CLIP_TOKENIZER"
-
-
-def _clip_vocabulary_folders() -> list[Path]:
-    """Where a CLIP BPE vocabulary (vocab.json + merges.txt) may already be on disk; the shipped configs
-    carry none (1.5 MB of data). ComfyUI ships one in comfy/sd1_tokenizer, so a ComfyUI install has it."""
-    from training.comfy_host import comfy_roots
-
-    candidates = [Path(os.environ[TOKENIZER_ENV])] if os.environ.get(TOKENIZER_ENV) else []
-    return candidates + [root / "comfy" / "sd1_tokenizer" for root in comfy_roots()]
-
-
-def _clip_tokenizers(config: Path, family: str) -> dict:
-    """Tokenizer objects for from_single_file when ``config`` has no vocabulary of its own."""
-    names = ["tokenizer"] + (["tokenizer_2"] if family == "sdxl" else [])
-    def has_vocabulary(folder: Path) -> bool:
-        return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
-
-    if all(has_vocabulary(config / name) for name in names):
-        return {}
-    from transformers import CLIPTokenizer
-
-    for folder in _clip_vocabulary_folders():
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab, merges = str(folder / "vocab.json"), str(folder / "merges.txt")
-            # SDXL's second tokenizer pads with "!" (OpenCLIP), the first with the end token
-            pads = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
-            return {name: CLIPTokenizer(vocab, merges, model_max_length=77, pad_token=pads[name]) for name in names}
-    raise TrainingInputError(
-        f"the {family} config at {config} has no CLIP tokenizer vocabulary and none was found on this machine: "
-        f"set {TOKENIZER_ENV} to a folder holding vocab.json and merges.txt (ComfyUI ships one in comfy/sd1_tokenizer), "
-        "or pass config_path= a diffusers folder of the same model that includes its tokenizer."
-    )
-
-
 def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None, dtype):
     config = Path(config_path) if config_path else CONFIGS_DIR / family
     if not (config / "model_index.json").is_file():
@@ -222,9 +184,10 @@ def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None
             f"no diffusers config for the {family} family at {config}: pass config_path (a diffusers folder of the same "
             f"architecture; weights are not needed) or use a diffusers model folder instead of {path.name}."
         )
+    from training.families.text_encoders import clip_tokenizers
     from training.families.weight_formats import pipeline_from_state, read_weights
 
-    extra = _clip_tokenizers(config, family) if family in ("sd15", "sdxl") else {}
+    extra = clip_tokenizers(config, family) if family in ("sd15", "sdxl") else {}
     weights = read_weights(path, dtype)  # ComfyUI's weight formats (fp8, fp8_scaled) dequantised, or refused by name
     with _offline():
         try:
@@ -238,10 +201,12 @@ def _load_pipeline_single_file(path: Path, family: str, config_path: Path | None
 
 def _load_registered(name: str, path: Path, device, dtype, config_path):
     if name not in FAMILY_LOADERS:
-        try:  # a plug-in family lives in training/families/<name>.py and registers itself on import
-            importlib.import_module(f"training.families.{name}")
+        try:  # a plug-in family lives in training/families/<name>.py and names its loader FAMILY_LOADER
+            module = importlib.import_module(f"training.families.{name}")
         except ModuleNotFoundError:
-            pass
+            module = None
+        if getattr(module, "FAMILY_LOADER", None) is not None:
+            register_family(name, module.FAMILY_LOADER)
     if name not in FAMILY_LOADERS:
         raise TrainingInputError(f"unknown model family {name!r} for {path}: use one of {', '.join(known_families())}.")
     return FAMILY_LOADERS[name](str(path), device=device, dtype=dtype, config_path=config_path)

@@ -25,12 +25,12 @@ from tdm_core import grids, releases, sample_tdm
 from tdm_core.lora_files import read_lora_file
 from tdm_core.metadata import TDMInfo
 from tdm_core.atomic import atomic_write
-from training.models import TrainingInputError, load_family
+from training.errors import EXIT_BAD_INPUT, TrainingInputError
+from training.lora_io import LORA_A
+from training.models import load_family
 from training.precision import WEIGHT_DTYPES, Precision
 
-EXIT_BAD_INPUT = 2
 ADAPTER = "tdm"
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 

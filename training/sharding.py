@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"
 SHARDS_DIR = "shards"  # inside a checkpoint folder: torch.distributed.checkpoint's files (.distcp, .metadata)
@@ -242,13 +242,11 @@ def lora_delta(parts, adapter: str) -> float:
 def _sharded_state(parts) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from .loop import ADAPTERS
-
     parts.sharding.settle()
-    network = parts.family.network
+    network, adapters = parts.family.network, parts.sharding.named  # the adapters shard_network was given
     return {
-        "adapters": {name: dict(parts.sharding.named[name]) for name in ADAPTERS},
-        "optimizers": {name: get_optimizer_state_dict(network, parts.optimizers[name].optimizer) for name in ADAPTERS},
+        "adapters": {name: dict(adapters[name]) for name in adapters},
+        "optimizers": {name: get_optimizer_state_dict(network, parts.optimizers[name].optimizer) for name in adapters},
     }
 
 
@@ -264,11 +262,9 @@ def load_shards(parts, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    from .loop import ADAPTERS
-
     state = _sharded_state(parts)  # the layout to fill (fresh optimisers get zero states to overwrite)
     dcp.load(state, checkpoint_id=str(Path(folder) / SHARDS_DIR))
-    for name in ADAPTERS:
+    for name in state["optimizers"]:
         set_optimizer_state_dict(parts.family.network, parts.optimizers[name].optimizer, state["optimizers"][name])
 
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from tdm_core.steps_aware import K_EMBEDDING_KEY, MAX_K, add_k_embedding, draw_num_steps, grid_for_num_steps, new_k_table, parse_k_choices
 
-from .models import STUDENT, TDM_ADAPTERS, TrainingInputError
+from .errors import TrainingInputError
+from .models import STUDENT, TDM_ADAPTERS
 
 MODULE_NAME = "tdm_k_embedding"
 TABLE_NAME = "lora_k_table"  # the ".lora_" marker makes training.models count it as adapter weight

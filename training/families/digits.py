@@ -188,7 +188,7 @@ def load_digits_family(model_path, device="cpu", dtype=torch.float32, config_pat
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from training.models import TrainingInputError
+    from training.errors import TrainingInputError
 
     root = Path(model_path)
     needed = [root / "unet" / "config.json", root / "scheduler" / "scheduler_config.json", root / EMBEDDINGS_FILE]
@@ -208,11 +208,5 @@ def load_digits_family(model_path, device="cpu", dtype=torch.float32, config_pat
     return DigitsFamily(network, embeddings.to(device=device, dtype=dtype), schedule, source_path=str(root))
 
 
-def register() -> None:
-    """Makes ``training.models.load_family`` route folders whose tdm_family.json says "digits" here."""
-    from training.models import register_family
-
-    register_family(FAMILY_NAME, load_digits_family)
-
-
-register()  # training.models imports this module on first use of the family name
+# what training.models.load_family registers when a tdm_family.json says "digits" (it imports this module then)
+FAMILY_LOADER = load_digits_family

@@ -1,8 +1,18 @@
 """Building a diffusers network from a converted checkpoint state dict: on the meta device, then the file's tensors
-assigned in place (a 12-20 B transformer never exists twice in memory). Shared by the ComfyUI-file loaders."""
+assigned in place (a 12-20 B transformer never exists twice in memory); and the checkpoint prefix some files keep.
+Shared by the ComfyUI-file loaders."""
 from __future__ import annotations
 
 import torch
+
+from training.errors import TrainingInputError
+
+CHECKPOINT_PREFIX = "model.diffusion_model."  # a diffusion model's keys inside a checkpoint; some single-model exports keep it
+
+
+def strip_checkpoint_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with :data:`CHECKPOINT_PREFIX` taken off the keys that carry it."""
+    return {k[len(CHECKPOINT_PREFIX):] if k.startswith(CHECKPOINT_PREFIX) else k: v for k, v in state.items()}
 
 
 def network_from_state(model_class, config: dict, state: dict[str, torch.Tensor], file_name: str, what: str, fix: str,
@@ -12,7 +22,6 @@ def network_from_state(model_class, config: dict, state: dict[str, torch.Tensor]
     model makes itself (rope tables) stay real (accelerate's ``init_empty_weights``)."""
     from accelerate import init_empty_weights
 
-    from training.models import TrainingInputError
 
     with init_empty_weights():
         model = model_class.from_config({k: v for k, v in config.items() if not k.startswith("_")})

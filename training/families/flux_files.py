@@ -23,35 +23,30 @@ from pathlib import Path
 
 import torch
 
-from .file_weights import network_from_state
+from training.errors import TrainingInputError
+
+from .file_weights import CHECKPOINT_PREFIX, network_from_state, strip_checkpoint_prefix
+from .text_encoders import clip_vocabulary_folders, t5_tokenizer_folders, text_encoder_files, text_model
 from .weight_formats import read_weights
 
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
-BFL_PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "flux"
 
 
 def is_bfl_flux(keys) -> bool:
-    return any(k in (BFL_MARKER, BFL_PREFIX + BFL_MARKER) for k in keys)
-
-
-def _input_error(message: str):
-    from training.models import TrainingInputError
-
-    return TrainingInputError(message)
+    return any(k in (BFL_MARKER, CHECKPOINT_PREFIX + BFL_MARKER) for k in keys)
 
 
 def companion_files(diffusion_model: Path) -> dict[str, Path]:
     """CLIP-L, T5 and the VAE in the ComfyUI folders beside ``models/diffusion_models``; a clear error otherwise."""
     models = diffusion_model.resolve().parent.parent
-    text_folders = [models / "text_encoders", models / "clip"]  # "clip" is ComfyUI's older name of the folder
-    wanted = {"clip_l": ([f for d in text_folders for f in sorted(d.glob("clip_l*.safetensors"))], "models/text_encoders/clip_l.safetensors"),
-              "t5": ([f for d in text_folders for f in sorted(d.glob("t5xxl*.safetensors"))], "models/text_encoders/t5xxl_fp16.safetensors"),
+    wanted = {"clip_l": (text_encoder_files(models, "clip_l*.safetensors"), "models/text_encoders/clip_l.safetensors"),
+              "t5": (text_encoder_files(models, "t5xxl*.safetensors"), "models/text_encoders/t5xxl_fp16.safetensors"),
               "vae": ([f for f in (models / "vae" / "ae.safetensors", models / "vae" / "flux_vae.safetensors") if f.is_file()],
                       "models/vae/ae.safetensors")}
     missing = [where for found, where in wanted.values() if not found]
     if missing:
-        raise _input_error(
+        raise TrainingInputError(
             f"{diffusion_model.name} is a Flux diffusion model in ComfyUI's layout, but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} missing under {models}: put the files ComfyUI's Flux workflow uses there "
             "(clip_l, t5xxl and ae.safetensors), or pass a diffusers FLUX.1 folder as --model.")
@@ -64,13 +59,9 @@ def _comfy_utils():
 
     utils = import_comfy("utils")
     if utils is None:
-        raise _input_error(f"reading a Flux file in ComfyUI's layout uses ComfyUI's own Flux key map (comfy/utils.py), and no "
+        raise TrainingInputError(f"reading a Flux file in ComfyUI's layout uses ComfyUI's own Flux key map (comfy/utils.py), and no "
                            f"ComfyUI was found: {missing_comfy_fix()}; or pass a diffusers FLUX.1 folder as --model")
     return utils
-
-
-def strip_checkpoint_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k: v for k, v in state.items()}
 
 
 def block_counts(keys) -> tuple[int, int]:
@@ -103,7 +94,7 @@ def _transformer(path: Path, config_dir: Path, dtype):
     config = json.loads((config_dir / "transformer" / "config.json").read_text())
     hidden = state["img_in.weight"].shape[0]
     if hidden != config["num_attention_heads"] * config["attention_head_dim"]:
-        raise _input_error(f"{path.name} is {hidden} wide, the Flux config {config_dir} {config['num_attention_heads']} x "
+        raise TrainingInputError(f"{path.name} is {hidden} wide, the Flux config {config_dir} {config['num_attention_heads']} x "
                            f"{config['attention_head_dim']}: pass --model-config with the diffusers config of this model")
     double, single = block_counts(state)
     config.update(num_layers=double, num_single_layers=single,
@@ -112,40 +103,15 @@ def _transformer(path: Path, config_dir: Path, dtype):
                               "pass an intact Flux.1 file", dtype)
 
 
-def _text_model(model_class, config_class, path: Path, config_dir: Path, dtype):
-    state = read_weights(path, dtype)
-    if model_class.__name__ == "T5EncoderModel" and "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
-        state["shared.weight"] = state["encoder.embed_tokens.weight"]  # some T5 exports keep only the encoder's copy
-    try:  # transformers builds it on the meta device and fills it from the state dict (a 4.7 B T5 never exists twice)
-        model, info = model_class.from_pretrained(None, config=config_class.from_pretrained(str(config_dir)), state_dict=state,
-                                                  torch_dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {path} as the {model_class.__name__} of {config_dir}: {err}") from err
-    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
-    if missing:
-        raise _input_error(f"{path.name} is not the {model_class.__name__} the config {config_dir} describes: it lacks "
-                           f"{len(missing)} weights (e.g. {missing[:3]}); pass the text-encoder file ComfyUI's own workflow for this model uses")
-    return model.eval()
-
-
-def t5_tokenizer_folders() -> list[Path]:
-    """ComfyUI's T5 tokenizer (``comfy/text_encoders/t5_tokenizer``) beside the CLIP vocabulary it ships."""
-    from training.models import _clip_vocabulary_folders
-
-    return [f.parent / "text_encoders" / "t5_tokenizer" for f in _clip_vocabulary_folders() if (f / "vocab.json").is_file()]
-
-
 def _tokenizers(config_dir: Path):
     """CLIP's and T5's tokenizers: the config folder's own, else the ones ComfyUI ships."""
     from transformers import AutoTokenizer
 
-    from training.models import _clip_vocabulary_folders
-
-    comfy_clip = [f for f in _clip_vocabulary_folders() if (f / "vocab.json").is_file()]
+    comfy_clip = [f for f in clip_vocabulary_folders() if (f / "vocab.json").is_file()]
     found = [next((f for f in folders if (f / "tokenizer_config.json").is_file()), None)
              for folders in ([config_dir / "tokenizer", *comfy_clip], [config_dir / "tokenizer_2", *t5_tokenizer_folders()])]
     if None in found:
-        raise _input_error("no CLIP / T5 tokenizer found: install the trainer inside ComfyUI (it ships both) or pass "
+        raise TrainingInputError("no CLIP / T5 tokenizer found: install the trainer inside ComfyUI (it ships both) or pass "
                            "--model-config with a diffusers FLUX.1 folder that has tokenizer/ and tokenizer_2/")
     return tuple(AutoTokenizer.from_pretrained(str(f), local_files_only=True) for f in found)
 
@@ -158,7 +124,7 @@ def load_flux_vae(path: Path, config_dir: Path, dtype=torch.float32):
         return AutoencoderKL.from_single_file(read_weights(path, dtype), config=str(config_dir), subfolder="vae",
                                               local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {path} as the VAE of {config_dir} ({err}): pass Flux's ae.safetensors, "
+        raise TrainingInputError(f"cannot read {path} as the VAE of {config_dir} ({err}): pass Flux's ae.safetensors, "
                            "or --model-config with the diffusers config of this model") from err
 
 
@@ -174,7 +140,7 @@ def load_flux_files(path: Path, config_path: Path | None, dtype=torch.float32):
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(config_dir), subfolder="scheduler"),
         vae=load_flux_vae(files["vae"], config_dir, dtype), transformer=transformer,
-        text_encoder=_text_model(CLIPTextModel, CLIPTextConfig, files["clip_l"], config_dir / "text_encoder", dtype),
-        text_encoder_2=_text_model(T5EncoderModel, T5Config, files["t5"], config_dir / "text_encoder_2", dtype),
+        text_encoder=text_model(CLIPTextModel, CLIPTextConfig, files["clip_l"], config_dir / "text_encoder", dtype),
+        text_encoder_2=text_model(T5EncoderModel, T5Config, files["t5"], config_dir / "text_encoder_2", dtype),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
     )

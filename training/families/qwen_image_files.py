@@ -21,15 +21,16 @@ import json
 from pathlib import Path
 
 import torch
-
 from accelerate import init_empty_weights
 
-from .file_weights import network_from_state
+from training.errors import TrainingInputError
+
+from .file_weights import CHECKPOINT_PREFIX, network_from_state, strip_checkpoint_prefix
 from .qwen_image import CONFIGS
+from .text_encoders import QWEN_TOKENIZER, comfy_tokenizer_folders, text_encoder_files
 from .weight_formats import read_weights
 
 MARKERS = ("txt_norm.weight", "transformer_blocks.0.img_mlp.net.0.proj.weight")  # what only a Qwen-Image DiT has
-PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
 TEXT_ENCODER_GLOB, TEXT_ENCODER_FILE = "qwen_2.5_vl_7b*.safetensors", "models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"
 VAE_FILE = "qwen_image_vae.safetensors"
 UNUSED_TEXT_WEIGHTS = ("model.visual.", "lm_head.")  # the vision tower and the LM head: text-to-image never runs them
@@ -37,23 +38,17 @@ UNUSED_TEXT_WEIGHTS = ("model.visual.", "lm_head.")  # the vision tower and the 
 
 def is_qwen_image(keys) -> bool:
     keys = set(keys)
-    return all(k in keys for k in MARKERS) or all(PREFIX + k in keys for k in MARKERS)
-
-
-def _input_error(message: str):
-    from training.models import TrainingInputError
-
-    return TrainingInputError(message)
+    return all(k in keys for k in MARKERS) or all(CHECKPOINT_PREFIX + k in keys for k in MARKERS)
 
 
 def companion_files(diffusion_model: Path) -> dict[str, Path]:
     """The text encoder and the VAE in the ComfyUI folders beside ``models/diffusion_models``; a clear error otherwise."""
     models = diffusion_model.resolve().parent.parent
-    wanted = {"text_encoder": ([f for d in ("text_encoders", "clip") for f in sorted((models / d).glob(TEXT_ENCODER_GLOB))], TEXT_ENCODER_FILE),
+    wanted = {"text_encoder": (text_encoder_files(models, TEXT_ENCODER_GLOB), TEXT_ENCODER_FILE),
               "vae": ([f for f in (models / "vae" / VAE_FILE,) if f.is_file()], f"models/vae/{VAE_FILE}")}
     missing = [where for found, where in wanted.values() if not found]
     if missing:
-        raise _input_error(
+        raise TrainingInputError(
             f"{diffusion_model.name} is a Qwen-Image diffusion model in ComfyUI's layout, but {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} missing under {models}: put the files ComfyUI's Qwen-Image workflow uses "
             f"there (a {TEXT_ENCODER_GLOB} text encoder and {VAE_FILE}), or pass a diffusers Qwen-Image folder as --model.")
@@ -63,11 +58,11 @@ def companion_files(diffusion_model: Path) -> dict[str, Path]:
 def _transformer(path: Path, config_dir: Path, dtype):
     from diffusers import QwenImageTransformer2DModel
 
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_weights(path, dtype).items()}
+    state = strip_checkpoint_prefix(read_weights(path, dtype))
     config = json.loads((config_dir / "transformer" / "config.json").read_text())
     width = state["img_in.weight"].shape[0]
     if width != config["num_attention_heads"] * config["attention_head_dim"]:
-        raise _input_error(f"{path.name} is {width} wide, the Qwen-Image config {config_dir} {config['num_attention_heads']} x "
+        raise TrainingInputError(f"{path.name} is {width} wide, the Qwen-Image config {config_dir} {config['num_attention_heads']} x "
                            f"{config['attention_head_dim']}: pass --model-config with the diffusers config of this model")
     config["num_layers"] = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
     return network_from_state(QwenImageTransformer2DModel, config, state, path.name, "Qwen-Image", "pass an intact Qwen-Image file", dtype)
@@ -82,10 +77,10 @@ def _text_encoder(path: Path, config_dir: Path, dtype):
             None, config=Qwen2_5_VLConfig.from_pretrained(str(config_dir / "text_encoder")), state_dict=state, torch_dtype=dtype,
             output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {path} as the Qwen2.5-VL text encoder of {config_dir}: {err}") from err
+        raise TrainingInputError(f"cannot read {path} as the Qwen2.5-VL text encoder of {config_dir}: {err}") from err
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(UNUSED_TEXT_WEIGHTS))
     if missing:
-        raise _input_error(f"{path.name} is not the Qwen2.5-VL the Qwen-Image config {config_dir} describes: it lacks {len(missing)} "
+        raise TrainingInputError(f"{path.name} is not the Qwen2.5-VL the Qwen-Image config {config_dir} describes: it lacks {len(missing)} "
                            f"weights (e.g. {missing[:3]}); pass the qwen_2.5_vl_7b file ComfyUI's Qwen-Image workflow uses")
     return model.eval()
 
@@ -100,7 +95,7 @@ def _vae(path: Path, config_dir: Path, dtype):
     try:
         model.load_state_dict(convert_wan_vae_to_diffusers(read_weights(path, dtype)), assign=True)
     except (KeyError, RuntimeError) as err:  # other names (another VAE) or other widths (another config)
-        raise _input_error(f"cannot read {path} as the Qwen-Image VAE of {config_dir} ({str(err)[:200]}): pass ComfyUI's "
+        raise TrainingInputError(f"cannot read {path} as the Qwen-Image VAE of {config_dir} ({str(err)[:200]}): pass ComfyUI's "
                            f"{VAE_FILE}, or --model-config with the diffusers config of this model") from err
     return model.to(dtype).eval()
 
@@ -109,12 +104,10 @@ def _tokenizer(config_dir: Path):
     """Qwen2.5's tokenizer: the config folder's own, else the one ComfyUI ships."""
     from transformers import Qwen2Tokenizer
 
-    from training.models import _clip_vocabulary_folders
-
-    candidates = [config_dir / "tokenizer"] + [f.parent / "text_encoders" / "qwen25_tokenizer" for f in _clip_vocabulary_folders()]
+    candidates = [config_dir / "tokenizer", *comfy_tokenizer_folders(QWEN_TOKENIZER)]
     found = next((f for f in candidates if (f / "vocab.json").is_file() and (f / "merges.txt").is_file()), None)
     if found is None:
-        raise _input_error("no Qwen2.5 tokenizer found: install the trainer inside ComfyUI (it ships comfy/text_encoders/qwen25_tokenizer) "
+        raise TrainingInputError("no Qwen2.5 tokenizer found: install the trainer inside ComfyUI (it ships comfy/text_encoders/qwen25_tokenizer) "
                            "or pass --model-config with a diffusers Qwen-Image folder that has tokenizer/")
     return Qwen2Tokenizer.from_pretrained(str(found), local_files_only=True)
 

@@ -22,23 +22,19 @@ from pathlib import Path
 
 import torch
 
-from .file_weights import network_from_state
+from training.errors import TrainingInputError
+
+from .file_weights import CHECKPOINT_PREFIX, network_from_state
+from .text_encoders import clip_tokenizers, t5_tokenizer_folders, text_encoder_files, text_model
 from .weight_formats import pipeline_from_state, read_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sd3"
-PREFIX = "model.diffusion_model."
 TEXT_ENCODERS = {  # pipeline component -> (key prefix inside an all-in-one file, ComfyUI file pattern, example name)
     "text_encoder": ("text_encoders.clip_l.transformer.", "clip_l*.safetensors", "clip_l.safetensors"),
     "text_encoder_2": ("text_encoders.clip_g.transformer.", "clip_g*.safetensors", "clip_g.safetensors"),
     "text_encoder_3": ("text_encoders.t5xxl.transformer.", "t5xxl*.safetensors", "t5xxl_fp16.safetensors"),
 }
 VAE_MARKER = "first_stage_model.decoder.conv_in.weight"
-
-
-def _input_error(message: str):
-    from training.models import TrainingInputError
-
-    return TrainingInputError(message)
 
 
 def mmdit_config(shapes: dict[str, tuple], base: dict) -> dict:
@@ -66,7 +62,7 @@ def _transformer(path: Path, weights: dict[str, torch.Tensor], config_dir: Path,
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     base = json.loads((config_dir / "transformer" / "config.json").read_text())
-    state = {k[len(PREFIX):]: v for k, v in weights.items() if k.startswith(PREFIX)}
+    state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in weights.items() if k.startswith(CHECKPOINT_PREFIX)}
     config = mmdit_config({k: tuple(v.shape) for k, v in state.items()}, {k: v for k, v in base.items() if not k.startswith("_")})
     return network_from_state(SD3Transformer2DModel, config, convert_sd3_transformer_checkpoint_to_diffusers(state), path.name,
                               "MMDiT", "pass an intact SD3 / SD3.5 checkpoint", dtype)
@@ -75,11 +71,10 @@ def _transformer(path: Path, weights: dict[str, torch.Tensor], config_dir: Path,
 def companion_text_encoders(checkpoint: Path) -> dict[str, Path]:
     """CLIP-L, CLIP-G and T5-XXL in the ComfyUI folders beside ``models/checkpoints``; a clear error otherwise."""
     models = checkpoint.resolve().parent.parent
-    folders = [models / "text_encoders", models / "clip"]  # "clip": ComfyUI's older name of the folder
-    found = {name: next((f for d in folders for f in sorted(d.glob(pattern))), None) for name, (_, pattern, _) in TEXT_ENCODERS.items()}
+    found = {name: next(iter(text_encoder_files(models, pattern)), None) for name, (_, pattern, _) in TEXT_ENCODERS.items()}
     missing = [f"models/text_encoders/{TEXT_ENCODERS[name][2]}" for name, f in found.items() if f is None]
     if missing:
-        raise _input_error(
+        raise TrainingInputError(
             f"{checkpoint.name} is an SD3 checkpoint without its text encoders, and {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} missing under {models}: put the files ComfyUI's SD3.5 workflow loads with "
             "TripleCLIPLoader there (clip_l, clip_g, t5xxl), or pass a checkpoint that includes them (sd3_medium_incl_clips_t5xxlfp16).")
@@ -90,33 +85,30 @@ def _text_encoders(checkpoint: Path, shapes: dict, config_dir: Path, dtype) -> d
     """The three text encoders from the sibling ComfyUI files when the checkpoint has none ({} when it has them)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from training.families.flux_files import _text_model
 
     inside = [any(k.startswith(prefix) for k in shapes) for prefix, _, _ in TEXT_ENCODERS.values()]
     if all(inside):
         return {}
     if any(inside):
-        raise _input_error(f"{checkpoint.name} holds only some of SD3's three text encoders: pass a checkpoint with all or none of them")
+        raise TrainingInputError(f"{checkpoint.name} holds only some of SD3's three text encoders: pass a checkpoint with all or none of them")
     files = companion_text_encoders(checkpoint)
     classes = {"text_encoder": (CLIPTextModelWithProjection, CLIPTextConfig), "text_encoder_2": (CLIPTextModelWithProjection, CLIPTextConfig),
                "text_encoder_3": (T5EncoderModel, T5Config)}
-    return {name: _text_model(*classes[name], files[name], config_dir / name, dtype) for name in TEXT_ENCODERS}
+    return {name: text_model(*classes[name], files[name], config_dir / name, dtype) for name in TEXT_ENCODERS}
 
 
 def _tokenizers(config_dir: Path) -> dict:
     """The config folder's own tokenizers, else CLIP's (pad "!" for CLIP-G, as SD3's) and T5's from ComfyUI."""
     from transformers import AutoTokenizer
 
-    from training.families.flux_files import t5_tokenizer_folders
-    from training.models import _clip_tokenizers
 
     names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     if all((config_dir / n / "tokenizer_config.json").is_file() for n in names):
         return {}
-    clips = _clip_tokenizers(config_dir, "sdxl")  # tokenizer (pad <|endoftext|>) and tokenizer_2 (pad "!")
+    clips = clip_tokenizers(config_dir, "sdxl")  # tokenizer (pad <|endoftext|>) and tokenizer_2 (pad "!")
     t5 = next((f for f in [config_dir / "tokenizer_3", *t5_tokenizer_folders()] if (f / "tokenizer_config.json").is_file()), None)
     if t5 is None:
-        raise _input_error("no T5 tokenizer found: install the trainer inside ComfyUI (it ships one) or pass --model-config "
+        raise TrainingInputError("no T5 tokenizer found: install the trainer inside ComfyUI (it ships one) or pass --model-config "
                            "with a diffusers SD3 folder that has tokenizer_3/")
     return {**clips, "tokenizer_3": AutoTokenizer.from_pretrained(str(t5), local_files_only=True)}
 
@@ -128,7 +120,7 @@ def load_sd3_file(path: Path, config_path: Path | None, dtype=torch.float32):
     config_dir = Path(config_path) if config_path else CONFIGS
     shapes = _shapes(path)
     if VAE_MARKER not in shapes:
-        raise _input_error(f"{path.name} has no VAE (first_stage_model.*): pass the SD3 / SD3.5 checkpoint from "
+        raise TrainingInputError(f"{path.name} has no VAE (first_stage_model.*): pass the SD3 / SD3.5 checkpoint from "
                            "models/checkpoints, which includes it")
     weights = read_weights(path, dtype)  # once, dequantised: the MMDiT, the VAE and the text encoders inside come from it
     components = {"transformer": _transformer(path, weights, config_dir, dtype), **_tokenizers(config_dir),
@@ -136,5 +128,5 @@ def load_sd3_file(path: Path, config_path: Path | None, dtype=torch.float32):
     try:
         return pipeline_from_state(StableDiffusion3Pipeline, weights, config_dir, dtype, **components)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {path.name} with the SD3 config {config_dir} ({err}): pass --model-config with the "
+        raise TrainingInputError(f"cannot read {path.name} with the SD3 config {config_dir} ({err}): pass --model-config with the "
                            "diffusers config of this model") from err

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from tdm_core.schedules import FlowSchedule
 
-from training.models import TrainingInputError
+from training.errors import TrainingInputError
 
 from .base import Cond
 from .pipeline_family import PipelineFamily

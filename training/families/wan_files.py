@@ -21,15 +21,16 @@ import json
 from pathlib import Path
 
 import torch
-
 from accelerate import init_empty_weights
 
-from .file_weights import network_from_state
+from training.errors import TrainingInputError
+
+from .file_weights import CHECKPOINT_PREFIX, network_from_state, strip_checkpoint_prefix
+from .text_encoders import text_encoder_files
 from .wan import CONFIGS
 from .weight_formats import read_weights
 
 MARKERS = ("patch_embedding.weight", "blocks.0.self_attn.q.weight", "head.head.weight")  # Wan's original DiT names
-PREFIX = "model.diffusion_model."
 TEXT_ENCODER_GLOB, TEXT_ENCODER_FILE = "umt5_xxl*.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE_FILES = {16: "wan_2.1_vae.safetensors", 48: "wan2.2_vae.safetensors"}  # latent channels -> ComfyUI's template VAE
 # transformer width -> its shipped diffusers config (a model of another width needs --model-config)
@@ -39,25 +40,19 @@ SHIPPED_TRANSFORMERS = {1536: CONFIGS / "transformer" / "config.json", 5120: CON
 
 def is_wan(keys) -> bool:
     keys = set(keys)
-    return all(k in keys for k in MARKERS) or all(PREFIX + k in keys for k in MARKERS)
-
-
-def _input_error(message: str):
-    from training.models import TrainingInputError
-
-    return TrainingInputError(message)
+    return all(k in keys for k in MARKERS) or all(CHECKPOINT_PREFIX + k in keys for k in MARKERS)
 
 
 def companion_files(diffusion_model: Path, channels: int) -> dict[str, Path]:
     """The text encoder and the VAE in the ComfyUI folders beside ``models/diffusion_models``; a clear error otherwise."""
     models = diffusion_model.resolve().parent.parent
     vae = VAE_FILES.get(channels, VAE_FILES[16])
-    wanted = {"text_encoder": ([f for d in ("text_encoders", "clip") for f in sorted((models / d).glob(TEXT_ENCODER_GLOB))],
+    wanted = {"text_encoder": (text_encoder_files(models, TEXT_ENCODER_GLOB),
                                f"models/text_encoders/{TEXT_ENCODER_FILE}"),
               "vae": ([f for f in (models / "vae" / vae,) if f.is_file()], f"models/vae/{vae}")}
     missing = [where for found, where in wanted.values() if not found]
     if missing:
-        raise _input_error(
+        raise TrainingInputError(
             f"{diffusion_model.name} is a Wan diffusion model in ComfyUI's layout, but {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} missing under {models}: put the files ComfyUI's Wan template uses there "
             f"({TEXT_ENCODER_FILE} and {vae}), or pass a diffusers Wan folder as --model.")
@@ -71,13 +66,13 @@ def _transformer_config(state: dict, config_dir: Path | None) -> dict:
     elif width in SHIPPED_TRANSFORMERS:
         config = json.loads(SHIPPED_TRANSFORMERS[width].read_text())
     else:
-        raise _input_error(f"a Wan transformer {width} wide is none of the shipped Wan 2.1 1.3B / 14B, Wan 2.2 5B: pass --model-config "
+        raise TrainingInputError(f"a Wan transformer {width} wide is none of the shipped Wan 2.1 1.3B / 14B, Wan 2.2 5B: pass --model-config "
                            "with the diffusers config folder of this model")
     if width != config["num_attention_heads"] * config["attention_head_dim"]:
-        raise _input_error(f"the Wan file is {width} wide, the config {config['num_attention_heads']} x {config['attention_head_dim']}: "
+        raise TrainingInputError(f"the Wan file is {width} wide, the config {config['num_attention_heads']} x {config['attention_head_dim']}: "
                            "pass --model-config with the diffusers config of this model")
     if state["patch_embedding.weight"].shape[1] != config["in_channels"]:
-        raise _input_error(f"the Wan file takes {state['patch_embedding.weight'].shape[1]} input channels (an image-to-video model?): "
+        raise TrainingInputError(f"the Wan file takes {state['patch_embedding.weight'].shape[1]} input channels (an image-to-video model?): "
                            "TDM distils the text-to-video models; pass Wan 2.1 T2V or Wan 2.2 TI2V-5B")
     config["num_layers"] = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     return {k: v for k, v in config.items() if not k.startswith("_")}
@@ -87,9 +82,9 @@ def load_transformer(path: Path, config_dir: Path | None, dtype):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_weights(path, dtype).items()}
+    state = strip_checkpoint_prefix(read_weights(path, dtype))
     if not is_wan(state):
-        raise _input_error(f"{path.name} is not a Wan diffusion model (no {', '.join(MARKERS)}): pass ComfyUI's "
+        raise TrainingInputError(f"{path.name} is not a Wan diffusion model (no {', '.join(MARKERS)}): pass ComfyUI's "
                            "models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors or a diffusers Wan folder, or drop --family wan")
     config = _transformer_config(state, config_dir)
     return network_from_state(WanTransformer3DModel, config, convert_wan_transformer_to_diffusers(state), path.name, "Wan",
@@ -108,12 +103,12 @@ def _text_encoder(path: Path, config_dir: Path, dtype):
     wanted = {k for k in model.state_dict() if k != "encoder.embed_tokens.weight"}  # tied to shared.weight
     missing = sorted(wanted - set(state))
     if missing:
-        raise _input_error(f"{path.name} is not the UMT5 encoder {config_dir} describes: it lacks {len(missing)} weights (e.g. {missing[:3]}); "
+        raise TrainingInputError(f"{path.name} is not the UMT5 encoder {config_dir} describes: it lacks {len(missing)} weights (e.g. {missing[:3]}); "
                            f"pass ComfyUI's {TEXT_ENCODER_FILE}")
     try:
         model.load_state_dict({k: state[k] for k in wanted}, strict=False, assign=True)
     except RuntimeError as err:
-        raise _input_error(f"{path.name} does not fit the UMT5 config of {config_dir} ({str(err)[:200]}): pass --model-config") from err
+        raise TrainingInputError(f"{path.name} does not fit the UMT5 config of {config_dir} ({str(err)[:200]}): pass --model-config") from err
     model.tie_weights()
     return model.to(dtype).eval()
 
@@ -122,13 +117,13 @@ def _vae(path: Path, config_dir: Path, channels: int, dtype):
     from diffusers import AutoencoderKLWan
 
     if json.loads((config_dir / "vae" / "config.json").read_text()).get("z_dim") != channels:
-        raise _input_error(f"the VAE config of {config_dir} is not the {channels}-channel VAE this Wan model needs: "
+        raise TrainingInputError(f"the VAE config of {config_dir} is not the {channels}-channel VAE this Wan model needs: "
                            "pass --model-config with the diffusers folder of this model (e.g. Wan2.2-TI2V-5B-Diffusers)")
     try:
         return AutoencoderKLWan.from_single_file(read_weights(path, dtype), config=str(config_dir), subfolder="vae",
                                                  torch_dtype=dtype, local_files_only=True).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {path} as the Wan VAE of {config_dir} ({str(err)[:200]}): pass ComfyUI's "
+        raise TrainingInputError(f"cannot read {path} as the Wan VAE of {config_dir} ({str(err)[:200]}): pass ComfyUI's "
                            f"{VAE_FILES[channels]}") from err
 
 
@@ -137,7 +132,7 @@ def _tokenizer(config_dir: Path):
 
     folder = config_dir / "tokenizer"
     if not folder.is_dir():
-        raise _input_error(f"no UMT5 tokenizer in {config_dir}: pass --model-config with a diffusers Wan folder that has tokenizer/ "
+        raise TrainingInputError(f"no UMT5 tokenizer in {config_dir}: pass --model-config with a diffusers Wan folder that has tokenizer/ "
                            "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers without its weights)")
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
@@ -150,7 +145,7 @@ def check_not_an_a14b_expert(path: Path) -> None:
     if any(tag in path.name.lower() for tag in A14B_EXPERT_NAMES):
         from .wan import A14B_REFUSAL
 
-        raise _input_error(f"{path.name} is one expert of the two-expert Wan 2.2 A14B: {A14B_REFUSAL}")
+        raise TrainingInputError(f"{path.name} is one expert of the two-expert Wan 2.2 A14B: {A14B_REFUSAL}")
 
 
 def load_wan_files(path: Path, config_path: Path | None, dtype=torch.float32):

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from training.errors import TrainingInputError
+
 SCALED_FP8_MARKER = "scaled_fp8"
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # scaled fp8's, the mixed-precision layout's
 DROPPED_SUFFIXES = (".scale_input", ".input_scale")  # activation scales: only for fp8 matrix products at run time
@@ -39,29 +41,23 @@ BITSANDBYTES_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".SCB", ".nest
 USE_INSTEAD = "use the fp16 / bf16 / fp8_e4m3fn / fp8_scaled file of the same model (the ones ComfyUI's templates name)"
 
 
-def _input_error(message: str):
-    from training.models import TrainingInputError
-
-    return TrainingInputError(message)
-
-
 def _refuse_unreadable_layouts(keys: list[str], metadata: dict, name: str) -> None:
     """A clear error for each layout this loader cannot dequantise exactly."""
     if any(k.endswith(".comfy_quant") for k in keys):
-        raise _input_error(f"{name} is quantised per layer with `comfy_quant` entries (ComfyUI releases after 0.3.75), "
+        raise TrainingInputError(f"{name} is quantised per layer with `comfy_quant` entries (ComfyUI releases after 0.3.75), "
                            f"which this trainer does not dequantise: {USE_INSTEAD}")
     bnb = next((k for k in keys if any(m in k for m in BITSANDBYTES_MARKERS)), None)
     if bnb is not None:
-        raise _input_error(f"{name} holds bitsandbytes-quantised weights ({bnb}), which ComfyUI's loaders do not read: {USE_INSTEAD}")
+        raise TrainingInputError(f"{name} holds bitsandbytes-quantised weights ({bnb}), which ComfyUI's loaders do not read: {USE_INSTEAD}")
     if QUANT_METADATA in metadata:
         try:
             layers = json.loads(metadata[QUANT_METADATA])["layers"]
             formats = {layer: spec.get("format") for layer, spec in layers.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise _input_error(f"{name} has an unreadable {QUANT_METADATA} entry ({err}): {USE_INSTEAD}") from err
+            raise TrainingInputError(f"{name} has an unreadable {QUANT_METADATA} entry ({err}): {USE_INSTEAD}") from err
         other = sorted({str(f) for f in formats.values()} - set(MIXED_PRECISION_FORMATS))
         if other:
-            raise _input_error(f"{name} quantises layers as {', '.join(other)}, a mixed-precision format ComfyUI 0.3.75 and this "
+            raise TrainingInputError(f"{name} quantises layers as {', '.join(other)}, a mixed-precision format ComfyUI 0.3.75 and this "
                                f"trainer do not read (only {', '.join(MIXED_PRECISION_FORMATS)}): {USE_INSTEAD}")
 
 
@@ -79,9 +75,9 @@ def _scale_keys(keys: list[str], name: str) -> dict[str, str]:
             continue
         weight = key[: -len(suffix)] + ".weight"
         if weight not in present:
-            raise _input_error(f"{name} has a scale {key} without its weight {weight}: the file is damaged or not a ComfyUI model; {USE_INSTEAD}")
+            raise TrainingInputError(f"{name} has a scale {key} without its weight {weight}: the file is damaged or not a ComfyUI model; {USE_INSTEAD}")
         if weight in scales:
-            raise _input_error(f"{name} scales {weight} twice ({scales[weight]}, {key}): {USE_INSTEAD}")
+            raise TrainingInputError(f"{name} scales {weight} twice ({scales[weight]}, {key}): {USE_INSTEAD}")
         scales[weight] = key
     return scales
 
@@ -97,13 +93,13 @@ def _floating(key: str, tensor: torch.Tensor, scale: torch.Tensor | None, dtype,
     """One tensor as the run's dtype: scaled fp8 multiplied out in fp32; integer weights refused."""
     if not tensor.is_floating_point():
         if key.endswith(".weight"):
-            raise _input_error(f"{name} stores {key} as {str(tensor.dtype).replace('torch.', '')}, a packed / integer quantisation "
+            raise TrainingInputError(f"{name} stores {key} as {str(tensor.dtype).replace('torch.', '')}, a packed / integer quantisation "
                                f"ComfyUI 0.3.75 does not read as a plain weight: {USE_INSTEAD}")
         return tensor  # position ids, the tokenizer ComfyUI keeps in UMT5 files (spiece_model)
     if scale is None:
         return tensor.to(dtype)
     if not _broadcasts(scale.shape, tensor.shape):
-        raise _input_error(f"{name} scales {key} {tuple(tensor.shape)} by a {tuple(scale.shape)} tensor (block-wise scales), "
+        raise TrainingInputError(f"{name} scales {key} {tuple(tensor.shape)} by a {tuple(scale.shape)} tensor (block-wise scales), "
                            f"which this trainer does not dequantise: {USE_INSTEAD}")
     return (tensor.to(torch.float32) * scale.to(torch.float32)).to(dtype)
 
@@ -124,7 +120,7 @@ def read_weights(path: Path, dtype=torch.float32) -> dict[str, torch.Tensor]:
             return {key: _floating(key, handle.get_tensor(key), handle.get_tensor(scale_of[key]) if key in scale_of else None, dtype, path.name)
                     for key in keys if key not in consumed and not _is_dropped(key)}
     except (OSError, SafetensorError) as err:
-        raise _input_error(f"cannot read {path} as safetensors ({err}): pass an intact .safetensors file") from err
+        raise TrainingInputError(f"cannot read {path} as safetensors ({err}): pass an intact .safetensors file") from err
 
 
 def _component_from_state(name: str, library: str, class_name: str, state: dict[str, torch.Tensor], config: str, dtype):

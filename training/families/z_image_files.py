@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 
+from training.errors import TrainingInputError
+
+from .file_weights import CHECKPOINT_PREFIX
+from .text_encoders import QWEN_TOKENIZER, comfy_tokenizer_folders, text_encoder_files
 from .weight_formats import read_weights
 
 # What Qwen3's chat template renders for plain user messages with add_generation_prompt and enable_thinking
@@ -32,7 +36,6 @@ QWEN3_CHAT_TEMPLATE = (
 )
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "z_image"
 
-PREFIX = "model.diffusion_model."  # some exports keep the checkpoint prefix
 # NextDiT keys every Z-Image file has; cap_pad_token tells Z-Image from Lumina 2.0 (same class, Gemma encoder, no pad tokens)
 MARKERS = ("cap_embedder.1.weight", "layers.0.attention.qkv.weight", "cap_pad_token")
 TEXT_ENCODER_GLOB, TEXT_ENCODER_FILE = "qwen_3_4b*.safetensors", "models/text_encoders/qwen_3_4b.safetensors"
@@ -41,23 +44,17 @@ VAE_FILES, VAE_FILE = ("ae.safetensors", "flux_vae.safetensors"), "models/vae/ae
 
 def is_comfy_z_image(keys) -> bool:
     keys = set(keys)
-    return any(all(prefix + marker in keys for marker in MARKERS) for prefix in ("", PREFIX))
-
-
-def _input_error(message: str):
-    from training.models import TrainingInputError
-
-    return TrainingInputError(message)
+    return any(all(prefix + marker in keys for marker in MARKERS) for prefix in ("", CHECKPOINT_PREFIX))
 
 
 def companion_files(diffusion_model: Path) -> dict[str, Path]:
     """Qwen3-4B and the Flux VAE in the ComfyUI folders beside ``models/diffusion_models``; a clear error otherwise."""
     models = diffusion_model.resolve().parent.parent
-    text = [f for d in (models / "text_encoders", models / "clip") for f in sorted(d.glob(TEXT_ENCODER_GLOB))]
+    text = text_encoder_files(models, TEXT_ENCODER_GLOB)
     vae = [models / "vae" / name for name in VAE_FILES if (models / "vae" / name).is_file()]
     missing = [where for found, where in ((text, TEXT_ENCODER_FILE), (vae, VAE_FILE)) if not found]
     if missing:
-        raise _input_error(
+        raise TrainingInputError(
             f"{diffusion_model.name} is a Z-Image diffusion model in ComfyUI's layout, but {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} missing under {models}: put the files ComfyUI's Z-Image-Turbo workflow "
             "uses there (qwen_3_4b.safetensors, ae.safetensors), or pass a diffusers Z-Image folder as --model.")
@@ -72,7 +69,7 @@ def _transformer(path: Path, config_dir: Path, dtype):
         return ZImageTransformer2DModel.from_single_file(read_weights(path, dtype), config=str(config_dir), subfolder="transformer",
                                                          local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {path.name} as the Z-Image transformer of {config_dir} ({str(err)[:300]}): pass an "
+        raise TrainingInputError(f"cannot read {path.name} as the Z-Image transformer of {config_dir} ({str(err)[:300]}): pass an "
                            "intact Z-Image file, or --model-config with the diffusers config of this model") from err
 
 
@@ -86,9 +83,9 @@ def _text_encoder(path: Path, config_dir: Path, dtype):
         model, info = Qwen3Model.from_pretrained(None, config=Qwen3Config.from_pretrained(str(config_dir / "text_encoder")),
                                                  state_dict=state, torch_dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _input_error(f"cannot read {path} as the Qwen3 text encoder of {config_dir}: {str(err)[:300]}") from err
+        raise TrainingInputError(f"cannot read {path} as the Qwen3 text encoder of {config_dir}: {str(err)[:300]}") from err
     if info["missing_keys"]:
-        raise _input_error(f"{path.name} is not the Qwen3 text encoder {config_dir} describes: it lacks {len(info['missing_keys'])} "
+        raise TrainingInputError(f"{path.name} is not the Qwen3 text encoder {config_dir} describes: it lacks {len(info['missing_keys'])} "
                            f"weights (e.g. {info['missing_keys'][:3]}); pass the qwen_3_4b file ComfyUI's Z-Image workflow uses")
     return model.eval()
 
@@ -97,15 +94,12 @@ def _tokenizer(config_dir: Path):
     """The config folder's own tokenizer, else ComfyUI's bundled Qwen vocabulary with Qwen3's chat template."""
     from transformers import AutoTokenizer
 
-    from training.models import _clip_vocabulary_folders
-
     own = config_dir / "tokenizer"
     if (own / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(own), local_files_only=True)
-    comfy = [f.parent / "text_encoders" / "qwen25_tokenizer" for f in _clip_vocabulary_folders()]
-    found = next((f for f in comfy if (f / "vocab.json").is_file()), None)
+    found = next((f for f in comfy_tokenizer_folders(QWEN_TOKENIZER) if (f / "vocab.json").is_file()), None)
     if found is None:
-        raise _input_error("no Qwen tokenizer found: install the trainer inside ComfyUI (it ships one in "
+        raise TrainingInputError("no Qwen tokenizer found: install the trainer inside ComfyUI (it ships one in "
                            "comfy/text_encoders/qwen25_tokenizer) or pass --model-config with a diffusers Z-Image folder")
     tokenizer = AutoTokenizer.from_pretrained(str(found), local_files_only=True)
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
