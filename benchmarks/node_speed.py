@@ -1,0 +1,154 @@
+"""One TDM Distill node iteration against one ``training.distill`` iteration, side by side in one process.
+
+    python -m benchmarks.node_speed [--rounds 7] [--warmup 2] [--batch-size 8] [--profile] [--output benchmarks/RESULTS_speed.md]
+
+Both distil the shapes benchmark teacher (benchmarks/assets/shapes_teacher) with the same batch, K (4), CFG (3),
+rank and prompts: the trainer through ``training.distill.build_parts`` + ``train_step`` (PEFT adapters on the
+diffusers UNet), the node through its ``Distiller.iterate`` (nodes/distill.py: two LoRAs as ComfyUI weight
+wrappers on the teacher loaded as a ComfyUI MODEL, :mod:`benchmarks.comfy_teacher`). The two alternate round by
+round, so the machine's load hits them alike; warm-up iterations are dropped; each iteration is timed in CPU
+seconds (``time.process_time``: this process's own work, what the ratio is judged on at one torch thread on a
+shared machine) and wall seconds. ``--profile`` adds cProfile's cumulative top entries of the node's iterations.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "benchmarks" / "RESULTS_speed.md"
+TARGET = 1.1  # issue 21: a node iteration costs at most 1.1x a training.distill iteration
+CFG = 3.0  # the shapes teacher's benchmark CFG (benchmarks.defaults)
+
+
+def trainer_step(work: Path, batch_size: int, seed: int):
+    """``() -> None``: one ``training.distill`` iteration (its ``train_step``) on the shapes teacher."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from benchmarks.shapes_data import all_captions
+    from benchmarks.train_text_teacher import DEFAULT_OUTPUT
+    from training.config import parse_config, read_prompts
+    from training.distill import build_parts, train_step
+
+    prompts_path = work / "prompts.txt"
+    prompts_path.write_text("".join(f"{c}\n" for c in all_captions()))
+    cfg = parse_config(["--model", str(DEFAULT_OUTPUT), "--prompts", str(prompts_path), "--output", str(work / "lora.safetensors"),
+                        "--cfg", str(CFG), "--seed", str(seed), "--batch-size", str(batch_size)])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    parts, latent_shape = build_parts(cfg, Accelerator(mixed_precision="no", cpu=True))
+    prompts = read_prompts(str(prompts_path))
+    null = parts.family.null_condition(cfg.batch_size)
+    return lambda: train_step(parts, cfg, prompts, null, latent_shape), parts.family
+
+
+def node_step(family, batch_size: int, seed: int):
+    """``() -> None``: one TDM Distill node iteration (``Distiller.iterate``) on the same teacher as a ComfyUI MODEL."""
+    from benchmarks import comfy_teacher
+    from benchmarks.shapes_data import all_captions
+    from benchmarks.train_text_teacher import DEFAULT_OUTPUT
+
+    distill = comfy_teacher.pack_module("distill")
+    patcher, _ = comfy_teacher.load_comfy_unet(DEFAULT_OUTPUT / "unet")
+    positives, negative = comfy_teacher.conditionings(family, all_captions())
+    options = distill.DistillOptions(cfg=CFG, batch_size=batch_size, seed=seed)
+    distiller = distill.Distiller(patcher, positives, negative, family.latent_shape(1), options)
+    return distiller.iterate, distiller
+
+
+def timed(step) -> tuple[float, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    step()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def measure(rounds: int, warmup: int, batch_size: int, profile: bool) -> dict:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, family = trainer_step(Path(tmp), batch_size, 0)
+        node, distiller = node_step(family, batch_size, 0)
+        times = {"trainer": [], "node": []}
+        profiler = cProfile.Profile() if profile else None
+        try:
+            for number in range(warmup + rounds):
+                order = ("trainer", "node") if number % 2 == 0 else ("node", "trainer")
+                for name in order:
+                    step = trainer if name == "trainer" else node
+                    if name == "node" and profiler is not None and number >= warmup:
+                        profiler.enable()
+                    cpu, wall = timed(step)
+                    if profiler is not None:
+                        profiler.disable()
+                    if number >= warmup:
+                        times[name].append((cpu, wall))
+        finally:
+            distiller.release()
+    out = {"times": times, "batch_size": batch_size, "rounds": rounds, "warmup": warmup}
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        out["profile"] = text.getvalue()
+    return out
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def section(result: dict, command: str) -> str:
+    t = result["times"]
+    rows = {name: ([c for c, _ in t[name]], [w for _, w in t[name]]) for name in ("trainer", "node")}
+    cpu_ratio = median(rows["node"][0]) / median(rows["trainer"][0])
+    wall_ratio = median(rows["node"][1]) / median(rows["trainer"][1])
+    verdict = "holds" if cpu_ratio <= TARGET else "missed"
+    load = ", ".join(f"{x:.2f}" for x in (__import__("os").getloadavg()))
+    lines = [f"## TDM Distill node vs `training.distill`, one iteration (issue 21)", "",
+             f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. CPU only ({platform.processor() or 'x86_64'}, "
+             f"1 torch thread, torch {torch.__version__}), on a machine shared with other jobs (load average at the end {load}); the two "
+             "alternate round by round in one process and each is judged on its own CPU time (`time.process_time`), wall time beside it.", "",
+             f"Model: the shapes benchmark teacher (SD1.5-architecture UNet, benchmarks/assets/shapes_teacher), batch {result['batch_size']}, K=4, "
+             f"CFG {CFG:g}, LoRA rank 16 on the same layers, the same prompts; {result['warmup']} warm-up round(s) dropped, median of "
+             f"{result['rounds']} iterations each.", "",
+             "| host | CPU s / iteration: median (min-max) | wall s / iteration: median (min-max) |", "|---|---:|---:|"]
+    for name, label in (("trainer", "`training.distill` (`train_step`: PEFT adapters on the diffusers UNet)"),
+                        ("node", "TDM Distill node (`Distiller.iterate`: ComfyUI weight wrappers on the ComfyUI MODEL)")):
+        cpu, wall = rows[name]
+        lines.append(f"| {label} | {median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f}) | {median(wall):.3f} ({min(wall):.3f}-{max(wall):.3f}) |")
+    lines += ["", f"Node / trainer: **{cpu_ratio:.2f}x** CPU time (wall {wall_ratio:.2f}x); target <= {TARGET}: **{verdict}**.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="print cProfile's cumulative top 40 of the node's timed iterations")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help="append the section here ('-' : print only)")
+    args = parser.parse_args(argv)
+    command = "python -m benchmarks.node_speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = measure(args.rounds, args.warmup, args.batch_size, args.profile)
+    text = section(result, command.strip())
+    print(text)
+    if "profile" in result:
+        print(result["profile"])
+    if str(args.output) != "-":
+        from tdm_core.atomic import write_text_atomic
+
+        old = args.output.read_text() if args.output.is_file() else ""
+        write_text_atomic(args.output, old.rstrip("\n") + "\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
