@@ -258,7 +258,8 @@ def main_comfyui(parser, command: str, teachers: list[Teacher], seeds: tuple, it
             evaluator = teacher.evaluator(args.num_eval, (0, 1))
             cache = cached_measure(teacher, args.work, lambda c: defaults_node.measure(teacher, evaluator, seeds, iterations, args.work, c,
                                                                                          lambda m: print(f"[defaults] {m}", flush=True)))
-        text = defaults_node.insert_block(text, teacher.name, defaults_node.table(teacher, cache, seeds, iterations, command))
+        published = defaults_node.published_row(text, teacher.name, max(iterations))
+        text = defaults_node.insert_block(text, teacher.name, defaults_node.table(teacher, cache, seeds, iterations, command, published))
         write_text_atomic(args.output, text)
     print(f"wrote {args.output}")
     return 0

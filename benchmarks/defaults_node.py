@@ -46,22 +46,38 @@ def mean_of(cache: dict, prefix: str, seeds: tuple, n: int, key: str):
     return (statistics.fmean(values), len(values)) if values else (None, 0)
 
 
-def comparison(cache: dict, seeds: tuple, n: int) -> list[str]:
-    """Node against headless at ``n`` iterations, for headless runs in the same cache (same code, same evaluator)."""
+def published_row(text: str, teacher: str, n: int) -> dict:
+    """The headless ``TDM K=4, defaults, <n> it.`` row of ``teacher``'s table in the results file: ``{fd_real, fd_teacher, runs}``."""
+    section = re.search(rf"^### {re.escape(teacher)}:.*?(?=^### |\Z)", text, flags=re.M | re.S)
+    row = section and re.search(rf"^\| TDM K=4, defaults, {n} it\. \| 4 \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \| [^|]+ \| (\d+) \|$",
+                                section.group(0), flags=re.M)
+    return {"fd_real": float(row.group(1)), "fd_teacher": float(row.group(2)), "runs": int(row.group(3))} if row else {}
+
+
+def ratio_line(name: str, n: int, node: float, runs: int, headless: float, headless_runs: int, which: str) -> str:
+    ratio = node / headless
+    verdict = "within 10 %" if ratio <= 1 + TOLERANCE else "NOT within 10 %"
+    return (f"- {name} at {n} it.: node {node:.1f} ({runs} runs) vs `training.distill` {headless:.1f} ({headless_runs} runs, {which}): "
+            f"ratio {ratio:.2f}, {verdict} (lower is better)")
+
+
+def comparison(cache: dict, seeds: tuple, n: int, published: dict) -> list[str]:
+    """Node against headless at ``n`` iterations: the headless rows published above and the headless runs in the same
+    cache (made beside the node's, same code and evaluator)."""
     lines = []
     for key, name in (("fd_real", "FD to real data"), ("fd_teacher", "FD to the teacher")):
         node, runs = mean_of(cache, "node/", seeds, n, key)
-        headless, headless_runs = mean_of(cache, "", seeds, n, key)
-        if node is None or headless is None:
+        if node is None:
             continue
-        ratio = node / headless
-        verdict = "within 10 %" if ratio <= 1 + TOLERANCE else "NOT within 10 %"
-        lines.append(f"- {name} at {n} it.: node {node:.1f} ({runs} runs) vs `training.distill` {headless:.1f} ({headless_runs} runs, "
-                     f"same code and evaluator): ratio {ratio:.2f}, {verdict} (lower is better; a ratio below 1 is the node doing better)")
+        if published:
+            lines.append(ratio_line(name, n, node, runs, published[key], published["runs"], "the table above"))
+        headless, headless_runs = mean_of(cache, "", seeds, n, key)
+        if headless is not None:
+            lines.append(ratio_line(name, n, node, runs, headless, headless_runs, "rerun beside it on this code"))
     return lines
 
 
-def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str) -> list[str]:
+def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str, published: dict | None = None) -> list[str]:
     from benchmarks.defaults import summarise
 
     start, end = block_markers(teacher.name)
@@ -95,7 +111,7 @@ def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str) -
                   "and sampled through ComfyUI, against the evaluator's diffusers student (its LoRA converted to PEFT keys), 16 prompts, same "
                   f"noise: largest latent difference {check['vs_diffusers_student']:.1e} of the largest latent (the student against the "
                   f"teacher on the same path: {check['vs_teacher']:.1e}).", ""]
-    compared = comparison(cache, seeds, max(iterations))
+    compared = comparison(cache, seeds, max(iterations), published or {})
     return lines + (compared + [""] if compared else []) + [end]
 
 

@@ -87,6 +87,14 @@ def test_the_evaluator_samples_the_node_student(node_run, shapes):
 
 
 SECTIONS = "# T\n\nintro\n\n### shapes: x\n\n| a |\n\ntext\n\n### flow: y\n\n| b |\n"
+HEADLESS_ROW = "| TDM K=4, defaults, 500 it. | 4 | {} ± 11.6 | {} ± 44.1 | 0.976 ± 0.004 | 3 |"
+
+
+def test_the_published_headless_row_is_read_from_its_teacher_section():
+    text = SECTIONS.replace("| a |", HEADLESS_ROW.format("86.8", "70.6")).replace("| b |", HEADLESS_ROW.format("111.2", "175.6"))
+    assert defaults_node.published_row(text, "shapes", 500) == {"fd_real": 86.8, "fd_teacher": 70.6, "runs": 3}
+    assert defaults_node.published_row(text, "flow", 500) == {"fd_real": 111.2, "fd_teacher": 175.6, "runs": 3}
+    assert defaults_node.published_row(text, "shapes", 250) == {}
 
 
 def test_the_node_block_goes_under_its_teacher_and_survives_a_headless_rewrite():
