@@ -114,6 +114,10 @@ def test_the_speed_comparison_times_both_hosts():
     assert all(len(result["times"][name]) == 1 and result["times"][name][0][0] > 0 for name in ("trainer", "node"))
     text = node_speed.section(result, "python -m benchmarks.node_speed --rounds 1")
     assert "Node / trainer: **" in text and "`python -m benchmarks.node_speed --rounds 1`" in text
+    # a rerun replaces its own section, other sections stay
+    once = node_speed.replace_section("# S\n\n## other\n\nx\n", text)
+    twice = node_speed.replace_section(once + "\n## after\n\ny\n", text.replace("**", "__"))
+    assert twice.count(node_speed.SECTION_HEADING) == 1 and "__" in twice and "## other" in twice and "## after" in twice
 
 
 @pytest.mark.slow
