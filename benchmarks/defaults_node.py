@@ -8,7 +8,12 @@ import statistics
 from pathlib import Path
 
 NODE_TEACHERS = ("shapes",)  # teachers the node can load today (SD1.5 architecture)
-NOT_MEASURED = {"flow": "not measured: needs Flux sampling in the node (ModelSamplingFlux support is being added to nodes/)"}
+NOT_MEASURED = {"flow": (
+    "not measured: needs Flux sampling in the node (ModelSamplingFlux support is being added to nodes/). Checked: the schedule "
+    "alone would not need it, as the trainer's Flux family distils this teacher at 32 px with the fixed shift exp(mu) = 1.583, "
+    "which a discrete-flow sampling with multiplier 1 (stock ModelSamplingAuraFlow, shift 1.583) gives ComfyUI's Flux exactly; "
+    "what is not built here is the teacher as a ComfyUI Flux MODEL (diffusers -> ComfyUI keys, its 4-channel latent with patch 2, "
+    "T5 + CLIP-pooled conditionings) and the node's fused-qkv LoRA mapped back to the evaluator's PEFT keys")}
 COLUMNS = ("fd_real", "fd_teacher", "accuracy")
 TOLERANCE = 0.10  # the goal: node FD within 10 % of the headless trainer's
 NODE_TITLE = "TDM Distill node (ComfyUI)"
