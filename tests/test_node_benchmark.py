@@ -135,3 +135,6 @@ def test_defaults_host_comfyui_writes_node_rows(tmp_path):
                    "Sampling check:", "not measured: needs Flux sampling in the node"):
         assert needle in text, needle
     assert text.index("batch 8, 2 it.") < text.index("### flow") < text.index("needs Flux sampling")
+    shapes_block = text[text.index("<!-- comfyui-node:shapes -->"):text.index("<!-- /comfyui-node:shapes -->")]
+    rows = [line for line in shapes_block.split("\n") if line.startswith("| TDM Distill node")]
+    assert len(rows) == 2 and all(" ± " in row and "not measured" not in row for row in rows), rows
