@@ -1,6 +1,6 @@
 """One TDM Distill node iteration against one ``training.distill`` iteration, side by side in one process.
 
-    python -m benchmarks.node_speed [--rounds 7] [--warmup 2] [--batch-size 8] [--profile] [--output benchmarks/RESULTS_speed.md]
+    python -m benchmarks.node_speed [--rounds 7] [--warmup 2] [--batch-size 8] [--profile-rounds 3] [--output benchmarks/RESULTS_speed.md]
 
 Both distil the shapes benchmark teacher (benchmarks/assets/shapes_teacher) with the same batch, K (4), CFG (3),
 rank and prompts: the trainer through ``training.distill.build_parts`` + ``train_step`` (PEFT adapters on the
@@ -8,13 +8,15 @@ diffusers UNet), the node through its ``Distiller.iterate`` (nodes/distill.py: t
 wrappers on the teacher loaded as a ComfyUI MODEL, :mod:`benchmarks.comfy_teacher`). The two alternate round by
 round, so the machine's load hits them alike; warm-up iterations are dropped; each iteration is timed in CPU
 seconds (``time.process_time``: this process's own work, what the ratio is judged on at one torch thread on a
-shared machine) and wall seconds. ``--profile`` adds cProfile's cumulative top entries of the node's iterations.
+shared machine) and wall seconds. Then ``--profile-rounds`` more iterations of each under a CPU-time cProfile say where
+the time goes (a table in the section; the matching cProfile entries are printed).
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import os
 import platform
 import pstats
 import statistics
@@ -78,51 +80,78 @@ def timed(step) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def measure(rounds: int, warmup: int, batch_size: int, profile: bool) -> dict:
+def measure(rounds: int, warmup: int, batch_size: int, profile_rounds: int = 0) -> dict:
+    """Timed rounds (no profiler), then ``profile_rounds`` more per host under a CPU-time cProfile (wall time on a
+    loaded machine would count the waits for a core), kept apart so profiling does not distort the timings."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, family = trainer_step(Path(tmp), batch_size, 0)
         node, distiller = node_step(family, batch_size, 0)
-        times = {"trainer": [], "node": []}
-        # CPU-time profilers (wall time on a loaded machine would count the waits for a core)
-        profilers = {name: cProfile.Profile(time.process_time) for name in times} if profile else {}
+        steps = {"trainer": trainer, "node": node}
+        times = {name: [] for name in steps}
+        profilers = {name: cProfile.Profile(time.process_time) for name in steps}
         try:
             for number in range(warmup + rounds):
-                order = ("trainer", "node") if number % 2 == 0 else ("node", "trainer")
-                for name in order:
-                    step = trainer if name == "trainer" else node
-                    profiler = profilers.get(name) if number >= warmup else None
-                    if profiler is not None:
-                        profiler.enable()
-                    cpu, wall = timed(step)
-                    if profiler is not None:
-                        profiler.disable()
+                for name in (("trainer", "node") if number % 2 == 0 else ("node", "trainer")):
+                    cpu_wall = timed(steps[name])
                     if number >= warmup:
-                        times[name].append((cpu, wall))
+                        times[name].append(cpu_wall)
+            for _ in range(profile_rounds):
+                for name, profiler in profilers.items():
+                    profiler.runcall(steps[name])
         finally:
             distiller.release()
     out = {"times": times, "batch_size": batch_size, "rounds": rounds, "warmup": warmup}
-    if profilers:
+    if profile_rounds:
+        out["profile_rounds"] = profile_rounds
+        out["split"] = {name: cost_split(pstats.Stats(profiler), profile_rounds) for name, profiler in profilers.items()}
         text = io.StringIO()
         for name, profiler in profilers.items():
-            text.write(f"==== {name}: cProfile (CPU time) over the {rounds} timed iterations ====\n")
-            stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
-            stats.print_stats(HOST_COSTS)  # each host's own costs beside the network's work
+            text.write(f"==== {name}: cProfile (CPU time) over {profile_rounds} iterations ====\n")
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(HOST_COSTS)
         out["profile"] = text.getvalue()
     return out
 
 
-def median(values) -> float:
-    return statistics.median(values)
+# where an iteration's CPU time goes, per host: (row, regex over "file:line(function)"); cumulative time of the
+# first match (the entry of that kind of work), per iteration
+COST_ROWS = {
+    "trainer": (("whole iteration", r"training/distill.py:\d+\(train_step\)"),
+                ("network forwards (diffusers UNet, LoRA included)", r"unet_2d_condition.py:\d+\(forward\)"),
+                ("of which LoRA layers (PEFT lora.Linear.forward, base layer included)", r"peft/tuners/lora/layer.py:\d+\(forward\)"),
+                ("backward (autograd engine)", r"_engine_run_backward"),
+                ("optimiser (clip + AdamW step)", r"tdm_core/optimiser.py:\d+\(clip_and_step\)"),
+                ("conditioning (prompt encoding, cached)", r"training/distill.py:\d+\(encode\)")),
+    "node": (("whole iteration", r"nodes/distill.py:\d+\(iterate\)"),
+             ("network forwards (ComfyUI calc_cond_batch, LoRA included)", r"comfy/samplers.py:\d+\(calc_cond_batch\)"),
+             ("of which weight casting + LoRA wrappers (comfy.ops.cast_bias_weight)", r"comfy/ops.py:\d+\(cast_bias_weight\)"),
+             ("of which W + (alpha/r) up @ down per forward (weight_adapter LoraDiff.__call__)", r"weight_adapter/lora.py:\d+\(__call__\)"),
+             ("backward (autograd engine)", r"_engine_run_backward"),
+             ("optimiser (clip + AdamW step)", r"tdm_core/optimiser.py:\d+\(clip_and_step\)"),
+             ("conditioning (ComfyUI process_conds, every iteration)", r"comfy/samplers.py:\d+\(process_conds\)")),
+}
+
+
+def cost_split(stats: pstats.Stats, iterations: int) -> list[tuple[str, float]]:
+    """``[(row, CPU s per iteration)]`` of the host's COST_ROWS from a cProfile run of ``iterations`` iterations."""
+    import re
+
+    entries = {f"{file}:{line}({func})": data[3] for (file, line, func), data in stats.stats.items()}
+    host = "node" if any("nodes/distill.py" in key for key in entries) else "trainer"
+    out = []
+    for row, pattern in COST_ROWS[host]:
+        found = [seconds for key, seconds in entries.items() if re.search(pattern, key)]
+        out.append((row, max(found) / iterations if found else 0.0))
+    return out
 
 
 def section(result: dict, command: str) -> str:
     t = result["times"]
     rows = {name: ([c for c, _ in t[name]], [w for _, w in t[name]]) for name in ("trainer", "node")}
-    cpu_ratio = median(rows["node"][0]) / median(rows["trainer"][0])
-    wall_ratio = median(rows["node"][1]) / median(rows["trainer"][1])
+    cpu_ratio = statistics.median(rows["node"][0]) / statistics.median(rows["trainer"][0])
+    wall_ratio = statistics.median(rows["node"][1]) / statistics.median(rows["trainer"][1])
     verdict = "holds" if cpu_ratio <= TARGET else "missed"
-    load = ", ".join(f"{x:.2f}" for x in (__import__("os").getloadavg()))
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [SECTION_HEADING, "",
              f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. CPU only ({platform.processor() or 'x86_64'}, "
              f"1 torch thread, torch {torch.__version__}), on a machine shared with other jobs (load average at the end {load}); the two "
@@ -134,8 +163,15 @@ def section(result: dict, command: str) -> str:
     for name, label in (("trainer", "`training.distill` (`train_step`: PEFT adapters on the diffusers UNet)"),
                         ("node", "TDM Distill node (`Distiller.iterate`: ComfyUI weight wrappers on the ComfyUI MODEL)")):
         cpu, wall = rows[name]
-        lines.append(f"| {label} | {median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f}) | {median(wall):.3f} ({min(wall):.3f}-{max(wall):.3f}) |")
+        lines.append(f"| {label} | {statistics.median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f}) | {statistics.median(wall):.3f} ({min(wall):.3f}-{max(wall):.3f}) |")
     lines += ["", f"Node / trainer: **{cpu_ratio:.2f}x** CPU time (wall {wall_ratio:.2f}x); target <= {TARGET}: **{verdict}**.", ""]
+    if "split" in result:
+        lines += [f"Where the CPU time goes (cProfile with a CPU-time clock, {result['profile_rounds']} more iterations per host after the timed "
+                  "ones; profiling slows Python-heavy code most, so compare rows within a host, not the totals with the table above):", "",
+                  "| host | part | CPU s / iteration |", "|---|---|---:|"]
+        for name in ("trainer", "node"):
+            lines += [f"| {name} | {row} | {seconds:.3f} |" for row, seconds in result["split"][name]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -155,11 +191,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--profile", action="store_true", help="print cProfile's cumulative top 40 of the node's timed iterations")
+    parser.add_argument("--profile-rounds", type=int, default=3,
+                        help="iterations per host profiled after the timed ones (CPU-time cProfile): where the time goes (0: none)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help="append the section here ('-' : print only)")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.node_speed " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = measure(args.rounds, args.warmup, args.batch_size, args.profile)
+    result = measure(args.rounds, args.warmup, args.batch_size, args.profile_rounds)
     text = section(result, command.strip())
     print(text)
     if "profile" in result:

@@ -110,10 +110,12 @@ def test_the_node_block_goes_under_its_teacher_and_survives_a_headless_rewrite()
 def test_the_speed_comparison_times_both_hosts():
     from benchmarks import node_speed
 
-    result = node_speed.measure(rounds=1, warmup=0, batch_size=2, profile=False)
+    result = node_speed.measure(rounds=1, warmup=0, batch_size=2, profile_rounds=1)
     assert all(len(result["times"][name]) == 1 and result["times"][name][0][0] > 0 for name in ("trainer", "node"))
     text = node_speed.section(result, "python -m benchmarks.node_speed --rounds 1")
     assert "Node / trainer: **" in text and "`python -m benchmarks.node_speed --rounds 1`" in text
+    # every part of the profile table was found in the profile (a renamed function would read 0)
+    assert all(seconds > 0 for name in ("trainer", "node") for _, seconds in result["split"][name]), result["split"]
     # a rerun replaces its own section, other sections stay
     once = node_speed.replace_section("# S\n\n## other\n\nx\n", text)
     twice = node_speed.replace_section(once + "\n## after\n\ny\n", text.replace("**", "__"))
