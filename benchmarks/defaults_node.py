@@ -59,10 +59,14 @@ def published_row(text: str, teacher: str, n: int) -> dict:
     return {"fd_real": float(row.group(1)), "fd_teacher": float(row.group(2)), "runs": int(row.group(3))} if row else {}
 
 
+def runs_text(runs: int) -> str:
+    return f"{runs} run" + ("" if runs == 1 else "s")
+
+
 def ratio_line(name: str, n: int, node: float, runs: int, headless: float, headless_runs: int, which: str) -> str:
     ratio = node / headless
     verdict = "within 10 %" if ratio <= 1 + TOLERANCE else "NOT within 10 %"
-    return (f"- {name} at {n} it.: node {node:.1f} ({runs} runs) vs `training.distill` {headless:.1f} ({headless_runs} runs, {which}): "
+    return (f"- {name} at {n} it.: node {node:.1f} ({runs_text(runs)}) vs `training.distill` {headless:.1f} ({runs_text(headless_runs)}, {which}): "
             f"ratio {ratio:.2f}, {verdict} (lower is better)")
 
 
