@@ -2,12 +2,17 @@
 
     python -m benchmarks.defaults [--teachers digits,shapes,flow] [--seeds 0,1,2] [--iterations 100,250,500,1000]
                                   [--ablations k1,l2,shared] [--num-eval 500] [--output benchmarks/RESULTS_defaults.md]
+                                  [--host trainer|comfyui]
 
 Each student is one ``python -m training.distill --model T --prompts P --output O --cfg W --seed S`` run
 (plus ``--max-train-steps`` = the largest iteration count and checkpointing flags): nothing else is
 set, so every other option is its default. The default schedule is constant after a short warm-up,
 so the checkpoint at step n of a longer run is the n-step run. Ablations change one flag and run the
 default 500 iterations, seed 0. Rows are cached in ``<work>/results.json``; a rerun only adds what is missing.
+
+``--host comfyui``: the same teachers distilled by the TDM Distill node in process instead (benchmarks.defaults_node,
+benchmarks.node_distill), scored by the same evaluator; its rows go into one block under each teacher's section of
+the existing results file, the rest of the file untouched.
 """
 from __future__ import annotations
 
@@ -231,6 +236,50 @@ def render(command: str, teachers: list[Teacher], caches: dict, seeds, iteration
     return "\n".join(lines)
 
 
+def keep_node_blocks(output: Path, text: str) -> str:
+    """The TDM Distill node's blocks of the file being replaced, kept in the new one."""
+    from benchmarks.defaults_node import keep_node_blocks as keep
+
+    return keep(output.read_text(), text) if output.is_file() else text
+
+
+def main_comfyui(parser, command: str, teachers: list[Teacher], seeds: tuple, iterations: tuple, args) -> int:
+    """``--host comfyui``: each teacher's node rows (or why there are none) into the existing results file."""
+    from benchmarks import defaults_node
+
+    unsupported = [t.name for t in teachers if t.name not in defaults_node.NODE_TEACHERS + tuple(defaults_node.NOT_MEASURED)]
+    if unsupported or not seeds:
+        parser.error(f"--host comfyui takes --teachers {','.join(defaults_node.NODE_TEACHERS)} (and flow, written as not measured) "
+                     f"and at least one seed; got {unsupported or 'no seeds'}")
+    text = args.output.read_text() if args.output.is_file() else ""
+    for teacher in teachers:
+        cache = {}
+        if teacher.name in defaults_node.NODE_TEACHERS:
+            evaluator = teacher.evaluator(args.num_eval, (0, 1))
+            cache = cached_measure(teacher, args.work, lambda c: defaults_node.measure(teacher, evaluator, seeds, iterations, args.work, c,
+                                                                                         lambda m: print(f"[defaults] {m}", flush=True)))
+        published = defaults_node.published_row(text, teacher.name, max(iterations))
+        text = defaults_node.insert_block(text, teacher.name, defaults_node.table(teacher, cache, seeds, iterations, command, published))
+        write_text_atomic(args.output, text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cached_measure(teacher: Teacher, work: Path, measure_with) -> dict:
+    """Run ``measure_with(cached)`` on the teacher's cache file (``cached(key, compute)`` stores each new row at once)."""
+    cache_path = work / teacher.name / "results.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def cached(key, compute):
+        if key not in cache:
+            cache[key] = compute()
+            write_text_atomic(cache_path, json.dumps(cache, indent=1))
+        return cache[key]
+
+    measure_with(cached)
+    return cache
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teachers", default="digits,shapes,flow")
@@ -242,6 +291,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", type=float, default=None,
                         help="distil and score at this teacher CFG instead of each teacher's own (the teacher rows and FD to "
                              "the teacher follow it); use its own --work")
+    parser.add_argument("--host", choices=("trainer", "comfyui"), default="trainer",
+                        help="who distils: the headless trainer (python -m training.distill, the default) or the TDM Distill "
+                             "node's own code on the teacher loaded as a ComfyUI MODEL (rows added under each teacher)")
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
@@ -258,6 +310,8 @@ def main(argv=None) -> int:
         parser.error(f"--cfg {args.cfg:g}: a teacher CFG is at least 1 (1: no guidance)")
     command = "python -m benchmarks.defaults " + " ".join(argv if argv is not None else sys.argv[1:])
     teachers = [TEACHERS[n] if args.cfg is None else replace(TEACHERS[n], cfg=args.cfg) for n in names]
+    if args.host == "comfyui":
+        return main_comfyui(parser, command.strip(), teachers, seeds, iterations, args)
     caches = {}
     for teacher in teachers:
         evaluator = teacher.evaluator(args.num_eval, (0, 1))
@@ -269,8 +323,8 @@ def main(argv=None) -> int:
             caches[teacher.name][f"preview/{teacher.name}"] = preview.name
             if hasattr(evaluator, "write_animation"):  # video teachers: the same rows as an animated WebP
                 evaluator.write_animation(preview.with_suffix(".webp"))
-        write_text_atomic(args.output, render(command.strip(), [t for t in teachers if t.name in caches], caches, seeds, iterations, ablations,
-                                                  args.ablation_iterations))
+        text = render(command.strip(), [t for t in teachers if t.name in caches], caches, seeds, iterations, ablations, args.ablation_iterations)
+        write_text_atomic(args.output, keep_node_blocks(args.output, text))
     print(f"wrote {args.output}")
     return 0
 
