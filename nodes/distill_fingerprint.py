@@ -35,7 +35,7 @@ def tensor_sample(tensor: torch.Tensor) -> bytes:
         flat = tensor.detach().reshape(-1)
         if flat.numel() == 0:
             return head
-        index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
+        index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel()), dtype=torch.float64, device=flat.device).long()  # float32 rounds n - 1 up past 2**24
         return head + flat[index].to(device="cpu", dtype=torch.float64).numpy().tobytes()
     except (RuntimeError, TypeError, NotImplementedError):  # a quantised tensor type without indexing: its shape only
         return head

@@ -5,6 +5,10 @@
   detected: detection goes by exact shapes). Building takes ~30 s, 2.1 GB on disk and ~6.6 GB of
   memory, so it runs once per machine in a subprocess (the test process never holds that memory)
   and is cached under ``~/.cache/comfyui-tdm/`` keyed by the ComfyUI version.
+* ``sd15_slim_checkpoint()``: the same, but a UNet of two levels with one res block each (SD1.5's widths,
+  320 channels and 768-wide cross-attention, so it is still detected as SD15): about a tenth of the UNet's
+  compute, for tests that train (TDM Distill on the real server) where the full UNet takes minutes per
+  iteration on a shared CPU.
 * ``write_kohya_lora()``: a small random LoRA for that checkpoint in kohya layout
   (``lora_unet_<diffusers path>.lora_down/lora_up/alpha``), carrying TDM metadata.
 """
@@ -38,6 +42,10 @@ SD15_UNET_CONFIG = {
     "context_dim": 768, "num_heads": 8, "adm_in_channels": None,
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+# what ComfyUI's SD15 detection keys on (model_channels 320, context_dim 768, no linear-in transformer) kept; depth cut
+SD15_SLIM_UNET_CONFIG = {**SD15_UNET_CONFIG, "num_res_blocks": [1, 1], "channel_mult": [1, 1],
+                         "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1]}
+SLIM_NAME = "tdm_test_sd15_slim2_random.safetensors"  # bump the name when the slim config changes
 SD15_VAE_CONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
@@ -50,11 +58,11 @@ def cache_dir() -> Path:
     return CACHE_ROOT / f"comfyui-{comfyui_version()}-builder{BUILDER_VERSION}"
 
 
-def sd15_checkpoint() -> Path:
+def sd15_checkpoint(name: str = "tdm_test_sd15_random.safetensors") -> Path:
     """Path of the cached random SD1.5 checkpoint, building it first if needed (process-safe)."""
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tdm_test_sd15_random.safetensors"
+    path = folder / name
     targets = lora_targets_path(path)
     if path.is_file() and targets.is_file():
         return path
@@ -62,11 +70,17 @@ def sd15_checkpoint() -> Path:
     with open(folder / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path.is_file() and targets.is_file()):
-            result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "build-sd15", str(path)],
+            command = "build-sd15-slim" if name == SLIM_NAME else "build-sd15"
+            result = subprocess.run([sys.executable, str(Path(__file__).resolve()), command, str(path)],
                                     capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if result.returncode != 0:
                 raise RuntimeError(f"building the random SD1.5 checkpoint failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return path
+
+
+def sd15_slim_checkpoint() -> Path:
+    """Path of the cached slim random SD1.5-architecture checkpoint (see the module docstring)."""
+    return sd15_checkpoint(SLIM_NAME)
 
 
 def lora_targets_path(checkpoint: Path) -> Path:
@@ -134,7 +148,7 @@ def _fill_random(module, seed: int) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
 
 
-def _build_sd15(out_path: Path) -> None:
+def _build_sd15(out_path: Path, unet_config: dict = SD15_UNET_CONFIG) -> None:
     import torch
 
     sys.argv = [sys.argv[0], "--cpu"]
@@ -147,7 +161,7 @@ def _build_sd15(out_path: Path) -> None:
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    model_config = comfy.supported_models.SD15(SD15_UNET_CONFIG)
+    model_config = comfy.supported_models.SD15(dict(unet_config))
     model = model_config.get_model({})
     clip = comfy.sd1_clip.SD1ClipModel()
     vae = AutoencoderKL(ddconfig=SD15_VAE_CONFIG, embed_dim=4)
@@ -174,6 +188,6 @@ def _build_sd15(out_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "build-sd15":
-        sys.exit("usage: checkpoints.py build-sd15 OUT.safetensors")
-    _build_sd15(Path(sys.argv[2]))
+    if len(sys.argv) != 3 or sys.argv[1] not in ("build-sd15", "build-sd15-slim"):
+        sys.exit("usage: checkpoints.py build-sd15|build-sd15-slim OUT.safetensors")
+    _build_sd15(Path(sys.argv[2]), SD15_SLIM_UNET_CONFIG if sys.argv[1] == "build-sd15-slim" else SD15_UNET_CONFIG)

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tests.helpers.checkpoints import sd15_checkpoint, write_kohya_lora
+from tests.helpers.checkpoints import sd15_checkpoint, sd15_slim_checkpoint, write_kohya_lora
 from tests.helpers.comfy_server import PROJECT_ROOT, ComfyServer, prepare_base_dir
 from tests.helpers import workflow_builder as names
+from tests.helpers.distill_workflows import WAN22_5B_FILES
 
 WORKFLOWS_DIR = PROJECT_ROOT / "workflows"
 TEST_CHECKPOINT = "tdm_test_sd15.safetensors"
+TEST_SLIM_CHECKPOINT = "tdm_test_sd15_slim.safetensors"  # for TDM Distill: trains in seconds per iteration
 TEST_LORA = "tdm_test_sd15_lora.safetensors"
 TRUNCATED_LORA = "tdm_truncated_lora.safetensors"
 PICKLE_LORA = "tdm_pickle_with_code.pt"
@@ -100,13 +102,14 @@ def populate_base_dir(base_dir: Path) -> None:
     checkpoint = sd15_checkpoint()
     for name in (TEST_CHECKPOINT, *SD15_CHECKPOINTS):
         (checkpoints / name).symlink_to(checkpoint)
+    (checkpoints / TEST_SLIM_CHECKPOINT).symlink_to(sd15_slim_checkpoint())
     lora = write_kohya_lora(loras / TEST_LORA, rank=4, seed=0)
     shutil.copyfile(lora, loras / names.SD15_LORA)
     write_release_pt(lora, loras / names.DREAMSHAPER_LORA)
     for folder, name in ((checkpoints, names.SDXL_CKPT), (checkpoints, names.SD3_CKPT), (checkpoints, names.SD35_CKPT),
                          (loras, names.SDXL_LORA), (loras, names.SD3_LORA), (loras, names.SD35_LORA)):
         (folder / name).write_bytes(b"")
-    for folder, name in (*names.FLUX_FILES, *names.ZIMAGE_FILES, *names.TDMR1_FILES, *names.QWEN_FILES, *names.WAN_FILES):  # ComfyUI's split layout: diffusion model, text encoders, VAE
+    for folder, name in (*names.FLUX_FILES, *names.ZIMAGE_FILES, *names.TDMR1_FILES, *names.QWEN_FILES, *names.WAN_FILES, *WAN22_5B_FILES):  # ComfyUI's split layout: diffusion model, text encoders, VAE
         (base_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base_dir / "models" / folder / name).write_bytes(b"")
     write_truncated_copy(lora, loras / TRUNCATED_LORA)
@@ -148,3 +151,7 @@ def checkpoint_names(workflow: dict) -> set[str]:
 
 def is_sd15_workflow(workflow: dict) -> bool:
     return bool(checkpoint_names(workflow)) and checkpoint_names(workflow) <= set(SD15_CHECKPOINTS)
+
+
+def is_distill_workflow(workflow: dict) -> bool:
+    return any(node["type"] == "TDMDistill" for node in workflow["nodes"])

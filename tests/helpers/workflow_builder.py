@@ -487,10 +487,17 @@ WORKFLOWS = {
 }
 
 
+def all_workflows() -> dict:
+    """These and the TDM Distill workflows (a module of their own, which imports this one)."""
+    from tests.helpers.distill_workflows import DISTILL_WORKFLOWS
+
+    return {**WORKFLOWS, **DISTILL_WORKFLOWS}
+
+
 def write_workflows(object_info: dict, folder: Path = WORKFLOWS_DIR) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, build in WORKFLOWS.items():
+    for name, build in all_workflows().items():
         path = folder / f"{name}.json"
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(build(object_info), indent=2, ensure_ascii=False) + "\n")
@@ -506,7 +513,7 @@ def main() -> None:
         (Path(base) / "input").mkdir()
         with ComfyServer.start(Path(base)) as server:
             object_info = server.get_json("/object_info")
-    missing = [t for t in ("TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader") if t not in object_info]
+    missing = [t for t in ("TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader", "TDMDistill", "TDMPromptList") if t not in object_info]
     if missing:
         sys.exit(f"the server has no {missing}: the pack failed to load (see the ComfyUI log)")
     for path in write_workflows(object_info):
