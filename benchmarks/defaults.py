@@ -28,6 +28,8 @@ from pathlib import Path
 from tdm_core.atomic import write_text_atomic
 from training.config import DistillConfig
 
+from benchmarks.defaults_eval import summarise
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "outputs" / "benchmarks_defaults"
 OUTPUT = ROOT / "benchmarks" / "RESULTS_defaults.md"
@@ -107,16 +109,6 @@ def checkpoint_student(run_dir: Path, step: int) -> dict:
 def untrained_student(adapters: dict) -> dict:
     """The same adapters with every ``lora_B`` at zero (PEFT's initialisation): the student at step 0."""
     return {k: v.new_zeros(v.shape) if "lora_B" in k else v for k, v in adapters.items()}
-
-
-def summarise(per_seed: list[dict]) -> dict:
-    """Mean and standard deviation over training runs of each metric (each run's own sampling spread dropped)."""
-    out = {"runs": len(per_seed)}
-    for key in (k for k in per_seed[0] if not k.endswith("_sd") and k != "seeds"):
-        values = [r[key] for r in per_seed]
-        out[key] = statistics.fmean(values)
-        out[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return out
 
 
 def measure(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablations: tuple, work: Path, log,

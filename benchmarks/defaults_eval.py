@@ -2,12 +2,23 @@
 student checkpoints with that teacher's own domain feature net."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from tdm_core import reference_grid
 from training.config import DistillConfig
 
 PREVIEW_SEED = 7  # the preview grids' noise (the scored rows use 1000 + sampling seed)
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation over training runs of each metric (each run's own sampling spread dropped)."""
+    out = {"runs": len(per_seed)}
+    for key in (k for k in per_seed[0] if not k.endswith("_sd") and k != "seeds"):
+        values = [r[key] for r in per_seed]
+        out[key] = statistics.fmean(values)
+        out[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
 
 
 def _default_rank_alpha() -> tuple[int, float]:

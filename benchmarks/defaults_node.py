@@ -87,7 +87,7 @@ def comparison(cache: dict, seeds: tuple, n: int, published: dict) -> list[str]:
 
 
 def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str, published: dict | None = None) -> list[str]:
-    from benchmarks.defaults import summarise
+    from benchmarks.defaults_eval import summarise
 
     start, end = block_markers(teacher.name)
     lines = [start, f"#### {teacher.name}: {NODE_TITLE}", ""]
