@@ -113,15 +113,12 @@ def untrained_student(adapters: dict) -> dict:
 
 def measure(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablations: tuple, work: Path, log,
             ablation_iterations: int = DEFAULT_ITERATIONS) -> dict:
-    cache_path = work / teacher.name / "results.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    return cached_measure(teacher, work, lambda cached: measure_rows(teacher, evaluator, seeds, iterations, ablations, work, log,
+                                                                     ablation_iterations, cached))
 
-    def cached(key, compute):
-        if key not in cache:
-            cache[key] = compute()
-            write_text_atomic(cache_path, json.dumps(cache, indent=1))
-        return cache[key]
 
+def measure_rows(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablations: tuple, work: Path, log,
+                 ablation_iterations: int, cached) -> None:
     for steps in (50, 4):
         cached(f"teacher{steps}", lambda: evaluator.teacher_row(steps))
     every = gcd_all(iterations)
@@ -140,7 +137,6 @@ def measure(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablati
         run_dir = distil(teacher, evaluator, work / teacher.name / f"ablation_{name}", 0, ablation_iterations, ablation_iterations, ABLATIONS[name])
         k = 1 if name == "k1" else 4
         cached(f"ablation/{name}", lambda: evaluator.student_row(checkpoint_student(run_dir, ablation_iterations), evaluator.student_grid(k)))
-    return cache
 
 
 def write_preview(evaluator, run_dir: Path, iterations: tuple, path: Path) -> Path:

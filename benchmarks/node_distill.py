@@ -57,7 +57,7 @@ def distil(evaluator, cfg: float, folder: Path, seed: int, checkpoints: tuple, l
             if number % 25 == 0 or number == options.iterations:
                 log(f"node seed {seed}: iteration {number}/{options.iterations}, {time.time() - started:.0f} s, "
                     f"losses {history[-1]['loss_fake']:.4g} / {history[-1]['loss_student']:.4g}")
-        change = distiller.probe_change()
+        change = comfy_teacher.pack_module("distill_monitor").Monitor(distiller, patcher, options.iterations).measure()[0]
     finally:
         distiller.release()
     summary = {"probe_change": change, "seconds": time.time() - started, "options": repr(options), "history": history}
