@@ -195,7 +195,7 @@ class TDMDistill(io.ComfyNode):
                 io.Float.Input("fake_score_learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=False, tooltip="0: the trainer's scale-free default 4e-3 * sqrt(rank) / alpha (1e-3 at rank 16). AdamW betas (0, 0.95), 10 warm-up iterations."),
                 io.Float.Input("student_learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=False, tooltip="0: the fake-score rate / 5, the reference ratio."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Rows per iteration, each with its own drawn prompt and noise."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of every random draw (prompts, noise, times, LoRA initialisation): a run is reproducible."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="Seed of every random draw (prompts, noise, times, LoRA initialisation): a run is reproducible, and the same seed resumes a cancelled run (no control after generate: a new seed would start a new run)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute the model's blocks in backward (less memory, slower); gradients stay the same."),
                 io.String.Input("lora_name", default="tdm_student", tooltip="File name of the student LoRA written to models/loras (.safetensors added); an existing file is replaced."),
                 io.Int.Input("checkpoint_every", default=DEFAULT_CHECKPOINT_EVERY, min=0, max=100000,

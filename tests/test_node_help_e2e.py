@@ -125,3 +125,14 @@ def test_the_info_button_opens_each_nodes_page_in_the_help_panel(page, tdm_nodes
         shown = " ".join(panel.inner_text().split())
         assert "Inputs" in shown and "Example" in shown, f"{node_id}: the panel shows {shown[:300]!r}"
         assert any(url.endswith(f"/docs/{node_id}.md") and status == 200 for url, status in fetched), f"{node_id}: fetched {fetched}"
+
+
+def test_distill_seed_keeps_its_value_between_queues(page):
+    # the frontend gives every input named seed a "control after generate: randomize" unless the schema says
+    # otherwise; on TDM Distill that would make each queue a new run, so Cancel + queue again could never resume
+    select_new_node(page, "TDMDistill")
+    names = page.evaluate("() => window.app.canvas.selected_nodes ? Object.values(window.app.canvas.selected_nodes)[0].widgets.map(w => w.name) : []")
+    assert "seed" in names and "control_after_generate" not in names, names
+    select_new_node(page, "TDMKSampler")  # the control: a sampler's seed keeps its control
+    names = page.evaluate("() => Object.values(window.app.canvas.selected_nodes)[0].widgets.map(w => w.name)")
+    assert "control_after_generate" in names, names
