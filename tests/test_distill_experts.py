@@ -168,3 +168,34 @@ def test_the_two_student_models_split_the_stock_way_sample_as_the_nodes_routed_s
     assert error < 1e-4 * max(1.0, float(probe["node"].abs().max())), f"split sampling is {error:.2e} from the node's routed student"
     one_expert = stock_split_sampling(result[0], result[0], experts["positives"][0], experts["negative"], latent, seed)
     assert float((one_expert - probe["node"]).abs().max()) > 1e-2  # the second expert matters: the check sees the routing
+
+
+def test_the_a14b_workflow_samples_its_students_as_checked_above():
+    """workflows/wan22_a14b_tdm_distill.json's student comparison is the sampling the test above checks: TDM
+    Scheduler on TDM Distill's MODEL, SplitSigmas at step 2, SamplerCustom with noise on MODEL, then add_noise off
+    on low_noise_MODEL from the first one's output, both with the TDM Sampler at CFG 1."""
+    import json
+
+    workflow = json.loads((h.REPO_ROOT / "workflows" / "wan22_a14b_tdm_distill.json").read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+
+    def source(node, name):  # (source node, its output slot) linked into input ``name``
+        link = links[next(i["link"] for i in node["inputs"] if i["name"] == name)]
+        return nodes[link[1]], link[2]
+
+    first, second = sorted((n for n in nodes.values() if n["type"] == "SamplerCustom"), key=lambda n: n["widgets_values"][0], reverse=True)
+    distill = next(n for n in nodes.values() if n["type"] == "TDMDistill")
+    assert first["widgets_values"][0] is True and second["widgets_values"][0] is False  # add_noise
+    assert first["widgets_values"][3] == second["widgets_values"][3] == 1.0  # cfg
+    assert source(first, "model") == (distill, 0) and source(second, "model") == (distill, 4)
+    assert source(second, "latent_image") == (first, 0)
+    split, _ = source(first, "sigmas")
+    assert split["type"] == "SplitSigmas" and split["widgets_values"] == [2]
+    assert source(first, "sigmas") == (split, 0) and source(second, "sigmas") == (split, 1)
+    scheduler, _ = source(split, "sigmas")
+    assert scheduler["type"] == "TDMScheduler" and source(scheduler, "model") == (distill, 0) and scheduler["widgets_values"][:2] == [4, "auto"]
+    for sampler in (first, second):
+        tdm_sampler, _ = source(sampler, "sampler")
+        assert tdm_sampler["type"] == "TDMSampler" and tdm_sampler["widgets_values"] == ["tdm", 0.0, "reference"]
+    assert distill["widgets_values"][-1] == 0.875 and source(distill, "low_noise_model")[0]["type"] == "ModelSamplingSD3"

@@ -23,6 +23,8 @@ from tests.helpers.workflow_builder import DREAMSHAPER_LORA
 pytestmark = pytest.mark.slow
 
 LATENT_SIZE = 64
+# loader -> how many of its first widgets are model file names
+MODEL_FILE_LOADERS = {"CheckpointLoaderSimple": 1, "TDMLoraLoader": 1, "UNETLoader": 1, "CLIPLoader": 1, "DualCLIPLoader": 2, "VAELoader": 1}
 TEACHER_TEST_STEPS = 3
 # a TDM Distill workflow trains for minutes even when shrunk: test_server_distill.py runs it, with few iterations
 SD15_FILES = [p for p in workflow_files() if is_sd15_workflow(load_workflow(p)) and not is_distill_workflow(load_workflow(p))]
@@ -127,8 +129,9 @@ def test_every_workflow_names_its_model_files_in_a_note():
         workflow = load_workflow(path)
         notes = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote"))
         for node in workflow["nodes"]:
-            if node["type"] in ("CheckpointLoaderSimple", "TDMLoraLoader"):
-                assert node["widgets_values"][0] in notes, f"{path.name}: {node['widgets_values'][0]} not in a note"
+            if node["type"] in MODEL_FILE_LOADERS:  # every file name a loader widget holds
+                for name in node["widgets_values"][:MODEL_FILE_LOADERS[node["type"]]]:
+                    assert name in notes, f"{path.name}: {name} not in a note"
         assert any(n["type"] in ("SaveImage", "SaveAnimatedWEBP", "SaveVideo") for n in workflow["nodes"]), path.name  # Wan: a video
 
 
