@@ -135,6 +135,22 @@ def test_every_workflow_names_its_model_files_in_a_note():
         assert any(n["type"] in ("SaveImage", "SaveAnimatedWEBP", "SaveVideo") for n in workflow["nodes"]), path.name  # Wan: a video
 
 
+TITLE_BAR = 30  # the frontend draws a node's title above its pos
+
+
+def overlapping_nodes(workflow: dict) -> list[tuple[str, str]]:
+    boxes = [(n.get("title", n["type"]), n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in workflow["nodes"]]
+    return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+
+
+def test_distill_workflows_have_no_overlapping_nodes():
+    # the frontend keeps the sizes the builder writes; the README shows the SD1.5 one
+    for path in workflow_files():
+        if is_distill_workflow(load_workflow(path)):
+            assert overlapping_nodes(load_workflow(path)) == [], path.name
+
+
 # --- the workflows run -----------------------------------------------------------------------
 @pytest.mark.parametrize("path", SD15_FILES, ids=lambda p: p.stem)
 def test_sd15_workflow_runs_and_writes_images(e2e, object_info, path):

@@ -45,8 +45,12 @@ SD15_DISTILL_LORA = "tdm_sd15_student"  # TDM Distill's lora_name: models/loras/
 PROMPT_LIST_SIZE = (420, 300)  # room for the multiline text
 
 # the grid: loaders | shift, prompts, latent | conditioning | TDM Distill | report, plot; comparison rows below
-COLUMNS = (20, 380, 840, 1200, 1560, 1920, 2160)
-TEACHER_ROW, STUDENT_ROW = 760, 1060
+# (x: 360 per 320-wide node, the note and the prompt list are 420 wide; y: the teacher KSampler is 310 tall)
+COLUMNS = (20, 480, 940, 1300, 1660, 2020, 2380)
+TEACHER_ROW, STUDENT_ROW = 760, 1140
+LOADER_ROWS = (120, 300, 500, 680)  # loaders down the first column (a CLIP loader is up to 166 tall)
+NOTE_ROW = 660  # below three loaders
+PROMPT_LIST_ROW = 320  # below a ModelSampling node
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def files_note(intro: str, files, how: str) -> str:
 
 
 def prompt_list(wf: UIWorkflow, clip, prompts=DISTILL_PROMPTS):
-    node = wf.add("TDMPromptList", (COLUMNS[1], 300), title="Prompts to distil on", clip=clip, text="\n".join(prompts))
+    node = wf.add("TDMPromptList", (COLUMNS[1], PROMPT_LIST_ROW), title="Prompts to distil on", clip=clip, text="\n".join(prompts))
     wf.nodes[node.node_id - 1]["size"] = list(PROMPT_LIST_SIZE)
     return node
 
@@ -124,7 +128,7 @@ def sd15_tdm_distill(object_info: dict) -> dict:
         "Teacher: the checkpoint at 25 steps, CFG 4.5 (the guidance distilled in). Student: the same model with the "
         "student LoRA, 4 steps, CFG 1. Same prompt, seed and latent. 512 x 512, batch 4, about 500 iterations "
         "fit a 24 GB GPU; switch gradient_checkpointing on if it runs out of memory.")), title="Distil SD1.5 with TDM")
-    ckpt = wf.add("CheckpointLoaderSimple", (COLUMNS[0], 120), ckpt_name=SD15_CKPT)
+    ckpt = wf.add("CheckpointLoaderSimple", (COLUMNS[0], LOADER_ROWS[0]), ckpt_name=SD15_CKPT)
     prompts = prompt_list(wf, ckpt[1])
     sample = wf.add("CLIPTextEncode", (COLUMNS[2], TEACHER_ROW), title="Comparison prompt", clip=ckpt[1], text=PROMPT)
     latent = wf.add("EmptyLatentImage", (COLUMNS[1], 680), width=512, height=512, batch_size=1)
@@ -135,14 +139,14 @@ def sd15_tdm_distill(object_info: dict) -> dict:
 
 def z_image_tdm_distill(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
-    wf.note((20, 620), files_note("Z-Image-Turbo as ComfyUI's own Z-Image-Turbo template has it", ZIMAGE_DISTILL_FILES, (
+    wf.note((20, NOTE_ROW), files_note("Z-Image-Turbo as ComfyUI's own Z-Image-Turbo template has it", ZIMAGE_DISTILL_FILES, (
         "Z-Image-Turbo samples without CFG, so it is distilled at CFG 1 (its 9 steps become 4). Teacher: its template's "
         "9 steps, res_multistep, CFG 1; student: 4 steps. ModelSamplingAuraFlow's shift 3 (the template's) is the "
         "schedule both are trained and sampled at. 640 x 640, batch 2 and gradient checkpointing fit a 24 GB GPU.")),
         title="Distil Z-Image-Turbo with TDM")
-    unet = wf.add("UNETLoader", (COLUMNS[0], 120), unet_name=ZIMAGE_UNET)
-    clip = wf.add("CLIPLoader", (COLUMNS[0], 280), clip_name=ZIMAGE_TEXT_ENCODER, type="lumina2")
-    vae = wf.add("VAELoader", (COLUMNS[0], 440), vae_name=ZIMAGE_VAE)
+    unet = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[0]), unet_name=ZIMAGE_UNET)
+    clip = wf.add("CLIPLoader", (COLUMNS[0], LOADER_ROWS[1]), clip_name=ZIMAGE_TEXT_ENCODER, type="lumina2")
+    vae = wf.add("VAELoader", (COLUMNS[0], LOADER_ROWS[2]), vae_name=ZIMAGE_VAE)
     shifted = wf.add("ModelSamplingAuraFlow", (COLUMNS[1], 120), model=unet[0], shift=3.0)
     prompts = prompt_list(wf, clip[0])
     sample = wf.add("CLIPTextEncode", (COLUMNS[2], TEACHER_ROW), title="Comparison prompt", clip=clip[0], text=PROMPT)
@@ -155,16 +159,16 @@ def z_image_tdm_distill(object_info: dict) -> dict:
 
 def flux_tdm_distill(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
-    wf.note((20, 620), files_note("Flux.1-dev as ComfyUI's own Flux template has it", FLUX_DISTILL_FILES, (
+    wf.note((20, NOTE_ROW), files_note("Flux.1-dev as ComfyUI's own Flux template has it", FLUX_DISTILL_FILES, (
         "Flux.1-dev is guidance-distilled: FluxGuidance (3.5) is the guidance given to the teacher, on every prompt of the "
         "list and on the comparison prompt, and TDM Distill's cfg stays 1 (no CFG pass). The student samples with the "
         "same FluxGuidance at CFG 1. ModelSamplingFlux's width and height are the training size (640): they set the flow "
         "shift the student learns, so keep them when sampling it. The diffusion model loads as fp8 (weight_dtype), "
         "the LoRA trains in fp32 on top: with gradient checkpointing and batch 1 it fits a 24 GB GPU.")),
         title="Distil Flux.1-dev with TDM")
-    unet = wf.add("UNETLoader", (COLUMNS[0], 120), unet_name=FLUX_UNET, weight_dtype="fp8_e4m3fn")
-    clip = wf.add("DualCLIPLoader", (COLUMNS[0], 280), clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux")
-    vae = wf.add("VAELoader", (COLUMNS[0], 440), vae_name=FLUX_VAE)
+    unet = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[0]), unet_name=FLUX_UNET, weight_dtype="fp8_e4m3fn")
+    clip = wf.add("DualCLIPLoader", (COLUMNS[0], LOADER_ROWS[1]), clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux")
+    vae = wf.add("VAELoader", (COLUMNS[0], LOADER_ROWS[2]), vae_name=FLUX_VAE)
     shifted = wf.add("ModelSamplingFlux", (COLUMNS[1], 120), model=unet[0], max_shift=1.15, base_shift=0.5, width=640, height=640)
     prompts = prompt_list(wf, clip[0])
     guided = wf.add("FluxGuidance", (COLUMNS[2], 300), title="Guidance for every prompt", conditioning=prompts[0], guidance=3.5)
@@ -178,15 +182,15 @@ def flux_tdm_distill(object_info: dict) -> dict:
 
 def qwen_image_tdm_distill(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
-    wf.note((20, 620), files_note("Qwen-Image as ComfyUI's own Qwen-Image template has it", QWEN_DISTILL_FILES, (
+    wf.note((20, NOTE_ROW), files_note("Qwen-Image as ComfyUI's own Qwen-Image template has it", QWEN_DISTILL_FILES, (
         "Qwen-Image uses true CFG: TDM Distill builds the teacher's CFG 2.5 (the template's) with the empty prompt into "
         "the student, which samples at CFG 1. Teacher: the template's 20 steps, euler, CFG 2.5, at ModelSamplingAuraFlow "
         "3.1 (the template's shift, kept for the student). The 20B model in fp8 is about 20 GB by itself: on a 24 GB GPU "
         "ComfyUI must offload part of it (slow); a 48 GB GPU holds it. 640 x 640, batch 1, gradient checkpointing on.")),
         title="Distil Qwen-Image with TDM")
-    unet = wf.add("UNETLoader", (COLUMNS[0], 120), unet_name=QWEN_UNET, weight_dtype="default")
-    clip = wf.add("CLIPLoader", (COLUMNS[0], 280), clip_name=QWEN_TEXT_ENCODER, type="qwen_image")
-    vae = wf.add("VAELoader", (COLUMNS[0], 440), vae_name=QWEN_VAE)
+    unet = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[0]), unet_name=QWEN_UNET, weight_dtype="default")
+    clip = wf.add("CLIPLoader", (COLUMNS[0], LOADER_ROWS[1]), clip_name=QWEN_TEXT_ENCODER, type="qwen_image")
+    vae = wf.add("VAELoader", (COLUMNS[0], LOADER_ROWS[2]), vae_name=QWEN_VAE)
     shifted = wf.add("ModelSamplingAuraFlow", (COLUMNS[1], 120), model=unet[0], shift=3.1)
     prompts = prompt_list(wf, clip[0])
     sample = wf.add("CLIPTextEncode", (COLUMNS[2], TEACHER_ROW), title="Comparison prompt", clip=clip[0], text=PROMPT)
@@ -198,16 +202,16 @@ def qwen_image_tdm_distill(object_info: dict) -> dict:
 
 def wan22_5b_tdm_distill(object_info: dict) -> dict:
     wf = UIWorkflow(object_info)
-    wf.note((20, 620), files_note("Wan 2.2 TI2V 5B as ComfyUI's own Wan 2.2 5B template has it", WAN22_5B_FILES, (
+    wf.note((20, NOTE_ROW), files_note("Wan 2.2 TI2V 5B as ComfyUI's own Wan 2.2 5B template has it", WAN22_5B_FILES, (
         "Text to video. Wan uses true CFG: TDM Distill builds the teacher's CFG 5 (the template's) with the empty prompt "
         "into the student, which samples at CFG 1. Teacher: the template's 20 steps, uni_pc, CFG 5, at ModelSamplingSD3 "
         "shift 8 (the template's, kept for the student). Wan22ImageToVideoLatent without a start image is the template's "
         "text-to-video latent; 640 x 352 and 33 frames (4k + 1), batch 1 and gradient checkpointing fit a 24 GB GPU. "
         "Both videos are saved as the template saves them (CreateVideo, SaveVideo).")),
         title="Distil Wan 2.2 5B (text to video) with TDM")
-    unet = wf.add("UNETLoader", (COLUMNS[0], 120), unet_name=WAN22_5B_UNET, weight_dtype="default")
-    clip = wf.add("CLIPLoader", (COLUMNS[0], 280), clip_name=WAN22_5B_TEXT_ENCODER, type="wan")
-    vae = wf.add("VAELoader", (COLUMNS[0], 440), vae_name=WAN22_5B_VAE)
+    unet = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[0]), unet_name=WAN22_5B_UNET, weight_dtype="default")
+    clip = wf.add("CLIPLoader", (COLUMNS[0], LOADER_ROWS[1]), clip_name=WAN22_5B_TEXT_ENCODER, type="wan")
+    vae = wf.add("VAELoader", (COLUMNS[0], LOADER_ROWS[2]), vae_name=WAN22_5B_VAE)
     shifted = wf.add("ModelSamplingSD3", (COLUMNS[1], 120), model=unet[0], shift=8.0)
     prompts = prompt_list(wf, clip[0], VIDEO_PROMPTS)
     sample = wf.add("CLIPTextEncode", (COLUMNS[2], TEACHER_ROW), title="Comparison prompt", clip=clip[0], text=VIDEO_PROMPTS[0])
@@ -221,7 +225,7 @@ def wan22_5b_tdm_distill(object_info: dict) -> dict:
 def wan22_a14b_tdm_distill(object_info: dict) -> dict:
     """Two experts: TDM Distill trains one student LoRA per expert; the comparison samples both pairs the template's way."""
     wf = UIWorkflow(object_info)
-    wf.note((20, 780), files_note("Wan 2.2 14B text to video as ComfyUI's own Wan 2.2 14B T2V template has it", WAN22_A14B_FILES, (
+    wf.note((20, NOTE_ROW + 180), files_note("Wan 2.2 14B text to video as ComfyUI's own Wan 2.2 14B T2V template has it", WAN22_A14B_FILES, (
         "Two experts: the high-noise model is TDM Distill's model, the low-noise one its low_noise_model, handing over at "
         "sigma 0.875 (the template's boundary). Each expert gets its own student LoRA, trained on its side of the boundary "
         "with that expert as teacher: <lora_name> and <lora_name>_low_noise. At shift 8 the 4 student steps fall 2 and 2: "
@@ -233,10 +237,10 @@ def wan22_a14b_tdm_distill(object_info: dict) -> dict:
         "together (every call goes to the expert that owns its sigma), so with the text encoder and activations this wants "
         "a 48 GB GPU or more; on 24 GB ComfyUI offloads and it is very slow. 640 x 352, 33 frames, batch 1, gradient "
         "checkpointing on.")), title="Distil Wan 2.2 A14B (two experts, text to video) with TDM")
-    high = wf.add("UNETLoader", (COLUMNS[0], 120), title="High-noise expert", unet_name=WAN22_A14B_HIGH, weight_dtype="default")
-    low = wf.add("UNETLoader", (COLUMNS[0], 280), title="Low-noise expert", unet_name=WAN22_A14B_LOW, weight_dtype="default")
-    clip = wf.add("CLIPLoader", (COLUMNS[0], 440), clip_name=WAN22_5B_TEXT_ENCODER, type="wan")
-    vae = wf.add("VAELoader", (COLUMNS[0], 600), vae_name=WAN22_A14B_VAE)
+    high = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[0]), title="High-noise expert", unet_name=WAN22_A14B_HIGH, weight_dtype="default")
+    low = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[1]), title="Low-noise expert", unet_name=WAN22_A14B_LOW, weight_dtype="default")
+    clip = wf.add("CLIPLoader", (COLUMNS[0], LOADER_ROWS[2]), clip_name=WAN22_5B_TEXT_ENCODER, type="wan")
+    vae = wf.add("VAELoader", (COLUMNS[0], LOADER_ROWS[3]), vae_name=WAN22_A14B_VAE)
     high_shifted = wf.add("ModelSamplingSD3", (COLUMNS[1], 40), model=high[0], shift=8.0)
     low_shifted = wf.add("ModelSamplingSD3", (COLUMNS[1], 170), model=low[0], shift=8.0)
     prompts = prompt_list(wf, clip[0], VIDEO_PROMPTS)
@@ -247,7 +251,7 @@ def wan22_a14b_tdm_distill(object_info: dict) -> dict:
                        lora_name="tdm_wan22_a14b_student", low_noise_model=low_shifted[0], boundary=WAN22_A14B_BOUNDARY)
     wf.add("PreviewAny", (COLUMNS[4], 120), title="Distill report", source=distilled[2])
     wf.add("PreviewImage", (COLUMNS[4], 400), title="Losses and how far the student moved", images=distilled[3])
-    columns = (COLUMNS[5], COLUMNS[6], COLUMNS[6] + 260)
+    columns = (COLUMNS[5], COLUMNS[6], COLUMNS[6] + 360)
     teacher = two_expert_teacher(wf, high_shifted[0], low_shifted[0], sample[0], prompts[1], latent[0])
     decode_and_save(wf, teacher[0], vae[0], columns, TEACHER_ROW, "teacher", "tdm_wan22_a14b_distill", video=True)
     student = two_expert_student(wf, distilled[0], distilled[4], sample[0], prompts[1], latent[0])
@@ -272,8 +276,8 @@ def two_expert_student(wf: UIWorkflow, high_student, low_student, positive, nega
     on the high-noise student (with noise), then on the low-noise one (add_noise off), CFG 1."""
     row = A14B_STUDENT_ROW
     sigmas = wf.add("TDMScheduler", (COLUMNS[2], row), title="Student grid: 4 steps", model=high_student, steps=4, grid="auto")
-    split = wf.add("SplitSigmas", (COLUMNS[2], row + 200), title="Steps 1-2 | 3-4", sigmas=sigmas[0], step=WAN22_A14B_SPLIT_STEP)
-    sampler = wf.add("TDMSampler", (COLUMNS[2], row + 320), title="TDM Sampler (tdm, reference noise)")
+    split = wf.add("SplitSigmas", (COLUMNS[2], row + 210), title="Steps 1-2 | 3-4", sigmas=sigmas[0], step=WAN22_A14B_SPLIT_STEP)
+    sampler = wf.add("TDMSampler", (COLUMNS[2], row + 380), title="TDM Sampler (tdm, reference noise)")
     common = dict(noise_seed=SEED, cfg=1.0, positive=positive, negative=negative, sampler=sampler[0])
     first = wf.add("SamplerCustom", (COLUMNS[3], row), title="TDM student, high-noise: steps 1-2", model=high_student, add_noise=True,
                    sigmas=split[0], latent_image=latent, **common)
