@@ -182,7 +182,7 @@ class TDMDistill(io.ComfyNode):
             node_id="TDMDistill",
             display_name="TDM Distill",
             category="training/tdm",
-            description="Distils the model as the graph gives it (its LoRAs, shift and patches included) into a few-step TDM student LoRA (Trajectory Distribution Matching, data-free): the same iteration as the headless trainer, on ComfyUI's own model. Writes the LoRA to models/loras with TDM metadata; checkpoints let a cancelled run resume when queued again; the progress bar previews the student's sample. Checked on SD1.5 only so far.",
+            description="Distils the model as the graph gives it (its LoRAs, shift and patches included) into a few-step TDM student LoRA (Trajectory Distribution Matching, data-free): the same iteration as the headless trainer, on ComfyUI's own model. Writes the LoRA to models/loras with TDM metadata; checkpoints let a cancelled run resume when queued again; the progress bar previews the student's sample. Two-expert models (Wan 2.2 A14B): connect low_noise_model. Tested on tiny random-weight models of SD1.5, SDXL, SD3, Flux, Z-Image, Qwen-Image, Wan and HunyuanVideo 1.5; not yet on real weights.",
             is_input_list=True,  # positive may be a list of conditionings, one per prompt
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: the model as you sample it (checkpoint, LoRAs, ModelSampling shift). Its own noise schedule and prediction type are used."),

@@ -32,11 +32,12 @@ def starting_point(model_sampling, sigma0: torch.Tensor, noise: torch.Tensor, la
     return model_sampling.noise_scaling(sigma0, noise, latent_image, max_denoise)
 
 
-def check_sigmas(sigmas: torch.Tensor) -> None:
+def check_sigmas(sigmas: torch.Tensor, solver: str) -> None:
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"TDM Sampler needs at least one step (2 sigmas), got {tuple(sigmas.shape)}: connect a TDM Scheduler with steps >= 1 and denoise > 0")
-    if float(sigmas[-1]) != 0.0:
-        raise ValueError("TDM Sampler needs sigmas that end at 0 (each TDM step predicts the clean sample): use the TDM Scheduler, not a split of its sigmas")
+    if float(sigmas[-1]) != 0.0 and solver != "tdm":
+        raise ValueError(f"the {solver} solver needs sigmas that end at 0 (its multistep history would be lost at a split): "
+                         "use the tdm solver for a TDM Scheduler's sigmas split across two models (SplitSigmas)")
     if any(float(b) >= float(a) for a, b in zip(sigmas[:-1], sigmas[1:])):
         raise ValueError(f"TDM Sampler needs strictly decreasing sigmas, got {[round(float(s), 4) for s in sigmas]}")
 
@@ -56,7 +57,7 @@ class TDMSamplerObject(comfy.samplers.Sampler):
         self.solver, self.gamma, self.noise_start = solver, float(gamma), noise_start
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-        check_sigmas(sigmas)
+        check_sigmas(sigmas, self.solver)
         model_sampling = model_wrap.inner_model.model_sampling
         check_supported_sampling(model_sampling)
         if latent_image is None:
@@ -69,11 +70,12 @@ class TDMSamplerObject(comfy.samplers.Sampler):
         step_callback = progress_callback(callback, len(sigmas) - 1, disable_pbar)
         schedule = tdm_core.FlowSigmaSchedule() if is_flow_sampling(model_sampling) else tdm_core.SigmaKSchedule()
         timesteps = [float(s) for s in sigmas[:-1]]
+        end = float(sigmas[-1]) or None  # a split (SplitSigmas): the last step goes to the split's sigma, the next sampler goes on from there
         if self.solver == "dpmpp_2m":
             samples = tdm_core.sample_dpmpp_2m(denoise, x, timesteps, schedule, "sample", callback=step_callback)
         else:
             generator = torch.Generator(device=x.device).manual_seed(int(extra_args.get("seed") or 0)) if self.gamma > 0 else None
-            samples = tdm_core.sample_tdm(denoise, x, timesteps, schedule, "sample", self.gamma, generator, step_callback)
+            samples = tdm_core.sample_tdm(denoise, x, timesteps, schedule, "sample", self.gamma, generator, step_callback, end)
         return model_sampling.inverse_noise_scaling(sigmas[-1], samples)
 
 

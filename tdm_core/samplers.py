@@ -41,9 +41,11 @@ def sample_tdm(
     gamma: float = 0.0,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
+    end: Optional[float] = None,
 ) -> Tensor:
-    """The TDM K-step student sampler: one network call per timestep, returns ``x0_hat``."""
-    return rollout_tdm(denoise, noise, timesteps, schedule, prediction_type, gamma, generator, callback)[-1]
+    """The TDM K-step student sampler: one network call per timestep, returns ``x0_hat`` (given ``end``:
+    the point at timestep ``end``, see ``tdm_steps``)."""
+    return rollout_tdm(denoise, noise, timesteps, schedule, prediction_type, gamma, generator, callback, end)[-1]
 
 
 def tdm_steps(
@@ -54,18 +56,21 @@ def tdm_steps(
     prediction_type: str,
     gamma: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    end: Optional[float] = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The K student steps one by one: ``(x_{t_i}, x0_hat, eps_hat, next point)``; the last step's
-    next point is ``x0_hat`` (METHOD.md "The student")."""
+    next point is ``x0_hat`` (METHOD.md "The student"), or, given ``end``, the point at timestep ``end``
+    (the same DDIM step as between grid points: the first part of a trajectory split across two models)."""
     x = noise
     timesteps = [float(t) for t in timesteps]
     for i, t in enumerate(timesteps):
         t_tensor = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
         x0_hat, eps_hat = predict_x0_eps(denoise, x, t_tensor, schedule, prediction_type)
-        if i == len(timesteps) - 1:
+        t_next = timesteps[i + 1] if i < len(timesteps) - 1 else end
+        if t_next is None:
             x_next = x0_hat
         else:
-            a_next, s_next = schedule.alpha_sigma(torch.tensor(timesteps[i + 1], dtype=torch.float64))
+            a_next, s_next = schedule.alpha_sigma(torch.tensor(float(t_next), dtype=torch.float64))
             z = None
             if gamma > 0.0:
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator else torch.randn_like(x)
@@ -83,10 +88,13 @@ def rollout_tdm(
     gamma: float = 0.0,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
+    end: Optional[float] = None,
 ) -> list[Tensor]:
-    """The whole trajectory ``[x_{t_0}, ..., x_{t_{K-1}}, x0_hat]`` (METHOD.md training step 1)."""
+    """The whole trajectory ``[x_{t_0}, ..., x_{t_{K-1}}, x0_hat]`` (METHOD.md training step 1); given
+    ``end``, its last point is at timestep ``end`` instead of ``x0_hat``."""
     points = [noise]
-    for i, (x, x0_hat, _eps_hat, x_next) in enumerate(tdm_steps(denoise, noise, timesteps, schedule, prediction_type, gamma, generator)):
+    steps = tdm_steps(denoise, noise, timesteps, schedule, prediction_type, gamma, generator, end)
+    for i, (x, x0_hat, _eps_hat, x_next) in enumerate(steps):
         if callback is not None:
             callback(i, x, x0_hat)
         points.append(x_next)

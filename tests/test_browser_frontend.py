@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,11 @@ CHROMIUM = os.environ.get("TDM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 SCREENSHOT = PROJECT_ROOT / "docs" / "workflow_sd15_tdm_ksampler.png"
+DISTILL_SCREENSHOT = PROJECT_ROOT / "docs" / "workflow_sd15_tdm_distill.png"  # the README's picture of the distill graph
+VIEWPORT = {"width": 1600, "height": 900}
+SCREENSHOT_VIEWPORT = {"width": 1920, "height": 1080}  # the whole distill graph at a zoom that still draws text
+# the frontend's chrome a clean picture leaves out (setting id -> value while it is taken)
+CLEAN_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
 VISIBLE_DIALOGS = ".p-dialog:visible"
 ERROR_TOASTS = ".p-toast-message-error:visible"
 SETTLE_S = 1.5  # the frontend opens its dialogs asynchronously after loadGraphData resolves
@@ -40,7 +46,7 @@ def browser():
     profile = tempfile.mkdtemp(prefix="tdm-chromium-")
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 900})
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport=VIEWPORT)
         try:
             yield context
         finally:
@@ -178,3 +184,67 @@ def test_screenshot_of_the_tdm_ksampler_workflow(page):
     page.screenshot(path=str(tmp))
     os.replace(tmp, SCREENSHOT)
     assert SCREENSHOT.stat().st_size > 20_000  # a real rendering, not a blank page
+
+
+def run_command(page, command_id: str) -> None:
+    page.evaluate("async (id) => { await window.app.extensionManager.command.execute(id); }", command_id)
+
+
+@contextmanager
+def clean_canvas(page):
+    """Only the graph: focus mode (no menus, tabs, side bar or banners), no minimap, no canvas stats; then back."""
+    saved = page.evaluate("(keys) => keys.map(k => window.app.extensionManager.setting.get(k))", list(CLEAN_SETTINGS))
+    set_settings = "async (pairs) => { for (const [k, v] of pairs) await window.app.extensionManager.setting.set(k, v); }"
+    page.evaluate(set_settings, list(CLEAN_SETTINGS.items()))
+    run_command(page, "Workspace.ToggleFocusMode")
+    page.set_viewport_size(SCREENSHOT_VIEWPORT)
+    try:
+        yield
+    finally:
+        page.set_viewport_size(VIEWPORT)
+        run_command(page, "Workspace.ToggleFocusMode")
+        page.evaluate(set_settings, list(zip(CLEAN_SETTINGS, saved)))
+
+
+def graph_clip(page, margin: int = 24) -> dict:
+    """The screen rectangle around every node (title bars included), ``margin`` pixels wider: the picture's crop."""
+    x0, y0, x1, y1 = page.evaluate("""() => {
+        const c = window.app.canvas, corners = window.app.graph._nodes.flatMap(n => {
+            const b = n.getBounding();
+            return [c.ds.convertOffsetToCanvas([b[0], b[1]]), c.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]])];
+        });
+        return [Math.min(...corners.map(p => p[0])), Math.min(...corners.map(p => p[1])),
+                Math.max(...corners.map(p => p[0])), Math.max(...corners.map(p => p[1]))];
+    }""")
+    left, top = max(0, x0 - margin), max(0, y0 - margin)
+    return {"x": left, "y": top, "width": min(SCREENSHOT_VIEWPORT["width"], x1 + margin) - left,
+            "height": min(SCREENSHOT_VIEWPORT["height"], y1 + margin) - top}
+
+
+def nodes_outside_the_canvas(page) -> list[str]:
+    """Titles of nodes (title bar included) not wholly inside the visible canvas."""
+    return page.evaluate("""() => {
+        const c = window.app.canvas, rect = c.canvas.getBoundingClientRect();
+        return window.app.graph._nodes.filter(n => {
+            const b = n.getBounding(), [x0, y0] = c.ds.convertOffsetToCanvas([b[0], b[1]]);
+            const [x1, y1] = c.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
+            return x0 < 0 || y0 < 0 || x1 > rect.width || y1 > rect.height;
+        }).map(n => n.title);
+    }""")
+
+
+def test_screenshot_of_the_sd15_distill_workflow(page):
+    close_dialogs(page)
+    workflow = load_workflow(next(p for p in workflow_files() if p.stem == "sd15_tdm_distill"))
+    load_graph(page, workflow)
+    assert {"TDMPromptList", "TDMDistill", "TDMKSampler"} <= set(graph_node_types(page))
+    with clean_canvas(page):
+        run_command(page, "Comfy.Canvas.FitView")
+        time.sleep(SETTLE_S)
+        assert nodes_outside_the_canvas(page) == []
+        assert visible_dialog_texts(page) == [] and page.locator(ERROR_TOASTS).count() == 0
+        assert page.evaluate("window.app.canvas.ds.scale") >= 0.6  # above the zoom where the frontend stops drawing text
+        tmp = DISTILL_SCREENSHOT.with_name(f".{DISTILL_SCREENSHOT.stem}.tmp.png")
+        page.screenshot(path=str(tmp), clip=graph_clip(page))
+        os.replace(tmp, DISTILL_SCREENSHOT)
+    assert DISTILL_SCREENSHOT.stat().st_size > 50_000  # a real rendering, not a blank page

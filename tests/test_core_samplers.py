@@ -174,6 +174,22 @@ def test_rollout_keeps_every_point_and_each_is_one_ddim_step_of_the_previous():
     torch.testing.assert_close(sample_tdm(denoise, noise, grid, schedule, "flow"), points[-1], rtol=0, atol=0)
 
 
+def test_a_trajectory_split_at_a_grid_point_and_continued_is_the_whole_trajectory():
+    """``end``: the first part stops at the split's timestep (one DDIM step there, no call at it); the second
+    part goes on from that point (how TDM Sampler serves SplitSigmas for two-expert models)."""
+    schedule = FlowSchedule(shift=3.0)
+    grid = [1000.0, 750.0, 500.0, 250.0]
+    noise = noise_for(MIXTURE, seed=5)
+    denoise = schedule_denoiser(MIXTURE, schedule, "flow")
+    calls = []
+    counted = lambda x, t: (calls.append(float(t[0])), denoise(x, t))[1]  # noqa: E731
+    whole = rollout_tdm(denoise, noise, grid, schedule, "flow")
+    first = sample_tdm(counted, noise, grid[:2], schedule, "flow", end=grid[2])
+    assert calls == grid[:2]
+    torch.testing.assert_close(first, whole[2], rtol=0, atol=0)
+    torch.testing.assert_close(sample_tdm(denoise, first, grid[2:], schedule, "flow"), whole[-1], rtol=0, atol=0)
+
+
 def test_stochastic_variant_replaces_a_gamma_share_of_the_noise():
     """gamma re-noises: x_{t_{i+1}} = a' x0_hat + s' (sqrt(1 - gamma) eps_hat + sqrt(gamma) z)."""
     schedule = VPSchedule.from_config()

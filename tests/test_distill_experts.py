@@ -126,3 +126,76 @@ def test_experts_on_different_schedules_are_refused(experts):
     with pytest.raises(ValueError, match="different architectures"):
         Distiller(experts["high"], experts["positives"], experts["negative"], experts["latent"]["samples"].shape, DistillOptions(),
                   h.build_model("sd15_eps", seed=1))
+
+
+def stock_split_sampling(high_student, low_student, positive, negative, latent: dict, seed: int) -> torch.Tensor:
+    """The workflow's student comparison (workflows/wan22_a14b_tdm_distill.json): TDM Scheduler on the high-noise
+    student -> SplitSigmas at step 2 -> SamplerCustom + TDM Sampler on the high-noise student (with noise), then on
+    the low-noise student from where it stopped (add_noise off)."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom, SplitSigmas
+    from comfyui_tdm_pack.nodes.node_defs import TDMSampler, TDMScheduler
+
+    sigmas = TDMScheduler.execute(high_student, 4, "auto", "", 1.0).result[0]
+    high_sigmas, low_sigmas = SplitSigmas.execute(sigmas, 2).result
+    sampler = TDMSampler.execute("tdm", 0.0, "reference").result[0]
+    with torch.inference_mode():
+        half = SamplerCustom.execute(high_student, True, seed, 1.0, positive, negative, sampler, high_sigmas, latent).result[0]
+        return SamplerCustom.execute(low_student, False, seed, 1.0, positive, negative, sampler, low_sigmas, half).result[0]["samples"]
+
+
+def test_the_two_student_models_split_the_stock_way_sample_as_the_nodes_routed_student(experts, lora_folder, monkeypatch):
+    """The two MODEL outputs, sampled the stock two-model way (steps 1-2 on the high-noise student, 3-4 on the
+    low-noise one at shift 8), give the node's own routed student sample (its probe: each call to the expert that
+    owns its sigma) from the same noise, to 1e-4."""
+    import comfy.sample
+    from comfyui_tdm_pack.nodes.distill import Distiller
+    from comfyui_tdm_pack.nodes.distill_adapters import STUDENT
+
+    seed, latent = 11, {"samples": experts["latent"]["samples"]}
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)  # what SamplerCustom's add_noise draws
+    probe, release = {}, Distiller.release
+
+    def recording_release(self):  # the node's routed K-step student sample on the first prompt, as it trained it
+        if self.loaded and not probe:
+            sample = self.k_step_samples(STUDENT, [0], noise.to(self.device))  # in the model's latent space
+            probe["node"] = self.patcher.model.process_latent_out(sample).cpu()  # as a sampler node outputs it
+        release(self)
+
+    monkeypatch.setattr(Distiller, "release", recording_release)
+    result = run(experts, "a14b_split", 0.875, iterations=3)
+    stock = stock_split_sampling(result[0], result[4], experts["positives"][0], experts["negative"], latent, seed)
+    error = float((stock - probe["node"]).abs().max())
+    assert error < 1e-4 * max(1.0, float(probe["node"].abs().max())), f"split sampling is {error:.2e} from the node's routed student"
+    one_expert = stock_split_sampling(result[0], result[0], experts["positives"][0], experts["negative"], latent, seed)
+    assert float((one_expert - probe["node"]).abs().max()) > 1e-2  # the second expert matters: the check sees the routing
+
+
+def test_the_a14b_workflow_samples_its_students_as_checked_above():
+    """workflows/wan22_a14b_tdm_distill.json's student comparison is the sampling the test above checks: TDM
+    Scheduler on TDM Distill's MODEL, SplitSigmas at step 2, SamplerCustom with noise on MODEL, then add_noise off
+    on low_noise_MODEL from the first one's output, both with the TDM Sampler at CFG 1."""
+    import json
+
+    workflow = json.loads((h.REPO_ROOT / "workflows" / "wan22_a14b_tdm_distill.json").read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+
+    def source(node, name):  # (source node, its output slot) linked into input ``name``
+        link = links[next(i["link"] for i in node["inputs"] if i["name"] == name)]
+        return nodes[link[1]], link[2]
+
+    first, second = sorted((n for n in nodes.values() if n["type"] == "SamplerCustom"), key=lambda n: n["widgets_values"][0], reverse=True)
+    distill = next(n for n in nodes.values() if n["type"] == "TDMDistill")
+    assert first["widgets_values"][0] is True and second["widgets_values"][0] is False  # add_noise
+    assert first["widgets_values"][3] == second["widgets_values"][3] == 1.0  # cfg
+    assert source(first, "model") == (distill, 0) and source(second, "model") == (distill, 4)
+    assert source(second, "latent_image") == (first, 0)
+    split, _ = source(first, "sigmas")
+    assert split["type"] == "SplitSigmas" and split["widgets_values"] == [2]
+    assert source(first, "sigmas") == (split, 0) and source(second, "sigmas") == (split, 1)
+    scheduler, _ = source(split, "sigmas")
+    assert scheduler["type"] == "TDMScheduler" and source(scheduler, "model") == (distill, 0) and scheduler["widgets_values"][:2] == [4, "auto"]
+    for sampler in (first, second):
+        tdm_sampler, _ = source(sampler, "sampler")
+        assert tdm_sampler["type"] == "TDMSampler" and tdm_sampler["widgets_values"] == ["tdm", 0.0, "reference"]
+    assert distill["widgets_values"][-1] == 0.875 and source(distill, "low_noise_model")[0]["type"] == "ModelSamplingSD3"

@@ -23,6 +23,8 @@ from tests.helpers.workflow_builder import DREAMSHAPER_LORA
 pytestmark = pytest.mark.slow
 
 LATENT_SIZE = 64
+# loader -> how many of its first widgets are model file names
+MODEL_FILE_LOADERS = {"CheckpointLoaderSimple": 1, "TDMLoraLoader": 1, "UNETLoader": 1, "CLIPLoader": 1, "DualCLIPLoader": 2, "VAELoader": 1}
 TEACHER_TEST_STEPS = 3
 # a TDM Distill workflow trains for minutes even when shrunk: test_server_distill.py runs it, with few iterations
 SD15_FILES = [p for p in workflow_files() if is_sd15_workflow(load_workflow(p)) and not is_distill_workflow(load_workflow(p))]
@@ -127,9 +129,26 @@ def test_every_workflow_names_its_model_files_in_a_note():
         workflow = load_workflow(path)
         notes = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote"))
         for node in workflow["nodes"]:
-            if node["type"] in ("CheckpointLoaderSimple", "TDMLoraLoader"):
-                assert node["widgets_values"][0] in notes, f"{path.name}: {node['widgets_values'][0]} not in a note"
+            if node["type"] in MODEL_FILE_LOADERS:  # every file name a loader widget holds
+                for name in node["widgets_values"][:MODEL_FILE_LOADERS[node["type"]]]:
+                    assert name in notes, f"{path.name}: {name} not in a note"
         assert any(n["type"] in ("SaveImage", "SaveAnimatedWEBP", "SaveVideo") for n in workflow["nodes"]), path.name  # Wan: a video
+
+
+TITLE_BAR = 30  # the frontend draws a node's title above its pos
+
+
+def overlapping_nodes(workflow: dict) -> list[tuple[str, str]]:
+    boxes = [(n.get("title", n["type"]), n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in workflow["nodes"]]
+    return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+
+
+def test_distill_workflows_have_no_overlapping_nodes():
+    # the frontend keeps the sizes the builder writes; the README shows the SD1.5 one
+    for path in workflow_files():
+        if is_distill_workflow(load_workflow(path)):
+            assert overlapping_nodes(load_workflow(path)) == [], path.name
 
 
 # --- the workflows run -----------------------------------------------------------------------

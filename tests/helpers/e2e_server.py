@@ -19,7 +19,7 @@ from typing import Optional
 from tests.helpers.checkpoints import sd15_checkpoint, sd15_slim_checkpoint, write_kohya_lora
 from tests.helpers.comfy_server import PROJECT_ROOT, ComfyServer, prepare_base_dir
 from tests.helpers import workflow_builder as names
-from tests.helpers.distill_workflows import WAN22_5B_FILES
+from tests.helpers.distill_workflows import WAN22_5B_FILES, WAN22_A14B_FILES
 
 WORKFLOWS_DIR = PROJECT_ROOT / "workflows"
 TEST_CHECKPOINT = "tdm_test_sd15.safetensors"
@@ -109,7 +109,7 @@ def populate_base_dir(base_dir: Path) -> None:
     for folder, name in ((checkpoints, names.SDXL_CKPT), (checkpoints, names.SD3_CKPT), (checkpoints, names.SD35_CKPT),
                          (loras, names.SDXL_LORA), (loras, names.SD3_LORA), (loras, names.SD35_LORA)):
         (folder / name).write_bytes(b"")
-    for folder, name in (*names.FLUX_FILES, *names.ZIMAGE_FILES, *names.TDMR1_FILES, *names.QWEN_FILES, *names.WAN_FILES, *WAN22_5B_FILES):  # ComfyUI's split layout: diffusion model, text encoders, VAE
+    for folder, name in (*names.FLUX_FILES, *names.ZIMAGE_FILES, *names.TDMR1_FILES, *names.QWEN_FILES, *names.WAN_FILES, *WAN22_5B_FILES, *WAN22_A14B_FILES):  # ComfyUI's split layout: diffusion model, text encoders, VAE
         (base_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base_dir / "models" / folder / name).write_bytes(b"")
     write_truncated_copy(lora, loras / TRUNCATED_LORA)
