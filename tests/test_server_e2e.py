@@ -114,6 +114,16 @@ def test_tdm_nodes_are_registered_with_tooltips_and_descriptions(object_info):
     assert TEST_LORA in lora_choices and PICKLE_LORA in lora_choices
 
 
+def test_committed_workflows_are_what_the_builder_makes_on_this_server(object_info):
+    # the JSON users drag in is regenerated from the live node schemas (python -m tests.helpers.workflow_builder):
+    # a node input added or changed without regenerating shifts widgets_values and breaks the file in the frontend
+    from tests.helpers.workflow_builder import WORKFLOWS_DIR, all_workflows
+
+    stale = [name for name, build in all_workflows().items()
+             if json.loads((WORKFLOWS_DIR / f"{name}.json").read_text()) != json.loads(json.dumps(build(object_info)))]
+    assert not stale, f"regenerate with `python -m tests.helpers.workflow_builder`: {stale}"
+
+
 def test_workflows_are_served_to_the_template_browser(e2e):
     templates = e2e.server.get_json("/api/workflow_templates")
     pack_templates = next(v for k, v in templates.items() if k == "comfyui-tdm")
