@@ -28,7 +28,7 @@ from .distill_checkpoint import Checkpoints, RunState, checkpoint_path, start_or
 from .distill_fingerprint import run_fingerprint
 from .distill_monitor import Monitor
 from .distill_schedule import prediction_type_of
-from .lora_apply import FAMILY_OF_CONFIG
+from .lora_apply import family_of
 from .loss_plot import as_comfy_image, loss_plot
 
 LORA_EXTENSION = ".safetensors"
@@ -50,11 +50,15 @@ class DistillResult:
     low_noise_path: str = ""
 
 
+def lora_stem(lora_name: str) -> str:
+    """``lora_name`` without surrounding blanks and without ``.safetensors``."""
+    name = lora_name.strip()
+    return name[: -len(LORA_EXTENSION)] if name.endswith(LORA_EXTENSION) else name
+
+
 def lora_path(lora_name: str) -> str:
     """``models/loras/<lora_name>.safetensors`` (the first loras folder ComfyUI lists)."""
-    name = lora_name.strip()
-    if name.endswith(LORA_EXTENSION):
-        name = name[: -len(LORA_EXTENSION)]
+    name = lora_stem(lora_name)
     if not name or name.startswith(".") or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"lora_name {lora_name!r} must be a plain file name (no folders, not hidden), e.g. tdm_student")
     return os.path.join(folder_paths.get_folder_paths("loras")[0], name + LORA_EXTENSION)
@@ -63,7 +67,7 @@ def lora_path(lora_name: str) -> str:
 def tdm_info(model, distiller: Distiller, iterations: int) -> TDMInfo:
     options, schedule = distiller.options, distiller.schedule
     return TDMInfo(num_steps=options.steps, grid=options.grid(), total_steps=options.total_steps, num_timesteps=schedule.num_timesteps,
-                   prediction_type=prediction_type_of(model), base_family=FAMILY_OF_CONFIG.get(type(model.model.model_config).__name__, ""),
+                   prediction_type=prediction_type_of(model), base_family=family_of(model),
                    teacher_cfg=options.cfg, distance=options.distance, lora_rank=options.rank, lora_alpha=options.lora_alpha(),
                    recommended_strength=1.0, training_steps=iterations,
                    flow_shift=float(schedule.schedule.shift) if schedule.flow else None)
@@ -145,7 +149,7 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
     ``distill_experts``). Cancel stops between iterations and keeps a checkpoint (``distill_checkpoint``); the
     same inputs queued again resume from it; a finished run deletes it."""
     path = lora_path(lora_name)
-    low_path = lora_path(low_noise_suffix(lora_name)) if low_noise_model is not None else ""
+    low_path = lora_path(low_noise_suffix(lora_stem(lora_name))) if low_noise_model is not None else ""
     distiller = Distiller(model, positives, negative, latent["samples"].shape, options, low_noise_model)
     fingerprint = run_fingerprint(model, positives, negative, distiller.latent_shape, options, low_noise_model)
     store = Checkpoints(checkpoint_path(path), fingerprint, checkpoint_every)

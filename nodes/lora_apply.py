@@ -24,6 +24,20 @@ FAMILY_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "PixArtAlpha":
                     "Flux2": "flux2", "HunyuanVideo15": "hunyuan_video15"}
 
 
+def config_family(config_class: type) -> str:
+    """The base family of a ComfyUI model config class, through its ancestry (WAN21_I2V and Wan's other variants
+    are WAN21_T2V's subclasses, FluxSchnell is Flux's); "" for a class the map does not know."""
+    for cls in config_class.__mro__:
+        if cls.__name__ in FAMILY_OF_CONFIG:
+            return FAMILY_OF_CONFIG[cls.__name__]
+    return ""
+
+
+def family_of(model) -> str:
+    """The base family of a ComfyUI MODEL (:func:`config_family` of its config)."""
+    return config_family(type(model.model.model_config))
+
+
 def model_architecture(model) -> str:
     config = model.model.model_config
     context = config.unet_config.get("context_dim")
@@ -32,7 +46,7 @@ def model_architecture(model) -> str:
 
 def check_family(model, info: Optional[TDMInfo], lora_name: str) -> None:
     """A TDM LoRA names its base family; refuse it on a model of another family."""
-    expected = FAMILY_OF_CONFIG.get(type(model.model.model_config).__name__)
+    expected = family_of(model)
     if info is not None and info.base_family and expected and info.base_family != expected:
         raise ValueError(f"TDM LoRA '{lora_name}' was distilled from a {info.base_family} model but this model is {model_architecture(model)} ({expected}): load the matching base checkpoint")
 
@@ -40,7 +54,7 @@ def check_family(model, info: Optional[TDMInfo], lora_name: str) -> None:
 def base_model_of(model) -> Optional[str]:
     """The base a release is matched against (tdm_core.releases): SD3.5's MMDiT-X has self-attention x-blocks."""
     config = model.model.model_config
-    family = FAMILY_OF_CONFIG.get(type(config).__name__)
+    family = family_of(model)
     if family == "sd3" and config.unet_config.get("x_block_self_attn_layers"):
         return "sd35"
     return family

@@ -260,3 +260,14 @@ def test_a_bf16_dit_trains_fp32_loras(comfy, pack, kind):
         distiller.release()
     h.assert_fp32_training_state(distiller)
     assert all(math.isfinite(m[k]) and m[k] > 0 for m in metrics for k in ("loss_fake", "loss_student", "grad_norm_fake", "grad_norm_student"))
+
+
+def test_model_variants_name_their_base_family(comfy, pack):
+    # the family goes into the LoRA's metadata and the TDM LoRA Loader refuses a LoRA of another family; variants
+    # ComfyUI detects as subclasses (Wan 2.1 I2V with CLIP vision, Flux schnell, Wan 2.2) must not come out nameless
+    import comfy.supported_models as models
+    from comfyui_tdm_pack.nodes.lora_apply import config_family
+
+    expected = {"WAN21_I2V": "wan", "WAN22_T2V": "wan", "WAN21_T2V": "wan", "FluxSchnell": "flux", "Flux": "flux", "Flux2": "flux2",
+                "ZImage": "z_image", "Lumina2": "", "HunyuanVideo15": "hunyuan_video15", "HunyuanVideo": "", "SD15": "sd15"}
+    assert {name: config_family(getattr(models, name)) for name in expected} == expected

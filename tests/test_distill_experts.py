@@ -82,6 +82,21 @@ def test_each_experts_student_learns_only_from_its_side_of_the_boundary(experts,
     assert (lora_folder / f"a14b_{int(boundary * 1000)}_low_noise.safetensors").is_file()
 
 
+def test_a_lora_name_with_its_extension_names_both_files_alike(experts, lora_folder):
+    run(experts, "a14b_named.safetensors", 0.875, iterations=1)
+    assert sorted(p.name for p in lora_folder.glob("a14b_named*")) == ["a14b_named.safetensors", "a14b_named_low_noise.safetensors"]
+
+
+def test_with_every_row_on_the_high_noise_side_two_experts_train_as_one_model(experts):
+    # the two-expert machinery (joint adapters, routing, one optimiser per role over both) must not change what is
+    # learnt: a boundary below every trained sigma gives the run on the high-noise expert alone, bit for bit
+    both = run(experts, "a14b_vs_one_both", 0.02, iterations=3)
+    alone = run(experts, "a14b_vs_one_alone", 0.875, iterations=3, low_noise_model=None)
+    assert both[1].keys() == alone[1].keys()
+    assert all(torch.equal(both[1][k], alone[1][k]) for k in alone[1]), "the routed run learnt something else"
+    assert max(float(v.abs().max()) for k, v in alone[1].items() if k.endswith("lora_up.weight")) > 1e-4  # it did learn
+
+
 def test_both_loras_load_in_stock_loraloader_on_their_expert(experts, lora_folder, caplog, monkeypatch):
     from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
     from comfyui_tdm_pack.nodes.distill_adapters import STUDENT
