@@ -19,7 +19,7 @@ from comfy.weight_adapter.lora import LoraDiff
 from .core_import import iteration, lora_targets
 
 STUDENT, FAKE_SCORE = iteration.STUDENT, iteration.FAKE_SCORE
-ROLES = (STUDENT, FAKE_SCORE)
+ROLES = iteration.ROLES
 DIFFUSION_PREFIX = "diffusion_model."  # module names of the MODEL's BaseModel: what LoraLoader maps
 
 

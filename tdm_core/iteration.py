@@ -28,6 +28,7 @@ from torch import Tensor
 from .parameterization import x0_eps_from_output
 from .samplers import predict_x0_eps, tdm_steps
 from .training import (
+    DEFAULT_FAKE_SCORE_WEIGHTING,
     diffuse_u_to_t,
     draw_training_times,
     effective_noise_m,
@@ -64,7 +65,7 @@ class TDMSettings:
     huber_c: Optional[float] = None
     interval_mode: str = "separate"
     randmid: bool = False
-    fake_score_weighting: str = "min_snr"  # tdm_core.training.fake_score_weight
+    fake_score_weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING  # tdm_core.training.fake_score_weight
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ def student_objective(denoisers: TDMDenoisers, rollout: Rollout, settings: TDMSe
 
 # --- the iteration, its network calls in chunks of rows ------------------------------------------------
 FAKE_SCORE, STUDENT = "fake_score", "student"  # the roles TDMUpdates is called with
+ROLES = (STUDENT, FAKE_SCORE)  # the two LoRA adapters a host trains, named after the roles
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ def name_positional(lora: Mapping, names: list[str], release: Release, prefix: s
     rank, scale = release.lora_config["r"], release.lora_config["lora_alpha"] / release.lora_config["r"]
     out = {}
     for name, tensor in zip(names, tensors):
-        is_a = name.endswith(".lora_A.weight")
+        is_a = name.endswith(PEFT_SUFFIXES[0])
         expected = (rank, width) if is_a else (width, rank)
         if tensor.ndim != 2 or any(e is not None and e != got for e, got in zip(expected, tensor.shape)):
             raise ValueError(f"the {release.title}'s tensor for {name} has shape {tuple(tensor.shape)}, this model needs "

@@ -79,9 +79,10 @@ def min_snr_weight(a_t: Tensor, s_t: Tensor, gamma: float = 5.0) -> Tensor:
 
 
 FAKE_SCORE_WEIGHTINGS = ("min_snr", "velocity", "x0")
+DEFAULT_FAKE_SCORE_WEIGHTING = "min_snr"  # the reference min(SNR, 5); issue 22 measures the others
 
 
-def fake_score_weight(a_t: Tensor, s_t: Tensor, weighting: str = "min_snr") -> Tensor:
+def fake_score_weight(a_t: Tensor, s_t: Tensor, weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING) -> Tensor:
     # METHOD.md step 5's weight of the x0-space loss: min(SNR, 5) (the reference); "velocity": 1 / s^2, the
     # x0-space form of a plain velocity MSE on a flow model (x0 = x_t - s v), as TDM-R1 trains its fake score;
     # "x0": 1, an unweighted x0 MSE. Issue 22's ablation: min(SNR, 5) learns the first window 1/50 to 1/500 as fast

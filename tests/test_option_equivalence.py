@@ -215,6 +215,8 @@ def test_the_fake_score_weighting_flag_reaches_the_fake_score_loss(step_of):
     """Not an equivalence: issue 22's ablation flag must change the fake score's loss and gradient."""
     plain, flat = step_of("flux"), step_of("flux", fake_score_weighting="x0")
     assert flat.losses["fake"] != plain.losses["fake"] and relative(flat.grads["fake_score"], plain.grads["fake_score"]) > 1e-2
+    # and the default is the reference weighting (min(SNR, 5)) until issue 22's evidence says otherwise
+    assert_same_step(step_of("flux", fake_score_weighting="min_snr"), plain)
 
 
 @pytest.mark.parametrize("family", WITH_CFG_PASS)

@@ -22,11 +22,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from tdm_core.iteration import FAKE_SCORE, STUDENT  # the adapters are named after the roles tdm_core updates
+from tdm_core.iteration import FAKE_SCORE, ROLES, STUDENT  # the adapters are named after the roles tdm_core updates
 from training.errors import TrainingInputError
 from training.families.base import ModelFamily
 
-TDM_ADAPTERS = (STUDENT, FAKE_SCORE)
+TDM_ADAPTERS = ROLES
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 FAMILY_FILE = "tdm_family.json"
 
