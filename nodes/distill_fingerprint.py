@@ -4,7 +4,9 @@ run of the same model, prompts and settings, and the report can say which part d
 The model's part covers the architecture, the noise schedule as sampled (``model_sampling``: a
 ``ModelSampling*`` node's shift changes it), the unpatched base weights (64 evenly spaced values of every
 tensor: a different finetune differs there; weights ComfyUI has patched in place are read from its backup)
-and the graph's weight patches (LoRAs: their keys, strengths and tensor samples). ``iterations`` and
+the graph's weight patches (LoRAs: their keys, strengths and tensor samples) and its model patches (FreeU,
+attention patches, wrappers, object patches: by function name and plain settings; values a patch function keeps
+in a closure are not seen). ``iterations`` and
 ``gradient_checkpointing`` are left out on purpose: neither changes what an iteration computes (the warm-up
 schedule does not depend on the run's length; checkpointing recomputes the same forward), so a cancelled run
 can be resumed with more iterations, or with checkpointing switched on after running out of memory.
@@ -67,6 +69,8 @@ def plain_value(value) -> str:
         return "{" + ",".join(f"{k}:{plain_value(value[k])}" for k in sorted(value, key=str)) + "}"
     if value is None or isinstance(value, (bool, int, float, str)):
         return repr(value)
+    if callable(value) and hasattr(value, "__qualname__"):  # a patch function (FreeU's, a wrapper): by its name
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     return type(value).__qualname__
 
 
@@ -83,8 +87,11 @@ def model_fingerprint(model) -> str:
         parts += [name, tensor_sample(saved.weight if saved is not None else tensor)]
     for key in sorted(model.patches):
         for patch in model.patches[key]:
-            parts += [key, plain_value(patch[0]), plain_value(patch[2] if len(patch) > 2 else None)]
+            parts += [key, plain_value(patch[0]), plain_value(patch[2:])]  # strength, then offset and function
             parts += [tensor_sample(t) for t in tensors_in(patch[1])]
+    # the graph's model patches (FreeU, attention patches, wrappers: by name and settings) and object patches
+    parts += ["model_options", plain_value(model.model_options)]
+    parts += ["object_patches", plain_value({k: v for k, v in model.object_patches.items() if k != "model_sampling"})]
     return _digest(parts)
 
 

@@ -193,6 +193,10 @@ def test_the_fingerprint_tells_apart_model_prompts_latent_and_settings(graph, co
     for other in (stronger, other_lora):  # another strength, another LoRA at the same strength
         assert run_fingerprint(with_lora, positives, negative, shape, options)["model"] != run_fingerprint(other, positives, negative, shape, options)["model"]
     assert changed(model=v_pred) == ["model"]
+    from comfy_extras.nodes_freelunch import FreeU
+
+    free_u = FreeU().patch(model, 1.1, 1.2, 0.9, 0.2)[0]  # a model patch (an output-block function), no weight patch
+    assert not free_u.patches and changed(model=free_u) == ["model"]
     assert changed(positives=positives[:2]) == ["prompts"]
     assert changed(negative=positives[0]) == ["negative"]
     assert changed(latent_shape=(2, 4, 16, 8)) == ["latent shape"]

@@ -214,7 +214,8 @@ def encode(family, prompts: list[str]) -> dict:
         raise ConfigError(f"the {family.name} model cannot use a prompt of --prompts: {err}") from err
 
 
-def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int, fidelity: Optional[list] = None) -> None:
+def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step: int, fidelity: Optional[list] = None,
+                 probed_at: Optional[int] = None) -> None:
     """The main process writes the grid and, beside it as text, the probe's latest per-step fidelity; under FSDP2
     every process samples it (forwards are collective)."""
     from tdm_core.fidelity import fidelity_table
@@ -235,7 +236,7 @@ def validate_now(parts: LoopParts, cfg: DistillConfig, prompts: list[str], step:
             if fidelity:
                 with atomic_write(path.with_suffix(".txt")) as temp:
                     temp.write_text(f"{path.name}: columns are the teacher, then the student at 1, 2, 4 steps.\n"
-                                    f"Per student step vs the teacher's ODE, on the probe at step {step}:\n"
+                                    f"Per student step vs the teacher's ODE, on the probe at step {probed_at}:\n"
                                     + fidelity_table(fidelity) + "\n")
     parts.accelerator.wait_for_everyone()
 
@@ -349,8 +350,9 @@ def train_step(parts: LoopParts, cfg: DistillConfig, prompts: list[str], null_co
     return tdm_iteration(parts, cond, null_cond, (rows, *latent_shape[1:]))
 
 
-def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape, step: int) -> int:
-    """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step."""
+def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape, step: int, probe) -> int:
+    """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step. ``probe``
+    (``new_probe``; None on the processes that do not measure) is measured every --probe-every steps."""
     from tqdm.auto import tqdm
 
     from .progress import LossWatch
@@ -363,8 +365,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
         if hasattr(family, "offload_text_encoders"):  # every embedding is cached: free the GPU memory
             family.offload_text_encoders()
     log = RunLog(cfg.run_dir(), accelerator.is_main_process)
-    probe = new_probe(parts, cfg, prompts, latent_shape)
-    movement, watch = {}, LossWatch(max(0, cfg.lr_warmup_steps - step))  # a resumed run's warm-up is behind it
+    movement, probed_at, watch = {}, None, LossWatch(max(0, cfg.lr_warmup_steps - step))  # a resumed run's warm-up is behind it
     stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="TDM", unit="step")
     saved_at = step
@@ -372,7 +373,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
         metrics = train_step(parts, cfg, prompts, null_cond, latent_shape)
         step += 1
         if probe is not None and cfg.probe_every and (step % cfg.probe_every == 0 or step == stop_at):
-            movement = measure_movement(parts, probe)
+            movement, probed_at = measure_movement(parts, probe), step
             metrics = {**metrics, **movement}
         log.write(step, metrics)
         bar.update(1)
@@ -381,7 +382,7 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
             write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
             saved_at = step
         if cfg.validate_every and step % cfg.validate_every == 0:
-            validate_now(parts, cfg, prompts, step, movement.get("fidelity"))
+            validate_now(parts, cfg, prompts, step, movement.get("fidelity"), probed_at)
     bar.close()
     if saved_at != step:
         write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
@@ -400,7 +401,8 @@ def run(cfg: DistillConfig) -> int:
     # gradient accumulation is the loop's (training.loop: the batch evaluated in chunks), not accelerate's
     accelerator = Accelerator(mixed_precision="no", cpu=cpu_only_distributed())
     parts, latent_shape, step = start_run(cfg, accelerator)
-    step = train(parts, cfg, prompts, latent_shape, step)
+    probe = new_probe(parts, cfg, prompts, latent_shape)  # the teacher's probe samples and ODE, built once
+    step = train(parts, cfg, prompts, latent_shape, step, probe)
     if step < cfg.max_train_steps:
         accelerator.print(f"stopped at step {step} of {cfg.max_train_steps}: continue with --resume")
         return EXIT_OK
@@ -416,18 +418,17 @@ def run(cfg: DistillConfig) -> int:
         student = consolidated(parts, STUDENT)  # collective; the whole adapter on the main process
     if accelerator.is_main_process:
         accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape, student)}")
-    report_movement(parts, cfg, prompts, latent_shape)
+    report_movement(parts, cfg, probe)
     accelerator.wait_for_everyone()
     return EXIT_OK
 
 
-def report_movement(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape) -> None:
+def report_movement(parts: LoopParts, cfg: DistillConfig, probe) -> None:
     """The run's final word (training.progress): how far the student moved, the loss trends, and a
     warning naming the flags to change when it barely moved or diverged; also written to summary.json."""
     from tdm_core.atomic import atomic_write
     from .progress import final_word
 
-    probe = new_probe(parts, cfg, prompts, latent_shape)
     if probe is None:  # a data-parallel process other than the main one
         return
     movement = measure_movement(parts, probe)
