@@ -102,6 +102,8 @@ def test_distill_workflow_saves_teacher_and_student_images_and_the_lora(e2e, pla
     lora = loras_dir(e2e) / f"{PLAIN_LORA}.safetensors"
     tensors, metadata = lora_tensors(lora)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+    # lora_up starts at zero: nonzero means the student learnt (else the resume test below compares two nothings)
+    assert max(float(t.abs().max()) for k, t in tensors.items() if k.endswith("lora_up.weight")) > 0
     assert metadata.get("tdm.num_steps") == "4" and metadata.get("tdm.training_steps") == str(ITERATIONS), metadata
     assert not (loras_dir(e2e) / f"{PLAIN_LORA}.tdmckpt").exists(), "a finished run must delete its checkpoint"
     report = shown_texts(entry)
