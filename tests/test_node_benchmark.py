@@ -107,13 +107,22 @@ def test_the_node_block_goes_under_its_teacher_and_survives_a_headless_rewrite()
     assert "| a2 |" in rewritten and "rows 2" in rewritten and rewritten.index("rows 2") < rewritten.index("### flow")
 
 
+def test_the_speed_verdict_needs_the_whole_interval_on_one_side_of_the_target():
+    from benchmarks import node_speed
+
+    close = node_speed.ratio_interval([1.0, 1.2, 1.05, 1.15, 0.95], [1.0] * 5)
+    assert close[0] < node_speed.TARGET < close[1] and node_speed.verdict_of(*close).startswith("not decided")
+    assert node_speed.verdict_of(*node_speed.ratio_interval([0.9, 0.95, 1.0, 0.92], [1.0] * 4)) == "holds"
+    assert node_speed.verdict_of(*node_speed.ratio_interval([1.3, 1.4, 1.35], [1.0] * 3)) == "missed"
+
+
 def test_the_speed_comparison_times_both_hosts():
     from benchmarks import node_speed
 
     result = node_speed.measure(rounds=1, warmup=0, batch_size=2, profile_rounds=1)
     assert all(len(result["times"][name]) == 1 and result["times"][name][0][0] > 0 for name in ("trainer", "node"))
     text = node_speed.section(result, "python -m benchmarks.node_speed --rounds 1")
-    assert "Node / trainer: **" in text and "`python -m benchmarks.node_speed --rounds 1`" in text
+    assert "Node / trainer, median of the per-round ratios: **" in text and "`python -m benchmarks.node_speed --rounds 1`" in text
     # every part of the profile table was found in the profile (a renamed function would read 0)
     assert all(seconds > 0 for name in ("trainer", "node") for _, seconds in result["split"][name]), result["split"]
     # a rerun replaces its own section, other sections stay
