@@ -10,6 +10,12 @@ from pathlib import Path
 NODE_TEACHERS = ("shapes", "flow")  # SD1.5-architecture UNet and Flux-architecture (FluxSchnell-style) teachers
 NOT_MEASURED: dict = {}  # teacher -> why the node cannot distil it yet (written as the block instead of rows)
 LOADERS = {"shapes": "benchmarks/comfy_teacher.py", "flow": "benchmarks/comfy_flux_teacher.py"}  # how each becomes a ComfyUI MODEL
+NOTES = {"flow": (  # what differs between the two students by construction, stated beside the numbers (not measured as a cause)
+    "The two students are not the same LoRA on Flux: the node adapts ComfyUI's fused linears (one rank-16 LoRA on each "
+    "`img_attn.qkv`, `txt_attn.qkv` and single-block `linear1`, so q, k, v (and the MLP input) share one down matrix) and never "
+    "the final layer, 20 modules and 188,416 LoRA parameters; `training.distill` adapts the diffusers modules (separate "
+    "rank-16 LoRAs on q, k, v, `proj_mlp`, and the final `proj_out`), 35 modules and 219,392 parameters. The node's student "
+    "is exactly representable in the trainer's PEFT layout (the conversion the evaluator uses, checked above), not the reverse")}
 COLUMNS = ("fd_real", "fd_teacher", "accuracy")
 TOLERANCE = 0.10  # the goal: node FD within 10 % of the headless trainer's
 NODE_TITLE = "TDM Distill node (ComfyUI)"
@@ -116,6 +122,8 @@ def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str, p
                   "and sampled through ComfyUI, against the evaluator's diffusers student (its LoRA converted to PEFT keys), 16 prompts, same "
                   f"noise: largest latent difference {check['vs_diffusers_student']:.1e} of the largest latent (the student against the "
                   f"teacher on the same path: {check['vs_teacher']:.1e}).", ""]
+    if teacher.name in NOTES:
+        lines += [f"{NOTES[teacher.name]}.", ""]
     compared = comparison(cache, seeds, max(iterations), published or {})
     return lines + (compared + [""] if compared else []) + [end]
 
