@@ -129,6 +129,33 @@ def peft_state_from_comfy_lora(lora: dict, to_ldm: dict, alpha_to: float) -> dic
     return out
 
 
+def is_flux(family) -> bool:
+    return family.name == "flux"
+
+
+def load_teacher(family, model_dir: Path):
+    """The benchmark teacher in ``model_dir`` as a ComfyUI MODEL and the map of the node's LoRA (ComfyUI keys)
+    to the trainer's PEFT adapter state: ``(patcher, to_peft(lora, alpha_to))``. SD1.5-style UNet teachers
+    load here, the Flux-architecture flow teacher in :mod:`benchmarks.comfy_flux_teacher`."""
+    if is_flux(family):
+        from benchmarks import comfy_flux_teacher as flux
+
+        patcher, key_map = flux.load_comfy_flux(Path(model_dir), family.schedule.shift)
+        shapes = flux.peft_shapes_of(Path(model_dir) / "transformer", family.lora_target_modules)
+        return patcher, lambda lora, alpha_to: flux.peft_state_from_comfy_flux_lora(lora, key_map, shapes, alpha_to)
+    patcher, to_ldm = load_comfy_unet(Path(model_dir) / "unet")
+    return patcher, lambda lora, alpha_to: peft_state_from_comfy_lora(lora, to_ldm, alpha_to)
+
+
+def teacher_conditionings(family, prompts: list[str]) -> tuple[list, list]:
+    """The prompts' ComfyUI conditionings and the empty prompt's, as the teacher's family encodes them."""
+    if is_flux(family):
+        from benchmarks.comfy_flux_teacher import flux_conditionings
+
+        return flux_conditionings(family, prompts)
+    return conditionings(family, prompts)
+
+
 @torch.no_grad()
 def max_output_difference(patcher, family, prompts: list[str], seed: int = 0) -> float:
     """Largest |x0 difference| between the ComfyUI MODEL (through ComfyUI's ``calc_cond_batch``) and the
@@ -148,7 +175,7 @@ def max_output_difference(patcher, family, prompts: list[str], seed: int = 0) ->
     x_t = a * x0 + s * noise
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     patcher.pre_run()  # as ComfyUI's sampler does before calling the model
-    positives, _ = conditionings(family, prompts)
+    positives, _ = teacher_conditionings(family, prompts)
     batch = distill_conditions.batch_conditioning(positives, list(range(len(prompts))))
     conds = distill_conditions.processed_conds(patcher, {"positive": batch}, torch.zeros_like(x_t), seed)
     ours = distill_model.model_x0(patcher, schedule, [conds["positive"]], x_t, t)[0]

@@ -237,7 +237,7 @@ def main_comfyui(parser, command: str, teachers: list[Teacher], seeds: tuple, it
 
     unsupported = [t.name for t in teachers if t.name not in defaults_node.NODE_TEACHERS + tuple(defaults_node.NOT_MEASURED)]
     if unsupported or not seeds:
-        parser.error(f"--host comfyui takes --teachers {','.join(defaults_node.NODE_TEACHERS)} (and flow, written as not measured) "
+        parser.error(f"--host comfyui takes --teachers {','.join(defaults_node.NODE_TEACHERS + tuple(defaults_node.NOT_MEASURED))} "
                      f"and at least one seed; got {unsupported or 'no seeds'}")
     text = args.output.read_text() if args.output.is_file() else ""
     for teacher in teachers:

@@ -7,13 +7,15 @@ import re
 import statistics
 from pathlib import Path
 
-NODE_TEACHERS = ("shapes",)  # teachers the node can load today (SD1.5 architecture)
-NOT_MEASURED = {"flow": (
-    "not measured: needs Flux sampling in the node (ModelSamplingFlux support is being added to nodes/). Checked: the schedule "
-    "alone would not need it, as the trainer's Flux family distils this teacher at 32 px with the fixed shift exp(mu) = 1.583, "
-    "which a discrete-flow sampling with multiplier 1 (stock ModelSamplingAuraFlow, shift 1.583) gives ComfyUI's Flux exactly; "
-    "what is not built here is the teacher as a ComfyUI Flux MODEL (diffusers -> ComfyUI keys, its 4-channel latent with patch 2, "
-    "T5 + CLIP-pooled conditionings) and the node's fused-qkv LoRA mapped back to the evaluator's PEFT keys")}
+NODE_TEACHERS = ("shapes", "flow")  # SD1.5-architecture UNet and Flux-architecture (FluxSchnell-style) teachers
+NOT_MEASURED: dict = {}  # teacher -> why the node cannot distil it yet (written as the block instead of rows)
+LOADERS = {"shapes": "benchmarks/comfy_teacher.py", "flow": "benchmarks/comfy_flux_teacher.py"}  # how each becomes a ComfyUI MODEL
+NOTES = {"flow": (  # what differs between the two students by construction, stated beside the numbers (not measured as a cause)
+    "The two students are not the same LoRA on Flux: the node adapts ComfyUI's fused linears (one rank-16 LoRA on each "
+    "`img_attn.qkv`, `txt_attn.qkv` and single-block `linear1`, so q, k, v (and the MLP input) share one down matrix) and never "
+    "the final layer, 20 modules and 188,416 LoRA parameters; `training.distill` adapts the diffusers modules (separate "
+    "rank-16 LoRAs on q, k, v, `proj_mlp`, and the final `proj_out`), 35 modules and 219,392 parameters. The node's student "
+    "is exactly representable in the trainer's PEFT layout (the conversion the evaluator uses, checked above), not the reverse")}
 COLUMNS = ("fd_real", "fd_teacher", "accuracy")
 TOLERANCE = 0.10  # the goal: node FD within 10 % of the headless trainer's
 NODE_TITLE = "TDM Distill node (ComfyUI)"
@@ -93,7 +95,7 @@ def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str, p
     lines = [start, f"#### {teacher.name}: {NODE_TITLE}", ""]
     if teacher.name in NOT_MEASURED:
         return lines + [f"{NOT_MEASURED[teacher.name]}.", "", end]
-    lines += [f"Produced by `{command}`: the teacher loaded as a ComfyUI MODEL (benchmarks/comfy_teacher.py), distilled in process by "
+    lines += [f"Produced by `{command}`: the teacher loaded as a ComfyUI MODEL ({LOADERS.get(teacher.name, 'benchmarks/comfy_teacher.py')}), distilled in process by "
               "the node's `Distiller` (nodes/distill.py) with `DistillOptions` defaults except batch 8 (the trainer's) and the CFG above; "
               "one run per seed, its student LoRA kept at each checkpoint; scored by the same evaluator and sampler as the rows above.", "",
               "| row | NFE | FD to real held-out ↓ | FD to teacher 50 steps ↓ | attribute/class accuracy ↑ | runs |",
@@ -120,6 +122,8 @@ def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str, p
                   "and sampled through ComfyUI, against the evaluator's diffusers student (its LoRA converted to PEFT keys), 16 prompts, same "
                   f"noise: largest latent difference {check['vs_diffusers_student']:.1e} of the largest latent (the student against the "
                   f"teacher on the same path: {check['vs_teacher']:.1e}).", ""]
+    if teacher.name in NOTES:
+        lines += [f"{NOTES[teacher.name]}.", ""]
     compared = comparison(cache, seeds, max(iterations), published or {})
     return lines + (compared + [""] if compared else []) + [end]
 

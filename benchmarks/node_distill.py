@@ -44,8 +44,8 @@ def distil(evaluator, cfg: float, folder: Path, seed: int, checkpoints: tuple, l
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     distill = comfy_teacher.pack_module("distill")
-    patcher, _ = comfy_teacher.load_comfy_unet(Path(evaluator.model_dir) / "unet")
-    positives, negative = comfy_teacher.conditionings(evaluator.family, read_prompts(str(evaluator.prompts_file(folder))))
+    patcher, _ = comfy_teacher.load_teacher(evaluator.family, Path(evaluator.model_dir))
+    positives, negative = comfy_teacher.teacher_conditionings(evaluator.family, read_prompts(str(evaluator.prompts_file(folder))))
     options = node_options(cfg, seed, max(checkpoints))
     distiller = distill.Distiller(patcher, positives, negative, evaluator.family.latent_shape(1), options)
     history, started = [], time.time()
@@ -57,6 +57,7 @@ def distil(evaluator, cfg: float, folder: Path, seed: int, checkpoints: tuple, l
             if number % 25 == 0 or number == options.iterations:
                 log(f"node seed {seed}: iteration {number}/{options.iterations}, {time.time() - started:.0f} s, "
                     f"losses {history[-1]['loss_fake']:.4g} / {history[-1]['loss_student']:.4g}")
+        # the node's own "how far the student moved" (nodes/distill_monitor: the probe's K-step samples vs the teacher's)
         change = comfy_teacher.pack_module("distill_monitor").Monitor(distiller, patcher, options.iterations).measure()[0]
     finally:
         distiller.release()
@@ -81,8 +82,8 @@ def adapter_state(folder: Path, step: int, evaluator) -> dict:
     """The step-``step`` node student as the trainer's PEFT adapter state (the evaluator's input)."""
     from benchmarks.defaults_eval import _default_rank_alpha
 
-    _, to_ldm = comfy_teacher.load_comfy_unet(Path(evaluator.model_dir) / "unet")
-    return comfy_teacher.peft_state_from_comfy_lora(student_lora(folder, step), to_ldm, _default_rank_alpha()[1])
+    _, to_peft = comfy_teacher.load_teacher(evaluator.family, Path(evaluator.model_dir))
+    return to_peft(student_lora(folder, step), _default_rank_alpha()[1])
 
 
 @torch.no_grad()
@@ -122,8 +123,8 @@ def sampling_paths_difference(evaluator, lora: dict, adapter: dict, grid: list[i
     family = evaluator.family
     prompts = evaluator.prompts[:num]
     noise = noise_for(family, num, 1000)
-    patcher, _ = comfy_teacher.load_comfy_unet(Path(evaluator.model_dir) / "unet")
-    positives, _ = comfy_teacher.conditionings(family, prompts)
+    patcher, _ = comfy_teacher.load_teacher(family, Path(evaluator.model_dir))
+    positives, _ = comfy_teacher.teacher_conditionings(family, prompts)
     ours = comfy_student_latents(patcher, lora, positives, noise, grid)
     teacher = comfy_student_latents(patcher, {}, positives, noise, grid)
     rank, alpha = _default_rank_alpha()

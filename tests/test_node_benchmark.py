@@ -1,7 +1,9 @@
 """benchmarks.defaults --host comfyui and benchmarks.node_speed (issue 21): the shapes teacher as a ComfyUI MODEL
 computes the diffusers teacher's function, the node's run writes its checkpoints, its LoRA converted to the
 trainer's PEFT keys samples (diffusers) what ComfyUI samples with the LoRA loaded by ComfyUI's loader, the
-results block lands under its teacher and survives a headless rewrite, and the speed comparison runs.
+results block lands under its teacher and survives a headless rewrite, and the speed comparison runs. The same
+for the flow teacher as a ComfyUI Flux MODEL (benchmarks/comfy_flux_teacher.py; measured x0 difference 5e-7, sampling
+paths 4e-7), its fused-qkv LoRA split onto the trainer's PEFT q/k/v modules.
 
 Tolerances (fp32, CPU): x0 of the ComfyUI MODEL vs the diffusers UNet 1e-4 of the largest |x0| (measured 2e-6;
 ComfyUI feeds x_t / a and sigma, the UNet sees t +- 1e-4 after ComfyUI's sigma -> t interpolation); 4-step
@@ -86,6 +88,54 @@ def test_the_evaluator_samples_the_node_student(node_run, shapes):
     assert check["vs_diffusers_student"] < LATENT_RTOL, f"ComfyUI and the evaluator sample different students: {check}"
 
 
+@pytest.fixture(scope="module")
+def flow(comfy, pack):
+    from benchmarks.shapes_data import all_captions
+    from benchmarks.train_flow_teacher import DEFAULT_OUTPUT
+    from training.models import load_family
+
+    torch.set_num_threads(1)
+    family = load_family(str(DEFAULT_OUTPUT))
+    return SimpleNamespace(family=family, prompts=all_captions(), model_dir=DEFAULT_OUTPUT, captions=all_captions,
+                           prompts_file=lambda folder: _prompts_file(folder, all_captions()))
+
+
+def test_the_comfyui_flux_teacher_is_the_diffusers_flow_teacher(flow):
+    from benchmarks import comfy_flux_teacher
+
+    distill = comfy_teacher.pack_module("distill")
+    patcher, _ = comfy_teacher.load_teacher(flow.family, Path(flow.model_dir))
+    assert type(patcher.model.diffusion_model).__name__ == "Flux"
+    error = comfy_teacher.max_output_difference(patcher, flow.family, flow.prompts[:4])
+    assert error < X0_RTOL, f"ComfyUI Flux MODEL vs diffusers flow teacher x0: {error:.2e} of the largest |x0|"
+    # the node trains on the teacher's 4-channel latent (Flux's own latent format would widen it to 16 channels)
+    assert distill.sampled_latent_shape(patcher, flow.family.latent_shape(1)) == flow.family.latent_shape(1)
+    # the schedule matters: FluxSchnell's stock shift 1 instead of the trainer's exp(mu) is another teacher
+    unshifted, _ = comfy_flux_teacher.load_comfy_flux(Path(flow.model_dir), 1.0)
+    assert comfy_teacher.max_output_difference(unshifted, flow.family, flow.prompts[:4]) > 0.01
+
+
+@pytest.fixture(scope="module")
+def flow_node_run(flow, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flow_node") / "node_seed0"
+    return node_distill.distil(flow, 3.0, folder, 0, (2,), log=lambda m: None)
+
+
+def test_the_evaluator_samples_the_node_flux_student(flow_node_run, flow):
+    from benchmarks import comfy_flux_teacher
+    from benchmarks.defaults_eval import _default_rank_alpha
+
+    lora = moved_lora(node_distill.student_lora(flow_node_run, 2))
+    _, to_peft = comfy_teacher.load_teacher(flow.family, Path(flow.model_dir))
+    adapter = to_peft(lora, _default_rank_alpha()[1])
+    targets = comfy_flux_teacher.peft_shapes_of(Path(flow.model_dir) / "transformer", flow.family.lora_target_modules)
+    assert {k.rsplit(".lora_", 1)[0] for k in adapter} == set(targets)  # every module the trainer adapts, nothing else
+    assert adapter["proj_out.lora_B.weight"].abs().max() == 0  # the final layer: the node leaves it as the teacher
+    check = node_distill.sampling_paths_difference(flow, lora, adapter, [899, 674, 449, 224], num=4)
+    assert check["vs_teacher"] > 100 * LATENT_RTOL, f"the LoRA did not change the ComfyUI samples: {check}"
+    assert check["vs_diffusers_student"] < LATENT_RTOL, f"ComfyUI and the evaluator sample different students: {check}"
+
+
 SECTIONS = "# T\n\nintro\n\n### shapes: x\n\n| a |\n\ntext\n\n### flow: y\n\n| b |\n"
 HEADLESS_ROW = "| TDM K=4, defaults, 500 it. | 4 | {} ± 11.6 | {} ± 44.1 | 0.976 ± 0.004 | 3 |"
 
@@ -142,10 +192,12 @@ def test_defaults_host_comfyui_writes_node_rows(tmp_path):
     assert defaults.main(argv) == 0
     text = output.read_text()
     assert "python -m benchmarks.defaults --host comfyui --teachers shapes,flow" in text
-    for needle in ("| TDM Distill node (ComfyUI), defaults, batch 8, 1 it. | 4 |", "| TDM Distill node (ComfyUI), defaults, batch 8, 2 it. | 4 |",
-                   "Sampling check:", "not measured: needs Flux sampling in the node"):
-        assert needle in text, needle
-    assert text.index("batch 8, 2 it.") < text.index("### flow") < text.index("needs Flux sampling")
-    shapes_block = text[text.index("<!-- comfyui-node:shapes -->"):text.index("<!-- /comfyui-node:shapes -->")]
-    rows = [line for line in shapes_block.split("\n") if line.startswith("| TDM Distill node")]
-    assert len(rows) == 2 and all(" ± " in row and "not measured" not in row for row in rows), rows
+    for teacher in ("shapes", "flow"):
+        block = text[text.index(f"<!-- comfyui-node:{teacher} -->"):text.index(f"<!-- /comfyui-node:{teacher} -->")]
+        for needle in ("| TDM Distill node (ComfyUI), defaults, batch 8, 1 it. | 4 |", "| TDM Distill node (ComfyUI), defaults, batch 8, 2 it. | 4 |",
+                       "Sampling check:"):
+            assert needle in block, (teacher, needle)
+        rows = [line for line in block.split("\n") if line.startswith("| TDM Distill node")]
+        assert len(rows) == 2 and all(" ± " in row and "not measured" not in row for row in rows), rows
+    assert "benchmarks/comfy_flux_teacher.py" in text[text.index("<!-- comfyui-node:flow -->"):]
+    assert text.index("<!-- /comfyui-node:shapes -->") < text.index("### flow") < text.index("<!-- comfyui-node:flow -->")
