@@ -53,6 +53,12 @@ def mean_of(cache: dict, prefix: str, seeds: tuple, n: int, key: str):
     return (statistics.fmean(values), len(values)) if values else (None, 0)
 
 
+def spread_of(cache: dict, prefix: str, seeds: tuple, n: int, key: str) -> float:
+    """Standard deviation over the seeds' runs (0 for one run)."""
+    values = [cache[f"{prefix}seed{s}/{n}"][key] for s in seeds if f"{prefix}seed{s}/{n}" in cache]
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def published_row(text: str, teacher: str, n: int) -> dict:
     """The headless ``TDM K=4, defaults, <n> it.`` row of ``teacher``'s table in the results file: ``{fd_real, fd_teacher, runs}``."""
     section = re.search(rf"^### {re.escape(teacher)}:.*?(?=^### |\Z)", text, flags=re.M | re.S)
@@ -84,7 +90,9 @@ def comparison(cache: dict, seeds: tuple, n: int, published: dict) -> list[str]:
             lines.append(ratio_line(name, n, node, runs, published[key], published["runs"], "the table above"))
         headless, headless_runs = mean_of(cache, "", seeds, n, key)
         if headless is not None:
-            lines.append(ratio_line(name, n, node, runs, headless, headless_runs, "rerun beside it on this code"))
+            lines.append(ratio_line(name, n, node, runs, headless, headless_runs, "rerun beside it on this code")
+                         + f"; seed spread (std): node {spread_of(cache, 'node/', seeds, n, key):.1f}, "
+                         f"`training.distill` {spread_of(cache, '', seeds, n, key):.1f}")
     return lines
 
 
@@ -107,12 +115,16 @@ def table(teacher, cache: dict, seeds: tuple, iterations: tuple, command: str, p
             continue
         row = summarise(per_seed)
         lines.append(f"| {NODE_ROW_LABEL}, {n} it. | 4 | " + " | ".join(fmt(row, c) for c in COLUMNS) + f" | {row['runs']} |")
+    headless = any(f"seed{s}/{n}" in cache for s in seeds for n in iterations)
     for n in iterations:  # the headless runs made beside the node's, if any
         per_seed = [cache[f"seed{s}/{n}"] for s in seeds if f"seed{s}/{n}" in cache]
         if per_seed:
             row = summarise(per_seed)
             lines.append(f"| `training.distill` rerun beside it, {n} it. | 4 | " + " | ".join(fmt(row, c) for c in COLUMNS) + f" | {row['runs']} |")
     lines.append("")
+    if headless:
+        lines += ["The `training.distill` rerun rows are the headless runs in the same `--work` cache, made by the same command "
+                  "without `--host comfyui` (run before it, on the same code and evaluator); `--host comfyui` alone does not make them.", ""]
     moved = [cache[f"node/seed{s}/summary"]["probe_change"] for s in seeds if f"node/seed{s}/summary" in cache]
     if moved:
         lines += [f"The node's own probe: samples moved {', '.join(f'{100 * m:.0f}%' for m in moved)} from the teacher's 4-step samples.", ""]
