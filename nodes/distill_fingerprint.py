@@ -5,8 +5,8 @@ The model's part covers the architecture, the noise schedule as sampled (``model
 ``ModelSampling*`` node's shift changes it), the unpatched base weights (64 evenly spaced values of every
 tensor: a different finetune differs there; weights ComfyUI has patched in place are read from its backup)
 the graph's weight patches (LoRAs: their keys, strengths and tensor samples) and its model patches (FreeU,
-attention patches, wrappers, object patches: by function name and plain settings; values a patch function keeps
-in a closure are not seen). ``iterations`` and
+attention patches, wrappers, object patches: by function name, the plain values its closure holds, and
+plain settings). ``iterations`` and
 ``gradient_checkpointing`` are left out on purpose: neither changes what an iteration computes (the warm-up
 schedule does not depend on the run's length; checkpointing recomputes the same forward), so a cancelled run
 can be resumed with more iterations, or with checkpointing switched on after running out of memory.
@@ -14,6 +14,7 @@ can be resumed with more iterations, or with checkpointing switched on after run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 
 import torch
@@ -58,19 +59,25 @@ def tensors_in(value, depth: int = 0) -> list[torch.Tensor]:
     return []
 
 
-def plain_value(value) -> str:
-    """A stable text of a conditioning extra or patch setting: tensors by content, plain values by repr,
-    other objects by type only (their repr may hold a memory address)."""
+def plain_value(value, depth: int = 0) -> str:
+    """A stable text of a conditioning extra or patch setting: tensors by content, plain values by repr, patch
+    functions by name and the values they close over (FreeU's scales), other objects by type only (their repr may
+    hold a memory address)."""
+    if depth > 8:  # model_options nest patch functions five levels down; their closures go a few further
+        return "..."
     if isinstance(value, torch.Tensor):
         return hashlib.sha256(tensor_sample(value)).hexdigest()[:16]
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(plain_value(v) for v in value) + "]"
+        return "[" + ",".join(plain_value(v, depth + 1) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{plain_value(value[k])}" for k in sorted(value, key=str)) + "}"
+        return "{" + ",".join(f"{k}:{plain_value(value[k], depth + 1)}" for k in sorted(value, key=str)) + "}"
     if value is None or isinstance(value, (bool, int, float, str)):
         return repr(value)
-    if callable(value) and hasattr(value, "__qualname__"):  # a patch function (FreeU's, a wrapper): by its name
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if isinstance(value, functools.partial):
+        return f"partial({plain_value(value.func, depth + 1)},{plain_value(value.args, depth + 1)},{plain_value(value.keywords, depth + 1)})"
+    if callable(value) and hasattr(value, "__qualname__"):  # a patch function (FreeU's, a wrapper): name and closure
+        closure = [cell.cell_contents for cell in getattr(value, "__closure__", None) or ()]
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}{plain_value(closure, depth + 1)}"
     return type(value).__qualname__
 
 

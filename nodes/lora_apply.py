@@ -21,7 +21,11 @@ FAMILY_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "PixArtAlpha":
                     "ZImage": "z_image",  # not Lumina2: Lumina 2.0 shares the NextDiT class but has a Gemma encoder
                     "QwenImage": "qwen_image", "WAN21_T2V": "wan", "WAN22_T2V": "wan",
                     # families only the TDM Distill node makes LoRAs for (the trainer has no loader for them)
-                    "Flux2": "flux2", "HunyuanVideo15": "hunyuan_video15"}
+                    "Flux2": "flux2", "HunyuanVideo15": "hunyuan_video15",
+                    # subclasses with other layers (SDXL with blocks removed, 8-channel instruct-pix2pix): no family, so
+                    # the ancestry lookup below does not let their parent's LoRAs through
+                    "SSD1B": "", "Segmind_Vega": "", "KOALA_700M": "", "KOALA_1B": "", "SD15_instructpix2pix": "",
+                    "SDXL_instructpix2pix": ""}
 
 
 def config_family(config_class: type) -> str:

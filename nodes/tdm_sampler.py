@@ -32,12 +32,15 @@ def starting_point(model_sampling, sigma0: torch.Tensor, noise: torch.Tensor, la
     return model_sampling.noise_scaling(sigma0, noise, latent_image, max_denoise)
 
 
-def check_sigmas(sigmas: torch.Tensor, solver: str) -> None:
+def check_sigmas(sigmas: torch.Tensor, solver: str, gamma: float = 0.0) -> None:
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"TDM Sampler needs at least one step (2 sigmas), got {tuple(sigmas.shape)}: connect a TDM Scheduler with steps >= 1 and denoise > 0")
     if float(sigmas[-1]) != 0.0 and solver != "tdm":
         raise ValueError(f"the {solver} solver needs sigmas that end at 0 (its multistep history would be lost at a split): "
                          "use the tdm solver for a TDM Scheduler's sigmas split across two models (SplitSigmas)")
+    if float(sigmas[-1]) != 0.0 and gamma > 0.0:
+        raise ValueError(f"gamma={gamma} with sigmas that end above 0 (a SplitSigmas part): each sampler re-seeds its "
+                         "noise from the seed, so the next part would draw the same noise again: set gamma to 0 for split sampling")
     if any(float(b) >= float(a) for a, b in zip(sigmas[:-1], sigmas[1:])):
         raise ValueError(f"TDM Sampler needs strictly decreasing sigmas, got {[round(float(s), 4) for s in sigmas]}")
 
@@ -57,7 +60,7 @@ class TDMSamplerObject(comfy.samplers.Sampler):
         self.solver, self.gamma, self.noise_start = solver, float(gamma), noise_start
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-        check_sigmas(sigmas, self.solver)
+        check_sigmas(sigmas, self.solver, self.gamma)
         model_sampling = model_wrap.inner_model.model_sampling
         check_supported_sampling(model_sampling)
         if latent_image is None:

@@ -269,5 +269,6 @@ def test_model_variants_name_their_base_family(comfy, pack):
     from comfyui_tdm_pack.nodes.lora_apply import config_family
 
     expected = {"WAN21_I2V": "wan", "WAN22_T2V": "wan", "WAN21_T2V": "wan", "FluxSchnell": "flux", "Flux": "flux", "Flux2": "flux2",
-                "ZImage": "z_image", "Lumina2": "", "HunyuanVideo15": "hunyuan_video15", "HunyuanVideo": "", "SD15": "sd15"}
+                "ZImage": "z_image", "Lumina2": "", "HunyuanVideo15": "hunyuan_video15", "HunyuanVideo": "", "SD15": "sd15",
+                "SSD1B": "", "KOALA_1B": "", "SD15_instructpix2pix": "", "SDXL": "sdxl"}  # pruned / 8-channel: not their parent's
     assert {name: config_family(getattr(models, name)) for name in expected} == expected

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import comfy_inprocess as h
+from tests.helpers.distill_workflows import WAN22_A14B_SPLIT_STEP
 from tests.test_distill_node import stock_lora_loader
 
 SHIFT = 8.0
@@ -97,6 +98,18 @@ def test_with_every_row_on_the_high_noise_side_two_experts_train_as_one_model(ex
     assert max(float(v.abs().max()) for k, v in alone[1].items() if k.endswith("lora_up.weight")) > 1e-4  # it did learn
 
 
+def test_two_experts_with_gradient_checkpointing_learn_what_they_learn_without(experts, monkeypatch):
+    # the A14B workflow trains with checkpointing on: each routed row must be recomputed under its role's adapter
+    from tests.test_distill_node import assert_same_lora_up_to_rounding, checkpointing_seen
+
+    plain = run(experts, "a14b_ckpt_off", 0.875, iterations=3)
+    wrapped = checkpointing_seen(monkeypatch)
+    recomputed = run(experts, "a14b_ckpt_on", 0.875, iterations=3, gradient_checkpointing=True)
+    assert wrapped and min(wrapped) > 0, wrapped
+    for output in (1, 5):  # the high-noise and the low-noise student LoRA
+        assert_same_lora_up_to_rounding(plain[output], recomputed[output])
+
+
 def test_both_loras_load_in_stock_loraloader_on_their_expert(experts, lora_folder, caplog, monkeypatch):
     from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
     from comfyui_tdm_pack.nodes.distill_adapters import STUDENT
@@ -151,7 +164,7 @@ def stock_split_sampling(high_student, low_student, positive, negative, latent: 
     from comfyui_tdm_pack.nodes.node_defs import TDMSampler, TDMScheduler
 
     sigmas = TDMScheduler.execute(high_student, 4, "auto", "", 1.0).result[0]
-    high_sigmas, low_sigmas = SplitSigmas.execute(sigmas, 2).result
+    high_sigmas, low_sigmas = SplitSigmas.execute(sigmas, WAN22_A14B_SPLIT_STEP).result
     sampler = TDMSampler.execute("tdm", 0.0, "reference").result[0]
     with torch.inference_mode():
         half = SamplerCustom.execute(high_student, True, seed, 1.0, positive, negative, sampler, high_sigmas, latent).result[0]

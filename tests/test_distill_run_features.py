@@ -197,6 +197,9 @@ def test_the_fingerprint_tells_apart_model_prompts_latent_and_settings(graph, co
 
     free_u = FreeU().patch(model, 1.1, 1.2, 0.9, 0.2)[0]  # a model patch (an output-block function), no weight patch
     assert not free_u.patches and changed(model=free_u) == ["model"]
+    stronger_free_u = FreeU().patch(model, 1.3, 1.2, 0.9, 0.2)[0]  # its scales live in the function's closure
+    assert run_fingerprint(free_u, positives, negative, shape, options)["model"] != run_fingerprint(stronger_free_u, positives, negative, shape, options)["model"]
+    assert run_fingerprint(free_u, positives, negative, shape, options) == run_fingerprint(FreeU().patch(model, 1.1, 1.2, 0.9, 0.2)[0], positives, negative, shape, options)
     assert changed(positives=positives[:2]) == ["prompts"]
     assert changed(negative=positives[0]) == ["negative"]
     assert changed(latent_shape=(2, 4, 16, 8)) == ["latent shape"]

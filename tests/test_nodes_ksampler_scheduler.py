@@ -206,3 +206,17 @@ def test_v3_combo_values_are_checked_by_comfyui_validation(pack, lora_folder):
         assert "not one of the choices" in n.TDMLoraLoader.validate_inputs(lora_name=bad)
     assert "grid='bogus'" in n.TDMScheduler.validate_inputs(grid="bogus")
     assert n.TDMKSampler.validate_inputs(grid="auto") is True
+
+
+def test_split_sigmas_refuse_what_would_not_continue_the_trajectory(pack):
+    # the first part of a SplitSigmas chain ends above 0: fine for the deterministic tdm solver; gamma > 0 would
+    # redraw the first part's noise in the second sampler (each re-seeds), dpmpp_2m would lose its history
+    from comfyui_tdm_pack.nodes.tdm_sampler import check_sigmas
+
+    first_part = torch.tensor([14.6, 4.0, 1.2])
+    check_sigmas(first_part, "tdm", 0.0)
+    check_sigmas(torch.tensor([14.6, 4.0, 0.0]), "tdm", 0.5)  # a whole trajectory may re-noise
+    with pytest.raises(ValueError, match="set gamma to 0 for split sampling"):
+        check_sigmas(first_part, "tdm", 0.5)
+    with pytest.raises(ValueError, match="end at 0"):
+        check_sigmas(first_part, "dpmpp_2m", 0.0)

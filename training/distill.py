@@ -350,6 +350,17 @@ def train_step(parts: LoopParts, cfg: DistillConfig, prompts: list[str], null_co
     return tdm_iteration(parts, cond, null_cond, (rows, *latent_shape[1:]))
 
 
+def precompute_embeddings(family, cfg: DistillConfig, prompts: list[str]) -> None:
+    """--precompute-embeddings: every prompt encoded once into the family's cache, then the text encoders offloaded
+    (before the probe runs the teacher, so their memory is free by then)."""
+    if cfg.precompute_embeddings:
+        for start in range(0, len(prompts), 32):
+            encode(family, prompts[start : start + 32])
+        family.null_condition(1)  # the empty prompt too (CFG's), on the accelerator like the others
+        if hasattr(family, "offload_text_encoders"):  # every embedding is cached: free the GPU memory
+            family.offload_text_encoders()
+
+
 def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape, step: int, probe) -> int:
     """Student updates from ``step`` to --stop-at-step or --max-train-steps; returns the last step. ``probe``
     (``new_probe``; None on the processes that do not measure) is measured every --probe-every steps."""
@@ -359,11 +370,6 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
 
     family, accelerator = parts.family, parts.accelerator
     null_cond = family.null_condition(cfg.batch_size)
-    if cfg.precompute_embeddings:
-        for start in range(0, len(prompts), 32):
-            encode(family, prompts[start : start + 32])
-        if hasattr(family, "offload_text_encoders"):  # every embedding is cached: free the GPU memory
-            family.offload_text_encoders()
     log = RunLog(cfg.run_dir(), accelerator.is_main_process)
     movement, probed_at, watch = {}, None, LossWatch(max(0, cfg.lr_warmup_steps - step))  # a resumed run's warm-up is behind it
     stop_at = min(cfg.max_train_steps, cfg.stop_at_step or cfg.max_train_steps)
@@ -401,6 +407,7 @@ def run(cfg: DistillConfig) -> int:
     # gradient accumulation is the loop's (training.loop: the batch evaluated in chunks), not accelerate's
     accelerator = Accelerator(mixed_precision="no", cpu=cpu_only_distributed())
     parts, latent_shape, step = start_run(cfg, accelerator)
+    precompute_embeddings(parts.family, cfg, prompts)
     probe = new_probe(parts, cfg, prompts, latent_shape)  # the teacher's probe samples and ODE, built once
     step = train(parts, cfg, prompts, latent_shape, step, probe)
     if step < cfg.max_train_steps:

@@ -185,8 +185,9 @@ def qwen_image_tdm_distill(object_info: dict) -> dict:
     wf.note((20, NOTE_ROW), files_note("Qwen-Image as ComfyUI's own Qwen-Image template has it", QWEN_DISTILL_FILES, (
         "Qwen-Image uses true CFG: TDM Distill builds the teacher's CFG 2.5 (the template's) with the empty prompt into "
         "the student, which samples at CFG 1. Teacher: the template's 20 steps, euler, CFG 2.5, at ModelSamplingAuraFlow "
-        "3.1 (the template's shift, kept for the student). The 20B model in fp8 is about 20 GB by itself: on a 24 GB GPU "
-        "ComfyUI must offload part of it (slow); a 48 GB GPU holds it. 640 x 640, batch 1, gradient checkpointing on.")),
+        "3.1 (the template's shift, kept for the student). The 20B model in fp8 is about 20 GB by itself and TDM Distill "
+        "loads the whole model on the GPU (no partial offload while training), so it wants a 48 GB GPU (an estimate, "
+        "never run on these weights). 640 x 640, batch 1, gradient checkpointing on.")),
         title="Distil Qwen-Image with TDM")
     unet = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[0]), unet_name=QWEN_UNET, weight_dtype="default")
     clip = wf.add("CLIPLoader", (COLUMNS[0], LOADER_ROWS[1]), clip_name=QWEN_TEXT_ENCODER, type="qwen_image")
@@ -235,8 +236,8 @@ def wan22_a14b_tdm_distill(object_info: dict) -> dict:
         "negative (the guidance distilled in). ModelSamplingSD3 shift 8 on both (the template's, kept for the students).\n\n"
         "Memory (an estimate, never run on these weights): each 14B expert in fp8 is about 14 GB and both are trained "
         "together (every call goes to the expert that owns its sigma), so with the text encoder and activations this wants "
-        "a 48 GB GPU or more; on 24 GB ComfyUI offloads and it is very slow. 640 x 352, 33 frames, batch 1, gradient "
-        "checkpointing on.")), title="Distil Wan 2.2 A14B (two experts, text to video) with TDM")
+        "a 48 GB GPU or more: TDM Distill loads both experts whole on the GPU (no partial offload while training), so "
+        "a smaller GPU runs out of memory. 640 x 352, 33 frames, batch 1, gradient checkpointing on.")), title="Distil Wan 2.2 A14B (two experts, text to video) with TDM")
     high = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[0]), title="High-noise expert", unet_name=WAN22_A14B_HIGH, weight_dtype="default")
     low = wf.add("UNETLoader", (COLUMNS[0], LOADER_ROWS[1]), title="Low-noise expert", unet_name=WAN22_A14B_LOW, weight_dtype="default")
     clip = wf.add("CLIPLoader", (COLUMNS[0], LOADER_ROWS[2]), clip_name=WAN22_5B_TEXT_ENCODER, type="wan")
