@@ -132,7 +132,7 @@ def peft_state_from_comfy_flux_lora(lora: dict, key_map: dict, peft_shapes: dict
 
     A fused ComfyUI linear (``img_attn.qkv``, ``linear1`` = q, k, v and the MLP input) is one LoRA ``up @ down``;
     each diffusers module it fuses gets ``lora_A = down`` and ``lora_B`` = its rows of ``up``, which is exact.
-    Modules the node does not adapt (the final layer) get zero ``lora_B``: the student leaves them as the teacher.
+    Modules the node does not adapt (none on this teacher since it adapts the final layer too) get zero ``lora_B``.
     Every module of the node's LoRA must land on a PEFT module (raises otherwise)."""
     targets = comfy_targets_of_diffusers(key_map)
     rank = next(v.shape[0] for k, v in lora.items() if k.endswith(".lora_down.weight"))

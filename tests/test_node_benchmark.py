@@ -130,7 +130,7 @@ def test_the_evaluator_samples_the_node_flux_student(flow_node_run, flow):
     adapter = to_peft(lora, _default_rank_alpha()[1])
     targets = comfy_flux_teacher.peft_shapes_of(Path(flow.model_dir) / "transformer", flow.family.lora_target_modules)
     assert {k.rsplit(".lora_", 1)[0] for k in adapter} == set(targets)  # every module the trainer adapts, nothing else
-    assert adapter["proj_out.lora_B.weight"].abs().max() == 0  # the final layer: the node leaves it as the teacher
+    assert adapter["proj_out.lora_B.weight"].abs().max() > 0  # the final layer: both hosts adapt it (tdm_core.lora_targets)
     check = node_distill.sampling_paths_difference(flow, lora, adapter, [899, 674, 449, 224], num=4)
     assert check["vs_teacher"] > 100 * LATENT_RTOL, f"the LoRA did not change the ComfyUI samples: {check}"
     assert check["vs_diffusers_student"] < LATENT_RTOL, f"ComfyUI and the evaluator sample different students: {check}"
