@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script by the builder subprocess
 
 from tests.helpers.comfy_server import comfyui_dir, comfyui_version
 
-BUILDER_VERSION = 1  # bump when the built file changes, so caches rebuild
+BUILDER_VERSION = 2  # bump when the built file changes, so caches rebuild
 CACHE_ROOT = Path(os.environ.get("TDM_TEST_CACHE", Path.home() / ".cache" / "comfyui-tdm"))
 BUILD_TIMEOUT_S = 900
 
@@ -131,10 +131,14 @@ def atomic_save(tensors: dict, path: Path, metadata: dict, save_file) -> Path:
 # --- the builder (runs in its own process) ----------------------------------------------------
 def _fill_random(module, seed: int) -> None:
     """ComfyUI's layers skip initialisation (weights come from files), so set every tensor by hand:
-    norms at 1, biases at 0, other weights ~ N(0, 1/fan_in) so activations stay finite."""
+    norms at 1, biases at 0, other weights ~ N(0, 1/fan_in) so activations stay finite. Norms go by module
+    type: the UNet's ResBlock and output GroupNorms are named ``in_layers.0`` / ``out.0``, and at scale 0
+    they made the UNet output exactly 0 for every input (nothing could learn from it)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    norm_scales = {f"{name}.weight" for name, sub in module.named_modules()
+                   if isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and sub.weight is not None}
     with torch.no_grad():
         for name, tensor in module.state_dict(keep_vars=True).items():
             if not tensor.is_floating_point():
@@ -142,7 +146,7 @@ def _fill_random(module, seed: int) -> None:
             if name.endswith("position_ids"):
                 continue
             if tensor.ndim <= 1:
-                tensor.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                tensor.fill_(1.0 if name in norm_scales or ("norm" in name and name.endswith("weight")) else 0.0)
             else:
                 fan_in = math.prod(tensor.shape[1:])
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
