@@ -26,15 +26,32 @@ def _default_rank_alpha() -> tuple[int, float]:
     return defaults.lora_rank, defaults.alpha()
 
 
+def summarise_sampling_seeds(per_seed: list[dict]) -> dict:
+    """One run's row: mean and standard deviation of each metric over its sampling seeds."""
+    out = {}
+    for key in per_seed[0]:
+        values = [r[key] for r in per_seed]
+        out[key] = statistics.fmean(values)
+        out[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
 class DigitsEvaluator:
-    """benchmarks.run_all's digits evaluator (FD in the digits classifier's features, class accuracy)."""
+    """The digits teacher's evaluator: FD in the digits classifier's features to the held-out digits and to the
+    teacher's own 50-step samples (same CFG and noise), class accuracy; classes balanced, noise seed 1000 + seed."""
 
     def __init__(self, num_eval: int, seeds: tuple, cfg: float):
-        from benchmarks.demo import TEACHER_DIR
-        from benchmarks.run_all import Evaluator, Plan
+        from benchmarks import metrics, sampling
+        from benchmarks.demo import TEACHER_DIR, load_teacher
+        from benchmarks.digits_data import load_digits_split
 
-        self.model_dir, self.cfg = TEACHER_DIR, cfg
-        self.inner = Evaluator(Plan(num_eval=num_eval, eval_seeds=seeds), TEACHER_DIR)
+        self.model_dir, self.cfg, self.seeds = TEACHER_DIR, cfg, seeds
+        self.teacher = load_teacher(TEACHER_DIR)
+        self.classifier = metrics.load_classifier()
+        self.real_feats = metrics.classifier_outputs(self.classifier, load_digits_split("heldout")[0])[0]
+        self.classes = sampling.balanced_classes(num_eval)
+        self.num_eval = num_eval
+        self._reference = {}
 
     def prompts_file(self, folder: Path) -> Path:
         path = folder / "prompts.txt"
@@ -44,12 +61,39 @@ class DigitsEvaluator:
     def student_grid(self, k: int) -> list[int]:
         return reference_grid(k, DistillConfig().total_steps)
 
+    def _noise(self, seed: int):
+        from benchmarks import sampling
+
+        return sampling.noise_for(self.teacher, self.num_eval, 1000 + seed)
+
+    def _teacher_samples(self, steps: int, seed: int):
+        from benchmarks import sampling
+
+        if steps != 50:
+            return sampling.sample_teacher(self.teacher, steps, self.classes, self._noise(seed), self.cfg)
+        if seed not in self._reference:  # the reference of every row: sampled once per seed
+            self._reference[seed] = sampling.sample_teacher(self.teacher, 50, self.classes, self._noise(seed), self.cfg)
+        return self._reference[seed]
+
+    def _score(self, make_samples) -> dict:
+        from benchmarks import metrics
+
+        per_seed = []
+        for seed in self.seeds:
+            reference = metrics.classifier_outputs(self.classifier, self._teacher_samples(50, seed))[0]
+            per_seed.append(metrics.quality(self.classifier, make_samples(seed), self.classes, self.real_feats, reference))
+        return summarise_sampling_seeds(per_seed)
+
     def teacher_row(self, steps: int) -> dict:
-        return self.inner.teacher_row(steps, self.cfg)
+        return self._score(lambda seed: self._teacher_samples(steps, seed))
 
     def student_row(self, adapter_state: dict, grid: list[int]) -> dict:
-        rank, alpha = _default_rank_alpha()
-        return self.inner.student_row(None, self.cfg, adapter_state=adapter_state, rank=rank, alpha=alpha, grid=grid)
+        from benchmarks import sampling
+        from benchmarks.demo import load_teacher
+
+        student = load_teacher(self.model_dir)
+        sampling.load_student_state(student, adapter_state, *_default_rank_alpha())
+        return self._score(lambda seed: sampling.sample_student(student, grid, self.classes, self._noise(seed)))
 
     def preview(self, students: list[tuple[str, dict]], grid: list[int]) -> tuple[list[tuple[str, "torch.Tensor"]], list[str]]:
         """Rows of images in [0, 1] (teacher at 50 and 4 steps, then each student) for two samples per class,
@@ -57,9 +101,9 @@ class DigitsEvaluator:
         import torch
 
         from benchmarks import sampling
-        from benchmarks.run_all import load_teacher
+        from benchmarks.demo import load_teacher
 
-        teacher, student = self.inner.teacher, load_teacher(self.model_dir)
+        teacher, student = self.teacher, load_teacher(self.model_dir)
         classes = torch.arange(20) % 10
         noise = sampling.noise_for(teacher, classes.shape[0], PREVIEW_SEED)
         rows = [(f"teacher DDIM {n} steps, CFG {self.cfg:g}", teacher.decode(sampling.sample_teacher(teacher, n, classes, noise, self.cfg)))
@@ -119,14 +163,13 @@ class ShapesEvaluator:
 
     def _score(self, make_samples) -> dict:
         from benchmarks import text_metrics
-        from benchmarks.run_all import summarise
 
         per_seed = []
         for seed in self.seeds:
             reference = text_metrics.classifier_outputs(self.classifier, self._teacher_samples(50, seed))[0]
             row = text_metrics.quality(self.classifier, make_samples(seed), self.labels, self.real_feats, reference)
             per_seed.append({"fd_real": row["fd_real"], "fd_teacher": row["fd_teacher"], "accuracy": row["acc_all"]})
-        return summarise(per_seed)
+        return summarise_sampling_seeds(per_seed)
 
     def teacher_row(self, steps: int) -> dict:
         return self._score(lambda seed: self._teacher_samples(steps, seed))
@@ -190,7 +233,6 @@ class VideoEvaluator(ShapesEvaluator):
     def _score(self, make_clips) -> dict:
         from benchmarks import text_metrics, video_metrics
         from benchmarks.metrics import frechet_distance
-        from benchmarks.run_all import summarise
         from benchmarks.video_data import clips_to_frames
 
         per_seed = []
@@ -201,7 +243,7 @@ class VideoEvaluator(ShapesEvaluator):
             reference = text_metrics.classifier_outputs(self.classifier, clips_to_frames(self._teacher_samples(50, seed).float()))[0]
             per_seed.append({"fd_real": row["fd"], "fd_teacher": frechet_distance(features, reference), "accuracy": row["acc_all"],
                              "direction": row["acc_direction"], "track_rms": row["track_rms"], "area_cv": row["area_cv"]})
-        return summarise(per_seed)
+        return summarise_sampling_seeds(per_seed)
 
     def _preview_clips(self, students: list[tuple[str, dict]], grid: list[int]) -> list[tuple[str, "torch.Tensor"]]:
         """Clips (N, 3, T, H, W) in [-1, 1]: the teacher at 50 and 4 steps, then each student, same noise and prompts."""

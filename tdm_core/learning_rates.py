@@ -3,7 +3,7 @@
 
 AdamW moves each LoRA entry by about lr per step, so the relative change of W = W0 + (alpha / r) B A
 grows like lr * alpha / sqrt(r); lr = C * sqrt(r) / alpha keeps it fixed. C = 4e-3 gives the fake score
-1e-3 at rank = alpha = 16, the rate measured to distil (issue 9; benchmarks/RESULTS.md); the student runs
+1e-3 at rank = alpha = 16, the rate measured to distil (issue 9; today benchmarks/RESULTS_defaults.md); the student runs
 at a fifth of it, the reference script's ratio (METHOD.md step 8).
 """
 from __future__ import annotations

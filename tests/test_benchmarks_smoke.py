@@ -1,7 +1,6 @@
 """The benchmark and demo code paths run end to end at tiny sizes, and the metrics are right."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import metrics, run_all, speed
+from benchmarks import metrics, speed
 from benchmarks.demo import TEACHER_DIR, run_demo
 from benchmarks.digits_data import load_digits_split
 from benchmarks.train_teacher import main as train_teacher_main
@@ -79,25 +78,6 @@ def test_demo_distils_through_training_distill_and_writes_the_grid(tmp_path, cap
     assert names == ["teacher DDIM 50 steps", "teacher DDIM 4 steps", "TDM student 4 steps", "TDM student 1 step"]
     assert result["table"][0]["fd_teacher"] == pytest.approx(0.0, abs=1e-3)  # the reference row against itself
     assert "| TDM student 4 steps | 4 |" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_run_all_quick_writes_both_tables(tmp_path):
-    torch.set_num_threads(1)
-    plan = dataclasses.replace(run_all.QUICK, num_eval=20, eval_seeds=(0,), iterations=2, checkpoints=(1,), cfgs=(1.0,),
-                               teacher_steps=(1,), ablations=("l2",))
-    md = tmp_path / "RESULTS.md"
-    results = run_all.run(plan, md, tmp_path / "work", fresh=True, command="smoke")
-    text = md.read_text()
-    assert "Produced by `smoke` (complete" in text
-    for needle in ("teacher DDIM 1 steps", "TDM K=4 (pseudo-Huber, separate) after 1 it.", "TDM K=1", "squared L2",
-                   "The paper's claims", "## Speed and memory", "(RESULTS_speed.md)"):
-        assert needle in text, needle
-    assert not any(key.startswith("speed/") for key in results.data)  # speed is measured by benchmarks.speed_table only
-    # a rerun resumes from the cache without recomputing
-    again = run_all.run(plan, md, tmp_path / "work", fresh=False, command="smoke")
-    assert again.data == results.data
-    assert re.search(r"\| TDM K=4 \(pseudo-Huber, separate\) after 2 it\. \| 4 \| [0-9.]+ ± [0-9.]+", text)
 
 
 def test_speed_subprocess_reports_memory_and_time(tmp_path):
