@@ -1,14 +1,14 @@
 """Does a bare ``training.distill`` run distil? The defaults, measured on every benchmark teacher.
 
     python -m benchmarks.defaults [--teachers digits,shapes,flow] [--seeds 0,1,2] [--iterations 100,250,500,1000]
-                                  [--ablations k1,l2,shared] [--num-eval 500] [--output benchmarks/RESULTS_defaults.md]
+                                  [--ablations k1,l2,shared] [--ablation-seeds 0] [--num-eval 500] [--output benchmarks/RESULTS_defaults.md]
                                   [--host trainer|comfyui]
 
 Each student is one ``python -m training.distill --model T --prompts P --output O --cfg W --seed S`` run
 (plus ``--max-train-steps`` = the largest iteration count and checkpointing flags): nothing else is
 set, so every other option is its default. The default schedule is constant after a short warm-up,
 so the checkpoint at step n of a longer run is the n-step run. Ablations change one flag and run the
-default 500 iterations, seed 0. Rows are cached in ``<work>/results.json``; a rerun only adds what is missing.
+default 500 iterations at the seeds of ``--ablation-seeds`` (0 unless given). Rows are cached in ``<work>/results.json``; a rerun only adds what is missing.
 
 ``--host comfyui``: the same teachers distilled by the TDM Distill node in process instead (benchmarks.defaults_node,
 benchmarks.node_distill), scored by the same evaluator; its rows go into one block under each teacher's section of
@@ -36,9 +36,11 @@ OUTPUT = ROOT / "benchmarks" / "RESULTS_defaults.md"
 DEFAULT_ITERATIONS = DistillConfig().max_train_steps
 QUARTER_STUDENT_LR = DistillConfig().student_lr() / 4
 ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "shared": ["--interval-mode", "shared"],
-             "student_lr": ["--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"]}
+             "student_lr": ["--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"],
+             "fake_velocity": ["--fake-score-weighting", "velocity"], "fake_x0": ["--fake-score-weighting", "x0"]}
 ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "shared": "shared intervals",
-                  "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})"}
+                  "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})",
+                  "fake_velocity": "fake score weighted as a velocity MSE (1/σ²)", "fake_x0": "fake score as a plain x0 MSE"}
 UNTRAINED = "TDM K=4 before training (the teacher on the student's grid, CFG 1)"
 
 
@@ -95,7 +97,7 @@ def distil(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int,
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"training.distill failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    (folder / "done").write_text(json.dumps({"seconds": time.time() - started, "stdout_tail": proc.stdout[-2000:]}))
+    (folder / "done").write_text(json.dumps({"seconds": time.time() - started, "command": cmd[1:], "stdout_tail": proc.stdout[-2000:]}))
     return run_dir
 
 
@@ -112,13 +114,13 @@ def untrained_student(adapters: dict) -> dict:
 
 
 def measure(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablations: tuple, work: Path, log,
-            ablation_iterations: int = DEFAULT_ITERATIONS) -> dict:
+            ablation_iterations: int = DEFAULT_ITERATIONS, ablation_seeds: tuple = (0,)) -> dict:
     return cached_measure(teacher, work, lambda cached: measure_rows(teacher, evaluator, seeds, iterations, ablations, work, log,
-                                                                     ablation_iterations, cached))
+                                                                     ablation_iterations, cached, ablation_seeds))
 
 
 def measure_rows(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, ablations: tuple, work: Path, log,
-                 ablation_iterations: int, cached) -> None:
+                 ablation_iterations: int, cached, ablation_seeds: tuple = (0,)) -> None:
     for steps in (50, 4):
         cached(f"teacher{steps}", lambda: evaluator.teacher_row(steps))
     every = gcd_all(iterations)
@@ -133,10 +135,20 @@ def measure_rows(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, a
         # failing to reach the teacher (the untrained student samples at CFG 1, the teacher rows at the distilled CFG)
         cached("untrained", lambda: evaluator.student_row(untrained_student(checkpoint_student(run_dir, max(iterations))), grid))
     for name in ablations:
-        log(f"{teacher.name}: ablation {name}")
-        run_dir = distil(teacher, evaluator, work / teacher.name / f"ablation_{name}", 0, ablation_iterations, ablation_iterations, ABLATIONS[name])
         k = 1 if name == "k1" else 4
-        cached(f"ablation/{name}", lambda: evaluator.student_row(checkpoint_student(run_dir, ablation_iterations), evaluator.student_grid(k)))
+        for seed in ablation_seeds:
+            log(f"{teacher.name}: ablation {name}, seed {seed}")
+            run_dir = distil(teacher, evaluator, work / teacher.name / ablation_folder(name, seed), seed, ablation_iterations,
+                             ablation_iterations, ABLATIONS[name])
+            cached(ablation_key(name, seed), lambda: evaluator.student_row(checkpoint_student(run_dir, ablation_iterations), evaluator.student_grid(k)))
+
+
+def ablation_folder(name: str, seed: int) -> str:
+    return f"ablation_{name}" if seed == 0 else f"ablation_{name}_seed{seed}"  # seed 0 keeps the one-seed layout
+
+
+def ablation_key(name: str, seed: int) -> str:
+    return f"ablation/{name}" if seed == 0 else f"ablation/{name}/seed{seed}"
 
 
 def write_preview(evaluator, run_dir: Path, iterations: tuple, path: Path) -> Path:
@@ -163,7 +175,8 @@ def fmt(row: dict, key: str) -> str:
     return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}" if key in row else "-"
 
 
-def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablations: tuple, ablation_iterations: int) -> list[str]:
+def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablations: tuple, ablation_iterations: int,
+          ablation_seeds: tuple = (0,)) -> list[str]:
     cols = ("fd_real", "fd_teacher", "accuracy", *(key for key, _ in teacher.extra))
     extra_headers = "".join(f" {header} |" for _, header in teacher.extra)
     lines = [f"### {teacher.name}: {teacher.about}, distilled at CFG {teacher.cfg:g}", "",
@@ -182,12 +195,13 @@ def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablati
         row = summarise(per_seed)
         lines.append(f"| TDM K=4, defaults, {n} it. | 4 | " + " | ".join(fmt(row, c) for c in cols) + f" | {row['runs']} |")
     for name in ablations:
-        row = cache.get(f"ablation/{name}")
+        per_seed = [cache[ablation_key(name, s)] for s in ablation_seeds if ablation_key(name, s) in cache]
         nfe = 1 if name == "k1" else 4
-        if row is None:
+        if not per_seed:
             lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | not measured |" + " |" * (len(cols) - 1) + " 0 |")
             continue
-        lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | " + " | ".join(fmt(row, c) for c in cols) + " | 1 |")
+        row = per_seed[0] if len(per_seed) == 1 else summarise(per_seed)  # one run: its sampling spread
+        lines.append(f"| {ABLATION_NAMES[name]}, {ablation_iterations} it. | {nfe} | " + " | ".join(fmt(row, c) for c in cols) + f" | {len(per_seed)} |")
     if f"preview/{teacher.name}" in cache:
         lines += ["", f"![{teacher.name}: teacher and the seed-{seeds[0]} student at each checkpoint]({cache[f'preview/{teacher.name}']})",
                   "", f"*Rows: the teacher at 50 and 4 DDIM steps (CFG {teacher.cfg:g}), then the training-seed-{seeds[0]} student "
@@ -208,7 +222,8 @@ def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablati
     return lines + [""]
 
 
-def render(command: str, teachers: list[Teacher], caches: dict, seeds, iterations, ablations, ablation_iterations: int) -> str:
+def render(command: str, teachers: list[Teacher], caches: dict, seeds, iterations, ablations, ablation_iterations: int,
+           ablation_seeds: tuple = (0,)) -> str:
     d = DistillConfig()
     lines = ["# Benchmarks: `training.distill` with its defaults", "",
              f"Produced by `{command}`. Each student: `python -m training.distill --model T --prompts P --output O --cfg W --seed S` "
@@ -220,7 +235,7 @@ def render(command: str, teachers: list[Teacher], caches: dict, seeds, iteration
              "± is the standard deviation over training seeds "
              "(rows with one run: over 2 sampling seeds of that run).", ""]
     for teacher in teachers:
-        lines += table(teacher, caches[teacher.name], seeds, iterations, ablations, ablation_iterations)
+        lines += table(teacher, caches[teacher.name], seeds, iterations, ablations, ablation_iterations, ablation_seeds)
     return "\n".join(lines)
 
 
@@ -275,6 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", default="100,250,500,1000")
     parser.add_argument("--ablations", default="k1,l2,shared")
     parser.add_argument("--ablation-iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--ablation-seeds", default="0", help="training seeds of each ablation (rows: mean ± std over them)")
     parser.add_argument("--num-eval", type=int, default=500)
     parser.add_argument("--cfg", type=float, default=None,
                         help="distil and score at this teacher CFG instead of each teacher's own (the teacher rows and FD to "
@@ -292,6 +308,7 @@ def main(argv=None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(",") if s)  # "" = ablations only (a second process can run them)
     iterations = tuple(sorted(int(s) for s in args.iterations.split(",")))
     ablations = tuple(a for a in args.ablations.split(",") if a)
+    ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(",") if s)
     if any(a not in ABLATIONS for a in ablations):
         parser.error(f"--ablations takes {', '.join(ABLATIONS)}")
     if args.cfg is not None and args.cfg < 1:
@@ -304,14 +321,15 @@ def main(argv=None) -> int:
     for teacher in teachers:
         evaluator = teacher.evaluator(args.num_eval, (0, 1))
         caches[teacher.name] = measure(teacher, evaluator, seeds, iterations, ablations, args.work,
-                                       lambda m: print(f"[defaults] {m}", flush=True), args.ablation_iterations)
+                                       lambda m: print(f"[defaults] {m}", flush=True), args.ablation_iterations, ablation_seeds)
         if seeds:
             preview = write_preview(evaluator, args.work / teacher.name / f"seed{seeds[0]}" / "student_run", iterations,
                                     args.output.parent / f"{args.output.stem}_{teacher.name}.png")
             caches[teacher.name][f"preview/{teacher.name}"] = preview.name
             if hasattr(evaluator, "write_animation"):  # video teachers: the same rows as an animated WebP
                 evaluator.write_animation(preview.with_suffix(".webp"))
-        text = render(command.strip(), [t for t in teachers if t.name in caches], caches, seeds, iterations, ablations, args.ablation_iterations)
+        text = render(command.strip(), [t for t in teachers if t.name in caches], caches, seeds, iterations, ablations,
+                      args.ablation_iterations, ablation_seeds)
         write_text_atomic(args.output, keep_node_blocks(args.output, text))
     print(f"wrote {args.output}")
     return 0

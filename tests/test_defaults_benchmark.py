@@ -48,3 +48,19 @@ def test_defaults_benchmark_refuses_a_cfg_below_one(tmp_path, capsys):
         defaults.main(["--teachers", "digits", "--cfg", "0.5", "--work", str(tmp_path), "--output", str(tmp_path / "R.md")])
     assert "--cfg 0.5: a teacher CFG is at least 1" in capsys.readouterr().err
     assert not (tmp_path / "R.md").exists()
+
+
+def test_an_ablation_over_several_seeds_passes_its_flag_and_averages_the_runs(tmp_path):
+    work, output = tmp_path / "work", tmp_path / "R.md"
+    argv = ["--teachers", "digits", "--seeds", "", "--ablations", "fake_velocity", "--ablation-seeds", "0,1",
+            "--ablation-iterations", "2", "--num-eval", "20", "--work", str(work), "--output", str(output)]
+    assert defaults.main(argv) == 0
+    cache = json.loads((work / "digits" / "results.json").read_text())
+    runs = [cache["ablation/fake_velocity"], cache["ablation/fake_velocity/seed1"]]
+    assert runs[0] != runs[1]  # two training seeds, two students
+    for folder in ("ablation_fake_velocity", "ablation_fake_velocity_seed1"):
+        command = json.loads((work / "digits" / folder / "done").read_text())["command"]
+        assert command[command.index("--fake-score-weighting") + 1] == "velocity", folder
+    mean = (runs[0]["fd_real"] + runs[1]["fd_real"]) / 2
+    row = next(line for line in output.read_text().splitlines() if line.startswith(f"| {defaults.ABLATION_NAMES['fake_velocity']}, 2 it."))
+    assert row.endswith("| 2 |") and f"| {mean:.1f} ± " in row, row
