@@ -1,5 +1,5 @@
 """Memory per process of 2-process training.distill runs, plain data parallelism against FSDP2, on CPU
-(gloo): the numbers of the README section "Several GPUs: DDP or FSDP2".
+(gloo): the numbers of docs/multi_gpu.md ("Several GPUs: DDP or FSDP2").
 
     .venv/bin/python scripts/fsdp_memory.py --unet mid    # benchmarks.speed.MID_UNET_CONFIG, 6.6 M parameters
     .venv/bin/python scripts/fsdp_memory.py --unet sd15   # the SD1.5 UNet architecture, 860 M, 8x8 latents

@@ -1,4 +1,4 @@
-"""The distillers' scale-free default learning rates (README "Choosing the learning rate"), one place for
+"""The distillers' scale-free default learning rates (docs/training.md, "Why these defaults"), one place for
 ``training.config`` and the TDM Distill node.
 
 AdamW moves each LoRA entry by about lr per step, so the relative change of W = W0 + (alpha / r) B A

@@ -32,7 +32,7 @@ def load(folder):
 
 
 def test_shipped_configs_are_cogvideox_2b():
-    """training/configs/cogvideox builds CogVideoX-2B's published sizes on the meta device (the README's memory)."""
+    """training/configs/cogvideox builds CogVideoX-2B's published sizes on the meta device (the memory of docs/models/cogvideox.md)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 

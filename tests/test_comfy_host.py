@@ -1,7 +1,7 @@
 """The trainer finds ComfyUI's files (the Flux key map, the tokenizer vocabularies) from a fresh process of the
 project's own Python, with nothing added to ``sys.path``: the tests' in-process ComfyUI (``tests/conftest.py``)
-would hide a trainer that only works where ``comfy`` is already importable (issue 20, defect 3; the README's Flux
-command itself is replayed in ``tests/test_readme_commands.py``)."""
+would hide a trainer that only works where ``comfy`` is already importable (issue 20, defect 3; the Flux guide's
+command, docs/models/flux.md, is itself replayed in ``tests/test_readme_commands.py``)."""
 from __future__ import annotations
 
 import json

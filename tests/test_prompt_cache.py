@@ -48,7 +48,7 @@ def offline(monkeypatch):
 def entry_bytes(name: str, config, tokens: int, itemsize: int) -> int:
     """Bytes one cached prompt takes, from its text encoders' configs (``config(component, key)``): ``tokens`` x
     the text width, plus the pooled embeddings (SDXL, SD3, Flux), SDXL's 6 time ids, and the int64 masks
-    (PixArt, Qwen-Image). The README's prompt-cache table is this on the shipped configs."""
+    (PixArt, Qwen-Image). The prompt-cache table of docs/training.md is this on the shipped configs."""
     width = {
         "sd15": lambda: config("text_encoder", "hidden_size"),
         "sdxl": lambda: config("text_encoder", "hidden_size") + config("text_encoder_2", "hidden_size"),
@@ -104,7 +104,7 @@ def test_cached_conditions_stay_in_host_memory_and_each_batch_reaches_the_models
     assert bytes_on(tensors, model_device) == 0, "cached conditions on the model's device"
     assert all(t.device.type == "cpu" for t in tensors)
     # each entry owns its bytes (no view keeps the encoder's whole batch or its padding alive), as many as the
-    # README's formula says for its token count
+    # formula of docs/training.md says for its token count
     assert bytes_on(tensors, torch.device("cpu")) == sum(t.nbytes for t in tensors)
     itemsize = torch.finfo(family.dtype).bits // 8
     for prompt in family.prompt_cache:
@@ -115,14 +115,15 @@ def test_cached_conditions_stay_in_host_memory_and_each_batch_reaches_the_models
         assert torch.cuda.memory_allocated() - allocated < one_batch
 
 
-# the README's prompt-cache table: row -> family, shipped config folder, padded tokens (None: per token)
-README = Path(__file__).resolve().parents[1] / "README.md"
+# the prompt-cache table of docs/training.md: row -> family, shipped config folder, padded tokens (None: per token)
+TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+PROMPT_CACHE_HEADING = "## The prompt cache\n"
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 CLIP_TOKENS = 77  # the shipped SD1.5 / SDXL tokenizers' model_max_length
 PER_TOKEN_AT = 50  # the "10,000 prompts" column of the per-token families assumes 50-token prompts
 
 
-def readme_rows() -> dict[str, list[str]]:
+def table_rows() -> dict[str, list[str]]:
     from training.families import cogvideox, wan
     from training.families.flux import FluxFamily
     from training.families.pixart import PixArtFamily
@@ -144,7 +145,7 @@ def shipped_config(folder: str):
     return value
 
 
-def readme_cells(name: str, folder: str, tokens: int | None) -> tuple[str, str]:
+def table_cells(name: str, folder: str, tokens: int | None) -> tuple[str, str]:
     """The table's two numbers for a family: per prompt (or per token) and for 10,000 prompts, in bf16."""
     each = entry_bytes(name, shipped_config(folder), tokens or 1, 2)
     per_prompt = (f"{each / 1024:.1f} KiB a token" if tokens is None else
@@ -153,13 +154,15 @@ def readme_cells(name: str, folder: str, tokens: int | None) -> tuple[str, str]:
     return per_prompt, (f"{total:.1f} GiB" if total < 10 else f"{total:.0f} GiB")
 
 
-def test_readme_prompt_cache_table_is_the_shipped_configs():
-    section = README.read_text().split("**The prompt cache.**", 1)[1].split("\n###", 1)[0]
+def test_documented_prompt_cache_table_is_the_shipped_configs():
+    text = TRAINING_DOC.read_text()
+    assert PROMPT_CACHE_HEADING in text, f"{TRAINING_DOC} has no section {PROMPT_CACHE_HEADING!r}"
+    section = text.split(PROMPT_CACHE_HEADING, 1)[1].split("\n#", 1)[0]
     rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "---" not in line}
-    expected = readme_rows()
+    expected = table_rows()
     assert set(rows) - {"family"} == set(expected)
     for label, (name, folder, tokens) in expected.items():
-        per_prompt, total = readme_cells(name, folder, tokens)
+        per_prompt, total = table_cells(name, folder, tokens)
         assert f": {per_prompt} | {total}" in rows[label], (label, per_prompt, total, rows[label])
 
 

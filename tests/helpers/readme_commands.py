@@ -1,6 +1,7 @@
 """The trainer commands the documentation tells a user to run, read from the Markdown as a user copies them.
 
-A command is any code in ``README.md``, ``docs/*.md`` or ``training/configs/README.md`` that runs
+A command is any code in ``README.md``, ``docs/**/*.md`` (the model guides in ``docs/models/`` included) or
+``training/configs/README.md`` that runs
 ``training.distill``, ``training.sample`` or ``training.convert`` (``-m training.X`` or ``training/X.py``):
 
 - in fenced blocks (```` ``` ````) and indented blocks (4 spaces or a tab), lines joined at a trailing ``\\``,
@@ -39,7 +40,7 @@ class Command:
 
 
 def documentation_files(root: Path = ROOT) -> list[Path]:
-    files = [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "training" / "configs" / "README.md"]
+    files = [root / "README.md", *sorted((root / "docs").rglob("*.md")), root / "training" / "configs" / "README.md"]
     return [f for f in files if f.is_file()]
 
 

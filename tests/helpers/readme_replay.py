@@ -140,6 +140,12 @@ def _wan_folder(ws: Workspace, name: str) -> Path:
     return save_tiny_wan_pipeline(ws.root / name)
 
 
+def _pixart_folder(ws: Workspace, name: str) -> Path:
+    from tests.helpers.tiny_models import save_tiny_pipeline
+
+    return save_tiny_pipeline("pixart", ws.root / name)
+
+
 def _cogvideox_folder(ws: Workspace, name: str) -> Path:
     from tests.helpers.tiny_cogvideox import save_tiny_cogvideox
 
@@ -187,6 +193,14 @@ def _twin_wan(folder: Path):
     from tests.helpers.tiny_wan import comfy_wan_from_diffusers_transformer
 
     return comfy_wan_from_diffusers_transformer(WanTransformer3DModel.from_pretrained(str(folder / "transformer")))
+
+
+def _twin_pixart(folder: Path):
+    from diffusers import PixArtTransformer2DModel
+
+    from tests.helpers.tiny_models import comfy_model_from_diffusers_transformer
+
+    return comfy_model_from_diffusers_transformer(PixArtTransformer2DModel.from_pretrained(str(folder / "transformer")), "pixart")[0]
 
 
 def _twin_sd15_release(_folder: Path):
@@ -265,6 +279,7 @@ INPUTS: dict[str, Model | Callable[[Workspace, str], Path]] = {
     "ComfyUI/models/diffusion_models/qwen_image_bf16.safetensors": Model("qwen_image", _qwen_files, 128, comfy_twin=_twin_qwen),
     "ComfyUI/models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors": Model("wan", _wan_files, 64, 5, comfy_twin=_twin_wan),
     "Wan2.1-T2V-1.3B-Diffusers": _wan_folder,
+    "PixArt-XL-2-512x512": Model("pixart", _pixart_folder, 16, comfy_twin=_twin_pixart),  # a diffusers folder
     "CogVideoX-2b": Model("cogvideox", _cogvideox_folder, 32, 5),  # no ComfyUI model: diffusers' loader checks its LoRA
     "prompts.txt": _prompts,
     "my_run.yaml": _run_config,
@@ -447,13 +462,17 @@ def diffusers_load(folder: Path, lora_path: Path) -> int:
     return load_lora(load_family(str(folder)), lora, 1.0, lora_path.name)
 
 
-def option_table_flags(readme: Path = ROOT / "README.md") -> list[str]:
-    """The options of the README's table of ``training.distill`` options (rows starting ``| `--``)."""
+def option_table_flags(files: Optional[list[Path]] = None) -> list[str]:
+    """The options of the documentation's table of ``training.distill`` options (rows starting ``| `--``; the table
+    is in ``docs/training.md``, wherever it is the documentation files are read)."""
     import re
 
+    from tests.helpers.readme_commands import documentation_files
+
     flags = []
-    for line in readme.read_text().splitlines():
-        if line.startswith("| `--"):
-            flags += re.findall(r"`(--[a-z0-9-]+)", line.split("|")[1])
+    for path in files if files is not None else documentation_files():
+        for line in path.read_text().splitlines():
+            if line.startswith("| `--"):
+                flags += re.findall(r"`(--[a-z0-9-]+)", line.split("|")[1])
     return flags
 
