@@ -37,10 +37,12 @@ DEFAULT_ITERATIONS = DistillConfig().max_train_steps
 QUARTER_STUDENT_LR = DistillConfig().student_lr() / 4
 ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "shared": ["--interval-mode", "shared"],
              "student_lr": ["--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"],
-             "fake_velocity": ["--fake-score-weighting", "velocity"], "fake_x0": ["--fake-score-weighting", "x0"]}
+             "fake_velocity": ["--fake-score-weighting", "velocity"], "fake_x0": ["--fake-score-weighting", "x0"],
+             "fake_updates_5": ["--fake-score-updates", "5"]}
 ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "shared": "shared intervals",
                   "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})",
-                  "fake_velocity": "fake score weighted as a velocity MSE (1/σ²)", "fake_x0": "fake score as a plain x0 MSE"}
+                  "fake_velocity": "fake score weighted as a velocity MSE (1/σ²)", "fake_x0": "fake score as a plain x0 MSE",
+                  "fake_updates_5": "5 fake-score updates per student update"}
 UNTRAINED = "TDM K=4 before training (the teacher on the student's grid, CFG 1)"
 
 

@@ -66,6 +66,7 @@ class TDMSettings:
     interval_mode: str = "separate"
     randmid: bool = False
     fake_score_weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING  # tdm_core.training.fake_score_weight
+    fake_score_updates: int = 1  # fake-score updates per student update, each with new draws on the same roll-out
 
 
 @dataclass(frozen=True)
@@ -269,14 +270,19 @@ def tdm_iteration(denoisers: "TDMDenoisers | DenoisersForRows", schedule, settin
     update equals the whole batch's within float rounding whatever the chunk size (gradient accumulation).
     ``denoisers``: one ``TDMDenoisers`` (conditions the same for every row, or bound to the whole batch
     with ``chunk_size`` None) or a function giving the denoisers of a row slice (conditions bound to those
-    rows). Returns both losses of the batch, detached (the host has stepped both models)."""
+    rows). ``settings.fake_score_updates`` > 1 steps the fake score that many times on the same roll-out, each on
+    new draws of (i, u, t, n), before the student's update. Returns both losses of the batch (the fake score's of its
+    last update), detached (the host has stepped both models)."""
+    if settings.fake_score_updates < 1:
+        raise ValueError(f"fake_score_updates={settings.fake_score_updates}: at least 1 fake-score update per student update")
     denoisers_for = (lambda rows: denoisers) if isinstance(denoisers, TDMDenoisers) else denoisers
     batch_size = noise.shape[0]
     chunks = row_chunks(batch_size, chunk_size)
     rollout = roll_out_in_chunks(denoisers_for, noise, chunks, settings, schedule)
-    fake_draws = fake_score_draws(rollout, settings, schedule, generator)
-    fake = accumulate(FAKE_SCORE, lambda rows: fake_score_chunk_loss(denoisers_for(rows).fake_score, fake_draws, rows, settings, schedule),
-                      chunks, batch_size, updates)
+    for _ in range(settings.fake_score_updates):  # 1 in METHOD.md; more: DMD2's two time-scale rule (issue 22's ablation)
+        fake_draws = fake_score_draws(rollout, settings, schedule, generator)
+        fake = accumulate(FAKE_SCORE, lambda rows: fake_score_chunk_loss(denoisers_for(rows).fake_score, fake_draws, rows, settings, schedule),
+                          chunks, batch_size, updates)
     draws = student_draws(rollout, settings, generator)
     student = accumulate(STUDENT, lambda rows: student_chunk_loss(denoisers_for(rows), draws, rows, settings, schedule),
                          chunks, batch_size, updates)

@@ -13,6 +13,9 @@ Everything analytic here is written with its own formulas, not with tdm_core's k
 """
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from tdm_core import VPSchedule
@@ -255,3 +258,39 @@ def test_the_iteration_in_chunks_is_the_whole_batchs_step():
     for got, want in zip(run(24), whole):  # rows 0-23, 24-47, 48-63; the losses are float32 (measured: 8e-8)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert whole[2].abs().sum() > 0 and whole[3].abs().sum() > 0
+
+
+def test_several_fake_score_updates_step_the_fake_score_first_on_new_draws():
+    # fake_score_updates = 3: three fake-score steps on the same roll-out, each on new draws (its first the
+    # one-update run's), then the student's step reads the thrice-updated fake score
+    def run(updates_per_student):
+        gen, mu_theta, mu_cond, mu_uncond = setup()
+        mu_fake = torch.nn.Parameter(0.9 * mu_theta.detach().clone())
+        denoisers = TDMDenoisers(student=student_denoiser(mu_theta), fake_score=student_denoiser(mu_fake),
+                                 teacher=teacher_pair(mu_cond, mu_uncond))
+        params, order, fake_losses, grads = {FAKE_SCORE: mu_fake, STUDENT: mu_theta}, [], [], {}
+
+        def backward(role, loss):
+            if role == FAKE_SCORE:
+                fake_losses.append(float(loss))
+            loss.backward()
+
+        def step(role):
+            order.append(role)
+            grads[role] = params[role].grad.clone()
+            with torch.no_grad():
+                params[role] -= 10.0 * params[role].grad
+            params[role].grad = None
+
+        chosen = dataclasses.replace(settings(2.0), fake_score_updates=updates_per_student)
+        losses = tdm_iteration(denoisers, SCHEDULE, chosen, torch.randn(64, D, generator=gen, dtype=torch.float64), gen,
+                               TDMUpdates(backward=backward, step=step))
+        return order, fake_losses, grads[STUDENT], float(losses.fake_score)
+
+    one, three = run(1), run(3)
+    assert one[0] == [FAKE_SCORE, STUDENT] and three[0] == [FAKE_SCORE] * 3 + [STUDENT]
+    assert three[1][0] == one[1][0] and len(set(three[1])) == 3  # the first update's draws are the method's; then new ones
+    assert three[3] == three[1][-1]  # the returned fake-score loss is the last update's
+    assert not torch.allclose(three[2], one[2])  # the student's target saw the further-updated fake score
+    with pytest.raises(ValueError, match="at least 1"):
+        run(0)

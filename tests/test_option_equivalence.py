@@ -219,6 +219,17 @@ def test_the_fake_score_weighting_flag_reaches_the_fake_score_loss(step_of):
     assert_same_step(step_of("flux", fake_score_weighting="min_snr"), plain)
 
 
+def test_the_fake_score_updates_flag_steps_the_fake_score_before_the_student(step_of):
+    """Not an equivalence: issue 22's two time-scale ablation must step the fake score again before the student's
+    update, whose gradient then reads a different fake score; 1 is the default."""
+    plain, twice = step_of("flux"), step_of("flux", fake_score_updates=2)
+    moved = relative(twice.moves["fake_score"], plain.moves["fake_score"])
+    student = relative(twice.grads["student"], plain.grads["student"])
+    print(f"fake-score move differs by {moved:.3g}, student gradient by {student:.3g}")
+    assert moved > 0.1 and student > 1e-4, (moved, student)
+    assert_same_step(step_of("flux", fake_score_updates=1), plain)
+
+
 @pytest.mark.parametrize("family", WITH_CFG_PASS)
 def test_teacher_cfg_pair_in_two_calls_equals_one_batched_call(family, step_of):
     assert_same_step(step_of(family, batch_cfg=False), step_of(family))

@@ -56,6 +56,8 @@ class DistillConfig:
     interval_mode: str = _opt("separate", "diffusion-time intervals: separate (per step, no overlap) or shared ([u, T-10])")
     fake_score_weighting: str = _opt(DEFAULT_FAKE_SCORE_WEIGHTING, "weight of the fake score's x0 loss over noise levels: min_snr (min(SNR, 5), the reference), "
                                      "velocity (1/sigma^2: a plain velocity MSE on flow models, as TDM-R1) or x0 (1); an ablation of issue 22")
+    fake_score_updates: int = _opt(1, "fake-score updates per student update, each on new noise levels of the same roll-out "
+                                      "(1: the method; more: DMD2's two time-scale rule, an ablation of issue 22; the fake score's warm-up counts its own updates)")
     randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
     steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
     k_choices: str = _opt("1,2,4", "step counts K drawn per batch with --steps-aware")
@@ -215,6 +217,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(cfg.huber_c is None or cfg.huber_c > 0, f"--huber-c {cfg.huber_c} must be positive")
     _check(cfg.fake_score_weighting in FAKE_SCORE_WEIGHTINGS,
            f"unknown --fake-score-weighting {cfg.fake_score_weighting!r}: use one of {', '.join(FAKE_SCORE_WEIGHTINGS)}")
+    _check(cfg.fake_score_updates >= 1, f"--fake-score-updates {cfg.fake_score_updates} must be at least 1")
     _check(cfg.interval_mode in INTERVAL_MODES, f"unknown --interval-mode {cfg.interval_mode!r}: use separate or shared")
     _check(cfg.lora_rank >= 1, f"--lora-rank {cfg.lora_rank} must be at least 1")
     _check(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha} must be positive")
