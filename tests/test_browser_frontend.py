@@ -1,57 +1,37 @@
 """Issue 3, test group 4: the real ComfyUI frontend (1.32.9) in a real headless Chromium.
 
-The browser is Debian's chromium (``scripts/install_browser.sh``, run by the session fixture below),
-driven by playwright through ``executable_path``: playwright never downloads a browser. The page
-is the frontend served by the shared end-to-end server (tests/helpers/e2e_server.py).
+The browser is Debian's chromium (``scripts/install_browser.sh``, run by the module fixture below),
+driven by playwright through ``executable_path`` (tests/helpers/frontend_page.py). The page is the
+frontend served by the shared end-to-end server (tests/helpers/e2e_server.py), which has every model
+file the workflows load, so their ``properties.models`` entries open no "missing models" dialog.
 """
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
-from pathlib import Path
+import urllib.request
 
 import pytest
 
-from tests.helpers.comfy_server import PROJECT_ROOT, execution_error
-from tests.helpers.e2e_server import TDM_NODE_TYPES, is_sd15_workflow, load_workflow, shared_e2e_server, workflow_files
+from scripts.pictures import take_pictures
+from tests.helpers import frontend_page as fp
+from tests.helpers.comfy_server import execution_error
+from tests.helpers.e2e_server import WORKFLOWS_DIR, is_sd15_workflow, load_workflow, shared_e2e_server, workflow_files
+from tests.helpers.frontend_page import (  # noqa: F401  (close_dialogs: tests/test_node_help_e2e.py imports it from here)
+    ERROR_TOASTS, close_dialogs, graph_node_types, load_graph, unregistered_node_types, visible_dialog_texts,
+)
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = os.environ.get("TDM_CHROMIUM", "/usr/bin/chromium")
-# COMFY_HOST.md: the flags that make Debian's chromium run headless as root with no network chatter
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
-SCREENSHOT = PROJECT_ROOT / "docs" / "workflow_sd15_tdm_ksampler.png"
-DISTILL_SCREENSHOT = PROJECT_ROOT / "docs" / "workflow_sd15_tdm_distill.png"  # the README's picture of the distill graph
-VIEWPORT = {"width": 1600, "height": 900}
-SCREENSHOT_VIEWPORT = {"width": 1920, "height": 1080}  # the whole distill graph at a zoom that still draws text
-# the frontend's chrome a clean picture leaves out (setting id -> value while it is taken)
-CLEAN_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
-VISIBLE_DIALOGS = ".p-dialog:visible"
-ERROR_TOASTS = ".p-toast-message-error:visible"
-SETTLE_S = 1.5  # the frontend opens its dialogs asynchronously after loadGraphData resolves
+PACK = "comfyui-tdm"  # the pack's folder name in custom_nodes: the template browser's section and URL
+THUMBNAILS_IN_VIEW = 4  # the first row of cards at 1600 x 900 (the browser loads the others as they scroll into view)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    install = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "install_browser.sh")], capture_output=True, text=True)
-    assert install.returncode == 0, f"installing chromium failed:\n{install.stderr[-3000:]}"
-    from playwright.sync_api import sync_playwright
-
-    profile = tempfile.mkdtemp(prefix="tdm-chromium-")
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport=VIEWPORT)
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    fp.install_browser()
+    with fp.browser() as context:
+        yield context
 
 
 @pytest.fixture(scope="module")
@@ -61,67 +41,73 @@ def e2e():
 
 @pytest.fixture(scope="module")
 def page(browser, e2e):
-    page = browser.new_page()
-    page.goto(e2e.server.url)
-    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=180_000)
-    return page
-
-
-def load_graph(page, workflow: dict) -> None:
-    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", copy.deepcopy(workflow))
-    time.sleep(SETTLE_S)
-
-
-def visible_dialog_texts(page) -> list[str]:
-    return [d.inner_text() for d in page.locator(VISIBLE_DIALOGS).all()]
-
-
-# PrimeVue dialogs have a close button of their own; the template browser (frontend 1.32.9) draws
-# an icon-only button at its top-right corner instead
-CLOSE_BUTTONS = (".p-dialog-close-button:visible", "button.right-6:visible")
-
-
-def close_dialogs(page) -> None:
-    for _ in range(5):
-        dialogs = page.locator(VISIBLE_DIALOGS)
-        if dialogs.count() == 0:
-            return
-        top = dialogs.last
-        buttons = [top.locator(selector) for selector in CLOSE_BUTTONS]
-        button = next((b.first for b in buttons if b.count()), None)
-        if button is None:
-            page.keyboard.press("Escape")
-        else:
-            button.click()
-        time.sleep(0.5)
-    raise AssertionError(f"dialogs do not close: {visible_dialog_texts(page)}")
-
-
-def graph_node_types(page) -> list[str]:
-    return page.evaluate("window.app.graph._nodes.map(n => n.type)")
-
-
-def unregistered_node_types(page) -> list[str]:
-    return page.evaluate("window.app.graph._nodes.map(n => n.type).filter(t => !(t in window.LiteGraph.registered_node_types))")
+    return fp.open_frontend(browser, e2e.server.url)
 
 
 # --- tests (they share one page, in this order) ---------------------------------------------
-def test_template_browser_lists_and_opens_the_pack_workflows(page):
+def test_template_browser_lists_and_opens_the_pack_workflows(page, e2e):
+    # each card asks for the thumbnail beside its workflow (workflows/<name>.jpg, written by scripts/pictures.py)
+    thumbnails: list[tuple[str, int, str]] = []
+    page.on("response", lambda r: thumbnails.append((r.url.split("/")[-1], r.status, r.headers.get("content-type", "")))
+            if f"/workflow_templates/{PACK}/" in r.url and not r.url.endswith(".json") else None)
     # on a first visit the frontend opens its template browser; the pack has its own section there
     dialog = page.locator(".p-dialog").filter(has_text="Templates")
     if dialog.count() == 0:
-        page.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        fp.run_command(page, "Comfy.BrowseTemplates")
     dialog.first.wait_for(timeout=60_000)
-    dialog.first.get_by_text("comfyui-tdm", exact=True).first.click()
+    dialog.first.get_by_text(PACK, exact=True).first.click()
     for path in workflow_files():
         dialog.first.get_by_text(path.stem, exact=True).first.wait_for(timeout=30_000)
+    deadline = time.monotonic() + 30
+    while len(thumbnails) < THUMBNAILS_IN_VIEW and time.monotonic() < deadline:  # the cards in view load theirs
+        time.sleep(0.5)
+    expected = {f"{p.stem}.jpg" for p in workflow_files()}
+    assert len(thumbnails) >= THUMBNAILS_IN_VIEW and all(
+        name in expected and status == 200 and kind == "image/jpeg" for name, status, kind in thumbnails), thumbnails
+    drawn = page.evaluate("[...document.querySelectorAll('.p-dialog img')].filter(i => i.complete && i.naturalWidth === 512).length")
+    assert drawn >= THUMBNAILS_IN_VIEW
+    for name in expected:  # and the server has one for every workflow
+        with urllib.request.urlopen(f"{e2e.server.url}/api/workflow_templates/{PACK}/{name}", timeout=30) as response:
+            assert response.read(3) == b"\xff\xd8\xff", name  # a JPEG
     # opening a card loads the file the server serves from the pack's workflows/ folder
     dialog.first.get_by_text("sd15_tdm_ksampler", exact=True).first.click()
     page.wait_for_function("window.app.graph._nodes.some(n => n.type === 'TDMKSampler')", timeout=30_000)
-    time.sleep(SETTLE_S)
+    time.sleep(fp.SETTLE_S)
     close_dialogs(page)
     assert sorted(t for t in graph_node_types(page)) == sorted(n["type"] for n in load_workflow(
         next(p for p in workflow_files() if p.stem == "sd15_tdm_ksampler"))["nodes"])
+
+
+def with_missing_file(workflow: dict, node_type: str, name: str) -> tuple[dict, str]:
+    """The workflow with ``node_type``'s file renamed to ``name`` (a file the server lacks), widget and entry alike."""
+    workflow = copy.deepcopy(workflow)
+    node = next(n for n in workflow["nodes"] if n["type"] == node_type)
+    entry = node["properties"]["models"][0]
+    node["widgets_values"][node["widgets_values"].index(entry["name"])] = entry["name"] = name
+    return workflow, entry["url"]
+
+
+def test_a_missing_model_file_opens_the_download_dialog_with_its_url(page):
+    # the control for the no-dialog check below: the frontend reads properties.models and offers the download
+    close_dialogs(page)
+    workflow, url = with_missing_file(load_workflow(WORKFLOWS_DIR / "sd15_tdm_ksampler.json"),
+                                      "CheckpointLoaderSimple", "tdm_not_on_this_server-fp16.safetensors")
+    load_graph(page, workflow)
+    texts = visible_dialog_texts(page)
+    assert any("checkpoints / tdm_not_on_this_server-fp16.safetensors" in text for text in texts), texts
+    assert page.locator(f".p-dialog:visible button[title='{url}']").count() == 1  # the download button
+    close_dialogs(page)
+
+
+def test_a_missing_release_pt_is_listed_without_a_download_button(page):
+    # frontend 1.32.9 downloads only .safetensors / .sft names: a missing .pt release is named, with its folder
+    close_dialogs(page)
+    workflow, url = with_missing_file(load_workflow(WORKFLOWS_DIR / "sd15_tdm_dreamshaper_release.json"),
+                                      "TDMLoraLoader", "tdm_not_on_this_server.pt")
+    load_graph(page, workflow)
+    texts = visible_dialog_texts(page)
+    assert any("loras / tdm_not_on_this_server.pt" in text and "Only allowed suffixes" in text for text in texts), texts
+    close_dialogs(page)
 
 
 def test_unknown_node_type_opens_the_missing_nodes_dialog(page):
@@ -174,77 +160,18 @@ def test_queue_sd15_workflow_from_the_page_runs_to_success(page, e2e):
     assert visible_dialog_texts(page) == []
 
 
-def test_screenshot_of_the_tdm_ksampler_workflow(page):
-    close_dialogs(page)
-    workflow = load_workflow(next(p for p in workflow_files() if p.stem == "sd15_tdm_ksampler"))
-    load_graph(page, workflow)
-    assert set(TDM_NODE_TYPES) & set(graph_node_types(page)) == {"TDMLoraLoader", "TDMKSampler"}
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = SCREENSHOT.with_name(f".{SCREENSHOT.stem}.tmp.png")
-    page.screenshot(path=str(tmp))
-    os.replace(tmp, SCREENSHOT)
-    assert SCREENSHOT.stat().st_size > 20_000  # a real rendering, not a blank page
 
 
-def run_command(page, command_id: str) -> None:
-    page.evaluate("async (id) => { await window.app.extensionManager.command.execute(id); }", command_id)
+def test_pictures_show_one_tab_no_dialog_and_the_whole_graph(browser, e2e, tmp_path):
+    """scripts/pictures.py on this server: it refuses a page with another tab, a dialog, an error or a node out of view."""
+    from PIL import Image
 
-
-@contextmanager
-def clean_canvas(page):
-    """Only the graph: focus mode (no menus, tabs, side bar or banners), no minimap, no canvas stats; then back."""
-    saved = page.evaluate("(keys) => keys.map(k => window.app.extensionManager.setting.get(k))", list(CLEAN_SETTINGS))
-    set_settings = "async (pairs) => { for (const [k, v] of pairs) await window.app.extensionManager.setting.set(k, v); }"
-    page.evaluate(set_settings, list(CLEAN_SETTINGS.items()))
-    run_command(page, "Workspace.ToggleFocusMode")
-    page.set_viewport_size(SCREENSHOT_VIEWPORT)
-    try:
-        yield
-    finally:
-        page.set_viewport_size(VIEWPORT)
-        run_command(page, "Workspace.ToggleFocusMode")
-        page.evaluate(set_settings, list(zip(CLEAN_SETTINGS, saved)))
-
-
-def graph_clip(page, margin: int = 24) -> dict:
-    """The screen rectangle around every node (title bars included), ``margin`` pixels wider: the picture's crop."""
-    x0, y0, x1, y1 = page.evaluate("""() => {
-        const c = window.app.canvas, corners = window.app.graph._nodes.flatMap(n => {
-            const b = n.getBounding();
-            return [c.ds.convertOffsetToCanvas([b[0], b[1]]), c.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]])];
-        });
-        return [Math.min(...corners.map(p => p[0])), Math.min(...corners.map(p => p[1])),
-                Math.max(...corners.map(p => p[0])), Math.max(...corners.map(p => p[1]))];
-    }""")
-    left, top = max(0, x0 - margin), max(0, y0 - margin)
-    return {"x": left, "y": top, "width": min(SCREENSHOT_VIEWPORT["width"], x1 + margin) - left,
-            "height": min(SCREENSHOT_VIEWPORT["height"], y1 + margin) - top}
-
-
-def nodes_outside_the_canvas(page) -> list[str]:
-    """Titles of nodes (title bar included) not wholly inside the visible canvas."""
-    return page.evaluate("""() => {
-        const c = window.app.canvas, rect = c.canvas.getBoundingClientRect();
-        return window.app.graph._nodes.filter(n => {
-            const b = n.getBounding(), [x0, y0] = c.ds.convertOffsetToCanvas([b[0], b[1]]);
-            const [x1, y1] = c.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
-            return x0 < 0 || y0 < 0 || x1 > rect.width || y1 > rect.height;
-        }).map(n => n.title);
-    }""")
-
-
-def test_screenshot_of_the_sd15_distill_workflow(page):
-    close_dialogs(page)
-    workflow = load_workflow(next(p for p in workflow_files() if p.stem == "sd15_tdm_distill"))
-    load_graph(page, workflow)
-    assert {"TDMPromptList", "TDMDistill", "TDMKSampler"} <= set(graph_node_types(page))
-    with clean_canvas(page):
-        run_command(page, "Comfy.Canvas.FitView")
-        time.sleep(SETTLE_S)
-        assert nodes_outside_the_canvas(page) == []
-        assert visible_dialog_texts(page) == [] and page.locator(ERROR_TOASTS).count() == 0
-        assert page.evaluate("window.app.canvas.ds.scale") >= 0.6  # above the zoom where the frontend stops drawing text
-        tmp = DISTILL_SCREENSHOT.with_name(f".{DISTILL_SCREENSHOT.stem}.tmp.png")
-        page.screenshot(path=str(tmp), clip=graph_clip(page))
-        os.replace(tmp, DISTILL_SCREENSHOT)
-    assert DISTILL_SCREENSHOT.stat().st_size > 50_000  # a real rendering, not a blank page
+    workflows = {p.stem: load_workflow(p) for p in workflow_files() if p.stem in ("sd15_tdm_distill", "sd15_img2img")}
+    written = take_pictures(browser, e2e.server.url, workflows, ("sd15_tdm_distill",), tmp_path, tmp_path)
+    assert sorted(p.name for p in written) == ["sd15_img2img.jpg", "sd15_tdm_distill.jpg", "workflow_sd15_tdm_distill.png"]
+    with Image.open(tmp_path / "workflow_sd15_tdm_distill.png") as picture:
+        assert picture.size == (1920, 1080)
+    for name in ("sd15_img2img.jpg", "sd15_tdm_distill.jpg"):
+        with Image.open(tmp_path / name) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.size == (512, 512)
+            assert max(thumbnail.convert("L").getextrema()) > 150  # nodes drawn, not a blank canvas

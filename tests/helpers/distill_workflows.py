@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tests.helpers.model_downloads import Z_IMAGE_DOWNLOADS
 from tests.helpers.workflow_builder import (
     FLUX_CLIP_L, FLUX_T5, FLUX_UNET, FLUX_VAE, PROMPT, QWEN_TEXT_ENCODER, QWEN_UNET, QWEN_VAE, SD15_CKPT, SEED,
     ZIMAGE_TEXT_ENCODER, ZIMAGE_UNET, ZIMAGE_VAE, UIWorkflow,
@@ -138,7 +139,7 @@ def sd15_tdm_distill(object_info: dict) -> dict:
 
 
 def z_image_tdm_distill(object_info: dict) -> dict:
-    wf = UIWorkflow(object_info)
+    wf = UIWorkflow(object_info, Z_IMAGE_DOWNLOADS)
     wf.note((20, NOTE_ROW), files_note("Z-Image-Turbo as ComfyUI's own Z-Image-Turbo template has it", ZIMAGE_DISTILL_FILES, (
         "Z-Image-Turbo samples without CFG, so it is distilled at CFG 1 (its 9 steps become 4). Teacher: its template's "
         "9 steps, res_multistep, CFG 1; student: 4 steps. ModelSamplingAuraFlow's shift 3 (the template's) is the "

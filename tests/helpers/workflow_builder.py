@@ -6,7 +6,9 @@ order always matches ``input_order``; regenerate after a node's inputs change:
     .venv/bin/python -m tests.helpers.workflow_builder          # starts a server, rewrites workflows/
 
 The frontend rejects keys whose value is null, so unconnected inputs are left out (it recreates
-their slots from the node definition) and no key is ever None.
+their slots from the node definition) and no key is ever None. Every loader node carries
+``properties.models`` (file name, download URL, models folder: ``tests/helpers/model_downloads.py``), as
+ComfyUI's own templates do, so the frontend offers to download the files a user lacks.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.model_downloads import DOWNLOADS, Z_IMAGE_DOWNLOADS, model_entries
 from tests.helpers.workflow_api import SEED_NAMES, UPLOAD_OPTIONS, widget_specs
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
@@ -34,6 +37,7 @@ class Output:
 @dataclass
 class UIWorkflow:
     object_info: dict
+    downloads: dict = field(default_factory=lambda: DOWNLOADS)  # file name -> where to download it
     nodes: list = field(default_factory=list)
     links: list = field(default_factory=list)
 
@@ -49,6 +53,9 @@ class UIWorkflow:
         if unknown:
             raise KeyError(f"{node_type} has no inputs {sorted(unknown)}; it has {all_input_names(info)}")
         node["widgets_values"] = self._widget_values(info, values)
+        models = model_entries(node_type, values, self.downloads)
+        if models:
+            node["properties"]["models"] = models
         for name, kind in link_inputs(info):
             if isinstance(values.get(name), Output):
                 node["inputs"].append({"name": name, "type": kind, "link": self._link(values[name], node_id, len(node["inputs"]), kind)})
@@ -143,7 +150,7 @@ def topological_order(nodes: list, links: list) -> dict[int, int]:
 
 
 # --- the example workflows -------------------------------------------------------------------
-SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"  # the file of ComfyUI's own default workflow
 SD15_LORA = "tdm_sd15_lora.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SDXL_LORA = "tdm_sdxl_lora.safetensors"
@@ -180,6 +187,7 @@ WAN_VAE = "wan_2.1_vae.safetensors"
 WAN_LORA = "wan2.1_t2v_1.3B_tdm4.safetensors"
 WAN_FILES = (("diffusion_models", WAN_UNET), ("text_encoders", WAN_TEXT_ENCODER), ("vae", WAN_VAE), ("loras", WAN_LORA))
 WAN_SHIFT = 3.0  # the flow_shift of Wan2.1-T2V-1.3B's diffusers scheduler config, the one a LoRA distilled from it records
+UNIFY_LORA = "tdm_sd15_unify_lora.safetensors"
 INPUT_IMAGE = "tdm_img2img_input.png"
 PROMPT = "a photo of a red fox in a snowy forest, golden hour, highly detailed"
 SEED = 42
@@ -326,7 +334,7 @@ def flux_tdm_lora(object_info: dict) -> dict:
 
 
 def z_image_tdm_lora(object_info: dict) -> dict:
-    wf = UIWorkflow(object_info)
+    wf = UIWorkflow(object_info, Z_IMAGE_DOWNLOADS)
     files = "\n".join(f"  models/{folder}/{name}" for folder, name in ZIMAGE_FILES)
     wf.note((20, 520), (
         f"Put these files into your ComfyUI models folders (Z-Image-Turbo as ComfyUI's own Z-Image-Turbo template has it):\n\n{files}\n\n"
@@ -351,7 +359,7 @@ def z_image_tdm_lora(object_info: dict) -> dict:
 
 def z_image_tdmr1_release(object_info: dict) -> dict:
     """The TDM-R1 Z-Image-Turbo release as published (a positional .ckpt) on the nodes' defaults."""
-    wf = UIWorkflow(object_info)
+    wf = UIWorkflow(object_info, Z_IMAGE_DOWNLOADS)
     files = "\n".join(f"  models/{folder}/{name}" for folder, name in TDMR1_FILES)
     wf.note((20, 620), (
         f"Put these files into your ComfyUI models folders (Z-Image-Turbo as ComfyUI's own template has it):\n\n{files}\n\n"
@@ -470,6 +478,30 @@ def sd15_img2img(object_info: dict) -> dict:
     return wf.to_json()
 
 
+def tdm_unify_1_and_4_steps(object_info: dict) -> dict:
+    """One steps-aware TDM LoRA (TDM-unify) sampled at 1 and at 4 steps side by side."""
+    wf = UIWorkflow(object_info)
+    wf.note((20, 420), (
+        f"Put these files into your ComfyUI models folders:\n\n  models/checkpoints/{SD15_CKPT}\n  models/loras/{UNIFY_LORA}\n\n"
+        f"{UNIFY_LORA}: a steps-aware TDM LoRA (TDM-unify), written by `python -m training.distill --steps-aware "
+        "--k-choices 1,2,4` of comfyui-tdm. Besides its LoRA weights it carries a learned K-embedding "
+        "(tdm_k_embedding.weight) and the trained step counts (tdm.k_choices). The TDM LoRA Loader installs the embedding "
+        "on its output model only; every sampler then conditions the model on the number of steps it runs.\n\n"
+        "One LoRA, same prompt, seed and latent: top 1 step, bottom 4 steps, both CFG 1 (guidance is distilled into the "
+        "LoRA).\n\nStock LoraLoader applies the LoRA weights but skips the K-embedding (it logs 'lora key not loaded: "
+        "tdm_k_embedding.weight'), so the model then samples without the step condition: use the TDM LoRA Loader."),
+        title="One steps-aware TDM LoRA at 1 and 4 steps")
+    ckpt, lora = _sd15_base(wf, SD15_CKPT, UNIFY_LORA)
+    positive = wf.add("CLIPTextEncode", (380, 420), title="Prompt", clip=lora[1], text=PROMPT)
+    latent = wf.add("EmptyLatentImage", (380, 720), width=512, height=512, batch_size=1)
+    for row, steps in ((0, 1), (560, 4)):
+        sampled = wf.add("TDMKSampler", (740, row), title=f"Unify LoRA: {steps} step{'s' * (steps > 1)}, CFG 1", model=lora[0],
+                         seed=SEED, steps=steps, grid="auto", cfg=1.0, positive=positive[0], latent_image=latent[0], denoise=1.0)
+        image = wf.add("VAEDecode", (1100, row), samples=sampled[0], vae=ckpt[2])
+        wf.add("SaveImage", (1340, row), title=f"{steps} step{'s' * (steps > 1)}", images=image[0], filename_prefix=f"tdm_unify_{steps}step")
+    return wf.to_json()
+
+
 WORKFLOWS = {
     "sd15_tdm_ksampler": sd15_tdm_ksampler,
     "sd15_tdm_sampler_custom": sd15_tdm_sampler_custom,
@@ -484,6 +516,7 @@ WORKFLOWS = {
     "wan_t2v_tdm_lora": wan_t2v_tdm_lora,
     "sd15_teacher_vs_tdm": sd15_teacher_vs_tdm,
     "sd15_img2img": sd15_img2img,
+    "tdm_unify_1_and_4_steps": tdm_unify_1_and_4_steps,
 }
 
 
