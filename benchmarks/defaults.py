@@ -99,7 +99,7 @@ def distil(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int,
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"training.distill failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    (folder / "done").write_text(json.dumps({"seconds": time.time() - started, "command": cmd[1:], "stdout_tail": proc.stdout[-2000:]}))
+    write_text_atomic(folder / "done", json.dumps({"seconds": time.time() - started, "command": cmd[1:], "stdout_tail": proc.stdout[-2000:]}))
     return run_dir
 
 
@@ -310,7 +310,9 @@ def main(argv=None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(",") if s)  # "" = ablations only (a second process can run them)
     iterations = tuple(sorted(int(s) for s in args.iterations.split(",")))
     ablations = tuple(a for a in args.ablations.split(",") if a)
-    ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(",") if s)
+    ablation_seeds = tuple(dict.fromkeys(int(s) for s in args.ablation_seeds.split(",") if s))  # each seed once
+    if ablations and not ablation_seeds:
+        parser.error("--ablation-seeds is empty: give at least one training seed for the ablations (e.g. 0)")
     if any(a not in ABLATIONS for a in ablations):
         parser.error(f"--ablations takes {', '.join(ABLATIONS)}")
     if args.cfg is not None and args.cfg < 1:

@@ -28,6 +28,7 @@ from torch import Tensor
 from .parameterization import x0_eps_from_output
 from .samplers import predict_x0_eps, tdm_steps
 from .training import (
+    DEFAULT_FAKE_SCORE_UPDATES,
     DEFAULT_FAKE_SCORE_WEIGHTING,
     diffuse_u_to_t,
     draw_training_times,
@@ -66,7 +67,7 @@ class TDMSettings:
     interval_mode: str = "separate"
     randmid: bool = False
     fake_score_weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING  # tdm_core.training.fake_score_weight
-    fake_score_updates: int = 1  # fake-score updates per student update, each with new draws on the same roll-out
+    fake_score_updates: int = DEFAULT_FAKE_SCORE_UPDATES  # per student update, each with new draws on the same roll-out
 
 
 @dataclass(frozen=True)

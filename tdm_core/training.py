@@ -80,6 +80,7 @@ def min_snr_weight(a_t: Tensor, s_t: Tensor, gamma: float = 5.0) -> Tensor:
 
 FAKE_SCORE_WEIGHTINGS = ("min_snr", "velocity", "x0")
 DEFAULT_FAKE_SCORE_WEIGHTING = "min_snr"  # the reference min(SNR, 5); issue 22 measures the others
+DEFAULT_FAKE_SCORE_UPDATES = 1  # fake-score updates per student update: 1 in METHOD.md; more is issue 22's ablation
 
 
 def fake_score_weight(a_t: Tensor, s_t: Tensor, weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING) -> Tensor:

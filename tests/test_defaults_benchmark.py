@@ -58,9 +58,10 @@ def test_an_ablation_over_several_seeds_passes_its_flag_and_averages_the_runs(tm
     cache = json.loads((work / "digits" / "results.json").read_text())
     runs = [cache["ablation/fake_velocity"], cache["ablation/fake_velocity/seed1"]]
     assert runs[0] != runs[1]  # two training seeds, two students
-    for folder in ("ablation_fake_velocity", "ablation_fake_velocity_seed1"):
+    for seed, folder in enumerate(("ablation_fake_velocity", "ablation_fake_velocity_seed1")):
         command = json.loads((work / "digits" / folder / "done").read_text())["command"]
         assert command[command.index("--fake-score-weighting") + 1] == "velocity", folder
+        assert command[command.index("--seed") + 1] == str(seed), folder
     mean = (runs[0]["fd_real"] + runs[1]["fd_real"]) / 2
     row = next(line for line in output.read_text().splitlines() if line.startswith(f"| {defaults.ABLATION_NAMES['fake_velocity']}, 2 it."))
     assert row.endswith("| 2 |") and f"| {mean:.1f} ± " in row, row

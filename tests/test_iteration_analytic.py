@@ -232,7 +232,8 @@ def test_student_objective_uses_the_drawn_trajectory_points():
     assert not torch.allclose(real, other)
 
 
-def test_the_iteration_in_chunks_is_the_whole_batchs_step():
+@pytest.mark.parametrize("fake_score_updates", [1, 3])
+def test_the_iteration_in_chunks_is_the_whole_batchs_step(fake_score_updates):
     # gradient accumulation in the core: the draws are the whole batch's, each chunk's loss counts by its
     # share of the rows (uneven chunks here), and the fake score steps once, after all its chunks, before
     # the student's chunks read it (a plain SGD step, so a stale fake score would change the student's gradient)
@@ -251,7 +252,8 @@ def test_the_iteration_in_chunks_is_the_whole_batchs_step():
 
         updates = TDMUpdates(backward=lambda role, loss: loss.backward(), step=step)
         noise = torch.randn(64, D, generator=gen, dtype=torch.float64)
-        losses = tdm_iteration(denoisers, SCHEDULE, settings(2.0), noise, gen, updates, chunk_size)
+        chosen = dataclasses.replace(settings(2.0), fake_score_updates=fake_score_updates)
+        losses = tdm_iteration(denoisers, SCHEDULE, chosen, noise, gen, updates, chunk_size)
         return [losses.fake_score, losses.student, grads[FAKE_SCORE], grads[STUDENT]]
 
     whole = run(None)
@@ -262,8 +264,9 @@ def test_the_iteration_in_chunks_is_the_whole_batchs_step():
 
 def test_several_fake_score_updates_step_the_fake_score_first_on_new_draws():
     # fake_score_updates = 3: three fake-score steps on the same roll-out, each on new draws (its first the
-    # one-update run's), then the student's step reads the thrice-updated fake score
-    def run(updates_per_student):
+    # one-update run's), then the student's step reads the thrice-updated fake score: against the same run whose
+    # second and third fake steps are no-ops (same draws, a stale fake score) the student's gradient differs
+    def run(updates_per_student, stale_after: int = 99):
         gen, mu_theta, mu_cond, mu_uncond = setup()
         mu_fake = torch.nn.Parameter(0.9 * mu_theta.detach().clone())
         denoisers = TDMDenoisers(student=student_denoiser(mu_theta), fake_score=student_denoiser(mu_fake),
@@ -272,25 +275,26 @@ def test_several_fake_score_updates_step_the_fake_score_first_on_new_draws():
 
         def backward(role, loss):
             if role == FAKE_SCORE:
-                fake_losses.append(float(loss))
+                fake_losses.append(loss.item())
             loss.backward()
 
         def step(role):
             order.append(role)
             grads[role] = params[role].grad.clone()
-            with torch.no_grad():
-                params[role] -= 10.0 * params[role].grad
+            if role == STUDENT or order.count(FAKE_SCORE) <= stale_after:
+                with torch.no_grad():
+                    params[role] -= 10.0 * params[role].grad
             params[role].grad = None
 
         chosen = dataclasses.replace(settings(2.0), fake_score_updates=updates_per_student)
         losses = tdm_iteration(denoisers, SCHEDULE, chosen, torch.randn(64, D, generator=gen, dtype=torch.float64), gen,
                                TDMUpdates(backward=backward, step=step))
-        return order, fake_losses, grads[STUDENT], float(losses.fake_score)
+        return order, fake_losses, grads[STUDENT], losses.fake_score.item()
 
-    one, three = run(1), run(3)
+    one, three, stale = run(1), run(3), run(3, stale_after=1)
     assert one[0] == [FAKE_SCORE, STUDENT] and three[0] == [FAKE_SCORE] * 3 + [STUDENT]
     assert three[1][0] == one[1][0] and len(set(three[1])) == 3  # the first update's draws are the method's; then new ones
     assert three[3] == three[1][-1]  # the returned fake-score loss is the last update's
-    assert not torch.allclose(three[2], one[2])  # the student's target saw the further-updated fake score
+    assert not torch.allclose(three[2], stale[2])  # the student's target read the further-updated fake score
     with pytest.raises(ValueError, match="at least 1"):
         run(0)

@@ -15,7 +15,7 @@ from typing import Optional
 from tdm_core.grids import parse_grid, reference_grid
 from tdm_core.learning_rates import FAKE_TO_STUDENT_LR, LR_PER_SQRT_RANK_OVER_ALPHA, LR_WARMUP_STEPS, default_fake_score_lr, default_student_lr
 from tdm_core.steps_aware import parse_k_choices
-from tdm_core.training import DEFAULT_FAKE_SCORE_WEIGHTING, DISTANCES, FAKE_SCORE_WEIGHTINGS, INTERVAL_MODES
+from tdm_core.training import DEFAULT_FAKE_SCORE_UPDATES, DEFAULT_FAKE_SCORE_WEIGHTING, DISTANCES, FAKE_SCORE_WEIGHTINGS, INTERVAL_MODES
 
 from .errors import ConfigError
 from .precision import SAVE_DTYPES, WEIGHT_DTYPES
@@ -56,8 +56,9 @@ class DistillConfig:
     interval_mode: str = _opt("separate", "diffusion-time intervals: separate (per step, no overlap) or shared ([u, T-10])")
     fake_score_weighting: str = _opt(DEFAULT_FAKE_SCORE_WEIGHTING, "weight of the fake score's x0 loss over noise levels: min_snr (min(SNR, 5), the reference), "
                                      "velocity (1/sigma^2: a plain velocity MSE on flow models, as TDM-R1) or x0 (1); an ablation of issue 22")
-    fake_score_updates: int = _opt(1, "fake-score updates per student update, each on new noise levels of the same roll-out "
-                                      "(1: the method; more: DMD2's two time-scale rule, an ablation of issue 22; the fake score's warm-up counts its own updates)")
+    fake_score_updates: int = _opt(DEFAULT_FAKE_SCORE_UPDATES, "fake-score updates per student update, each on new noise levels of the same roll-out "
+                                   "(1: the method; more: DMD2's two time-scale rule, an ablation of issue 22). The fake score's learning-rate "
+                                   "warm-up counts its own updates, its decay spans the run; the logged loss_fake and grad_norm_fake are its last update's")
     randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
     steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
     k_choices: str = _opt("1,2,4", "step counts K drawn per batch with --steps-aware")

@@ -94,8 +94,11 @@ def build_optimisers(cfg: DistillConfig, params: dict, accelerator):
         # METHOD.md step 8: AdamW betas (0, 0.95), student lr = fake lr / 5; rates and schedule: training.config
         optimizer = adamw(params[name], lr=rates[name], betas=ADAMW_BETAS, weight_decay=cfg.weight_decay)
         extra = {"num_cycles": cfg.lr_num_cycles} if cfg.lr_scheduler == "cosine_with_restarts" else {}
+        # a scheduler steps once per update: the fake score's decay spans its updates over the whole run, and its
+        # warm-up counts its own updates (--fake-score-updates N: N per iteration)
+        updates_per_iteration = cfg.fake_score_updates if name == FAKE_SCORE else 1
         schedulers[name] = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                         num_training_steps=cfg.max_train_steps, **extra)
+                                         num_training_steps=cfg.max_train_steps * updates_per_iteration, **extra)
         optimizers[name] = accelerator.prepare_optimizer(optimizer)
     return optimizers, schedulers
 

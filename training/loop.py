@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tdm_core.iteration import DEFAULT_FAKE_SCORE_WEIGHTING, TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration as core_iteration
+from tdm_core.iteration import DEFAULT_FAKE_SCORE_UPDATES, DEFAULT_FAKE_SCORE_WEIGHTING, TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration as core_iteration
 from tdm_core.optimiser import clip_and_step
 
 from .errors import NonFiniteLoss
@@ -43,7 +43,7 @@ class LoopParts:
     max_grad_norm: float
     generator: torch.Generator  # every random draw of the run; its state is checkpointed
     fake_score_weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING  # tdm_core.training.fake_score_weight
-    fake_score_updates: int = 1  # tdm_core.iteration.TDMSettings.fake_score_updates
+    fake_score_updates: int = DEFAULT_FAKE_SCORE_UPDATES  # tdm_core.iteration.TDMSettings.fake_score_updates
     batch_cfg: bool = True  # teacher cond + uncond in one forward at 2B (False: two at B, less memory)
     params: dict = field(default_factory=dict)  # adapter name -> list of its trainable parameters
     optimizers: dict = field(default_factory=dict)  # adapter name -> (accelerate-wrapped) optimiser
@@ -159,8 +159,8 @@ def denoisers_for_rows(parts: LoopParts, cond: dict, null_cond: dict):
 
 def tdm_iteration(parts: LoopParts, cond: dict, null_cond: dict, latent_shape) -> dict:
     """METHOD.md steps 1-8 (``tdm_core.iteration``) on one batch of ``latent_shape[0]`` rows, the network
-    calls in chunks of ``parts.micro_batch`` rows: roll-out, one fake-score update, one student update.
-    Returns metrics."""
+    calls in chunks of ``parts.micro_batch`` rows: roll-out, the fake-score update (``fake_score_updates`` of them,
+    the metrics keep the last one's), one student update. Returns metrics."""
     norms = {}
 
     def step_adapter(adapter: str) -> None:

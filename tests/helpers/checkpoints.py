@@ -171,6 +171,11 @@ def _build_sd15(out_path: Path, unet_config: dict = SD15_UNET_CONFIG) -> None:
     vae = AutoencoderKL(ddconfig=SD15_VAE_CONFIG, embed_dim=4)
     for seed, module in enumerate((model.diffusion_model, clip, vae)):
         _fill_random(module, seed)
+    with torch.no_grad():  # a UNet whose output is constant teaches nothing (it was 0 while its GroupNorm scales were 0)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        out = model.diffusion_model(x, torch.tensor([500.0, 500.0]), context=torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1)))
+        if not float(out.std()) > 1e-3:
+            raise RuntimeError(f"the random UNet's output does not vary (std {float(out.std()):.2e}): a scale is 0 in _fill_random")
 
     state_dict = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
     state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
