@@ -28,7 +28,7 @@ from tests.helpers.e2e_server import WORKFLOWS_DIR, load_workflow, write_test_im
 from tests.helpers.model_downloads import MODEL_SUFFIXES, NODE_FOLDERS
 
 DOCS_DIR = PROJECT_ROOT / "docs"
-DOC_PICTURES = ("sd15_tdm_ksampler", "sd15_tdm_distill")  # the workflows the README shows
+DOC_PICTURES = ("sd15_tdm_ksampler", "sd15_tdm_distill")  # the workflows README.md and docs/*.md show
 DOC_VIEWPORT = {"width": 1920, "height": 1080}
 THUMBNAIL_VIEWPORT = {"width": 1024, "height": 1024}  # the template browser's cards are square
 THUMBNAIL_SIZE = 512
