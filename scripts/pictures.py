@@ -25,10 +25,10 @@ from pathlib import Path
 from tests.helpers import frontend_page as fp
 from tests.helpers.comfy_server import PROJECT_ROOT, ComfyServer
 from tests.helpers.e2e_server import WORKFLOWS_DIR, load_workflow, write_test_image
-from tests.helpers.model_downloads import LOADER_FOLDERS, MODEL_SUFFIXES
+from tests.helpers.model_downloads import MODEL_SUFFIXES, NODE_FOLDERS
 
 DOCS_DIR = PROJECT_ROOT / "docs"
-DOC_PICTURES = ("sd15_tdm_ksampler", "sd15_tdm_distill")  # the workflows the README shows
+DOC_PICTURES = ("sd15_tdm_ksampler", "sd15_tdm_distill")  # the workflows README.md and docs/*.md show
 DOC_VIEWPORT = {"width": 1920, "height": 1080}
 THUMBNAIL_VIEWPORT = {"width": 1024, "height": 1024}  # the template browser's cards are square
 THUMBNAIL_SIZE = 512
@@ -37,7 +37,6 @@ THUMBNAIL_QUALITY = 85
 THUMBNAIL_SETTINGS = {"LiteGraph.Canvas.MinFontSizeForLOD": 0}
 # what focus mode still draws over the canvas: its exit button and the canvas toolbar (zoom, fit, minimap buttons)
 CANVAS_OVERLAYS = (".comfy-menu-hamburger", ".graph-canvas-panel .p-buttongroup")
-NODE_FOLDERS = {node_type: folder for (node_type, _), folder in LOADER_FOLDERS.items()}
 
 
 class PictureError(RuntimeError):

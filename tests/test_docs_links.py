@@ -5,6 +5,8 @@
   what was checked and on what), and its command is one the replay test runs (``tests/test_readme_commands.py``).
 - Every relative link and picture in ``README.md`` and ``docs/**/*.md`` resolves to a file, and a link to a heading
   (``page.md#heading``, ``#heading``) to a heading of that page.
+- Every code span that names an example workflow (``sd15_tdm_distill``, ``z_image_tdmr1_release``,
+  ``workflows/sd15_img2img.json``) names a file in ``workflows/``: the link check leaves code spans out.
 - A guide's memory rows are the rows of the trainer guide's tables (``docs/training.md``), so the two cannot drift.
 
 Each check is a function of the files it reads, so the negative controls below run it on a broken copy.
@@ -20,12 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 GUIDES = ROOT / "docs" / "models"
 TRAINING_DOC = ROOT / "docs" / "training.md"
+WORKFLOWS_DIR = ROOT / "workflows"
 MODEL_TABLE_HEADING = "## Supported models"
 GUIDE_SECTIONS = ("## Distil it on the command line", "## The files, and where ComfyUI keeps them", "## Memory",
                   "## What was checked, and on what")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCED = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
+# a code span that names an example workflow: any workflows/<name>.json, or a name the workflows' naming marks
+# (<model>_tdm_<kind>, <...>_release), with or without .json; a bare name outside that naming (`sd15_img2img`,
+# `tdm_unify_1_and_4_steps`) or a typo that leaves it (`..._releases`) is not recognised: write workflows/<name>.json
+WORKFLOW_SPAN = re.compile(r"workflows/(?P<path>[^/`]+)\.json|(?P<name>[a-z0-9_]+(?:_tdm_[a-z0-9_]+|_release))(?:\.json)?")
 
 
 def documentation_pages(root: Path = ROOT) -> list[Path]:
@@ -71,6 +78,17 @@ def broken_links(pages: list[Path]) -> list[str]:
     return broken
 
 
+def workflow_names(page: Path) -> list[str]:
+    """The example workflows a page's code spans name (code blocks left out)."""
+    spans = [span.strip("`") for span in INLINE_CODE.findall(FENCED.sub("", page.read_text()))]
+    return [m["path"] or m["name"] for m in map(WORKFLOW_SPAN.fullmatch, spans) if m]
+
+
+def missing_workflows(pages: list[Path], workflows_dir: Path = WORKFLOWS_DIR) -> list[str]:
+    return [f"{page.name}: `{name}` (no {workflows_dir.name}/{name}.json)"
+            for page in pages for name in workflow_names(page) if not (workflows_dir / f"{name}.json").is_file()]
+
+
 def model_table_guides(readme: Path = README) -> list[Path]:
     """The guide each row of the README's model table links (one per row; a row without one fails)."""
     rows = [line for line in section(readme.read_text(), MODEL_TABLE_HEADING).splitlines()
@@ -114,6 +132,14 @@ def test_every_relative_link_resolves():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
+def test_every_workflow_a_page_names_exists():
+    pages = documentation_pages()
+    named = {name for page in pages for name in workflow_names(page)}
+    assert {"sd15_tdm_distill", "z_image_tdmr1_release", "sd3_tdm_lora", "flux_tdm_lora"} <= named, named  # spans are read
+    missing = missing_workflows(pages)
+    assert not missing, "workflows the docs name that workflows/ lacks:\n" + "\n".join(missing)
+
+
 def test_guide_memory_rows_are_the_trainer_guides_rows():
     tables = set(table_rows(section(TRAINING_DOC.read_text(), "## Memory per family (computed, not measured)"))
                  + table_rows(section(TRAINING_DOC.read_text(), "## The prompt cache")))
@@ -137,6 +163,16 @@ def test_a_broken_link_a_missing_anchor_and_a_missing_guide_are_found(tmp_path):
     readme.write_text(README.read_text().replace("docs/models/flux.md", "docs/models/flux_missing.md", 1))
     guides = model_table_guides(readme)
     assert tmp_path / "docs/models/flux_missing.md" in guides and not (tmp_path / "docs/models/flux_missing.md").exists()
+
+
+def test_a_workflow_name_without_its_file_is_found(tmp_path):
+    (tmp_path / "sd15_tdm_distill.json").write_text("{}")
+    page = tmp_path / "page.md"
+    page.write_text("`sd15_tdm_distill` `sd15_tdm_distil` `workflows/sd15_tdm_distill.json` `workflows/gone.json` "
+                    "`z_image_tdmr1_release.json` `summary.json` `tdm_core.iteration`\n```\nsd3_tdm_lora\n```\n")
+    assert workflow_names(page) == ["sd15_tdm_distill", "sd15_tdm_distil", "sd15_tdm_distill", "gone", "z_image_tdmr1_release"]
+    assert [m.split(": ", 1)[1] for m in missing_workflows([page], tmp_path)] == [
+        f"`{n}` (no {tmp_path.name}/{n}.json)" for n in ("sd15_tdm_distil", "gone", "z_image_tdmr1_release")]
 
 
 def test_slug_is_githubs():

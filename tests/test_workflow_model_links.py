@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.e2e_server import load_workflow, workflow_files
+from tdm_core.releases import RELEASES, container_of
 from tests.helpers.model_downloads import (
-    DOWNLOADS, LOADER_FOLDERS, MODEL_SUFFIXES, NO_URL, PACK_MADE_LORAS, Z_IMAGE_DOWNLOADS,
+    DOWNLOADS, LOADER_FOLDERS, MODEL_SUFFIXES, NO_URL, NODE_FOLDERS, PACK_MADE_LORAS, RELEASE_SOURCE, Z_IMAGE_DOWNLOADS,
 )
 
 # the only sources the frontend (1.32.9, MissingModelsWarning) downloads from; ours are all Hugging Face
 ALLOWED_SOURCE = "https://huggingface.co/"
-NODE_FOLDERS = {node_type: folder for (node_type, _), folder in LOADER_FOLDERS.items()}
+# a Hugging Face file URL: https://huggingface.co/<owner>/<repo>/resolve/main/<file>[?download=true]
+HF_FILE_URL = re.compile(r"https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/resolve/main/(?P<file>[^?]+)(\?download=true)?")
 WORKFLOWS = workflow_files()
 
 
@@ -107,8 +110,13 @@ def test_base_model_urls_are_the_ones_comfyuis_templates_use(table):
             template = download.source.removeprefix("ComfyUI template ")
             assert template in templates, f"{name}: no installed template {template}"
             assert download.entry(name) in template_entries(templates[template]), f"{name}: {template} has another entry"
-        else:  # the authors' releases: their Hugging Face repository
-            assert download.source.startswith("README: the authors' release Luo-Yihong/"), download
+        else:  # the authors' releases: the repository and file tdm_core.releases names (the URLs were not fetched)
+            assert download.source.startswith(RELEASE_SOURCE + ": "), download
+            release = RELEASES[download.source.removeprefix(RELEASE_SOURCE + ": ")]
+            url = HF_FILE_URL.fullmatch(download.url)
+            assert url, f"{name}: not a Hugging Face file URL: {download.url}"
+            assert f"{url['repo']}: {url['file']}" == release.file, f"{name}: {download.url} is not {release.name}'s {release.file}"
+            assert download.directory == "loras" and container_of(name) in release.containers, (name, release.containers)
 
 
 def test_loader_folders_are_the_folders_comfyui_lists_them_from(tmp_path):

@@ -9,14 +9,17 @@ the missing ones in its "missing models" dialog with a download button. It downl
 
 Base-model URLs are the ones ComfyUI's workflow templates use for the same file name (the template named in
 ``source``, in comfyui-workflow-templates 0.7.25 as installed with ComfyUI or in comfyui-workflow-templates-json
-0.1.123 from PyPI); the released TDM LoRAs' URLs are
-the authors' Hugging Face repositories with the file names the README gives. Files with no known public URL
+0.1.123 from PyPI); the released TDM LoRAs' URLs are built from the repository and file names
+``tdm_core.releases.RELEASES`` gives (``Release.file``, "<repo>: <file>"), assumed to be the authors' Hugging Face
+repositories: no URL was fetched here (no internet). Files with no known public URL
 are in ``NO_URL`` with the reason; the pack's own trained LoRAs are in ``PACK_MADE_LORAS`` with the command
 that makes them (their workflow's note gives it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tdm_core.releases import RELEASES
 
 # (loader node type, widget input) -> the models folder ComfyUI lists that input from
 LOADER_FOLDERS = {
@@ -31,6 +34,8 @@ LOADER_FOLDERS = {
 # what a widget value that names a model file ends with (ComfyUI's supported_pt_extensions)
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl")
 HF = "https://huggingface.co"
+# the source of a released LoRA's entry: its URL has not been tried
+RELEASE_SOURCE = "assumed from the authors' repo name, not fetched"
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,17 @@ def _template(directory: str, url: str, template: str) -> Download:
     return Download(directory, url, f"ComfyUI template {template}")
 
 
-def _release(repo: str, file: str) -> Download:
-    return Download("loras", f"{HF}/{repo}/resolve/main/{file}", f"README: the authors' release {repo}, file {file}")
+def release_repo_and_file(release: str) -> tuple[str, str]:
+    """The Hugging Face repository and file name of a release in ``tdm_core.releases.RELEASES``."""
+    repo, _, file = RELEASES[release].file.partition(": ")
+    if not file:
+        raise ValueError(f"{release}: tdm_core.releases names no file in {repo}: list it in NO_URL instead")
+    return repo, file
+
+
+def _release(release: str) -> Download:
+    repo, file = release_repo_and_file(release)
+    return Download("loras", f"{HF}/{repo}/resolve/main/{file}", f"{RELEASE_SOURCE}: {release}")
 
 
 DOWNLOADS = {
@@ -109,9 +123,9 @@ DOWNLOADS = {
         f"{HF}/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
         "video_wan2_2_14B_t2v.json"),
     # the authors' released TDM LoRAs (the workflows load them under these names)
-    "tdm_dreamshaper.pt": _release("Luo-Yihong/TDM_dreamshaper_LoRA", "tdm_dreamshaper.pt"),
-    "tdm_sd3_medium_lora.safetensors": _release("Luo-Yihong/TDM_sd3_lora", "pytorch_lora_weights.safetensors"),
-    "tdmr1_zimage_ema.ckpt": _release("Luo-Yihong/TDM-R1", "tdmr1_zimage_ema.ckpt"),
+    "tdm_dreamshaper.pt": _release("tdm_dreamshaper"),
+    "tdm_sd3_medium_lora.safetensors": _release("tdm_sd3_medium"),
+    "tdmr1_zimage_ema.ckpt": _release("tdmr1_z_image_turbo"),
 }
 Z_IMAGE_DOWNLOADS = {**DOWNLOADS, "ae.safetensors": _template(
     "vae", f"{HF}/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors", "image_z_image_turbo.json")}
@@ -138,6 +152,10 @@ PACK_MADE_LORAS = {
     "wan2.1_t2v_1.3B_tdm4.safetensors": DISTILL_COMMAND,
     "tdm_sd15_unify_lora.safetensors": f"{DISTILL_COMMAND} --steps-aware",
 }
+
+
+# the loader node type -> the models folder it reads (one folder per loader: test_workflow_model_links checks it)
+NODE_FOLDERS = {node_type: folder for (node_type, _), folder in LOADER_FOLDERS.items()}
 
 
 def model_entries(node_type: str, values: dict, downloads: dict = DOWNLOADS) -> list[dict]:

@@ -228,7 +228,7 @@ def _prompts(ws: Workspace, name: str) -> Path:
 
 
 def _run_config(ws: Workspace, name: str) -> Path:
-    """``--config my_run.yaml``: the README's "same flags" as YAML, on the SD1.5 checkpoint of the first command."""
+    """``--config my_run.yaml``: docs/multi_gpu.md's "same flags" as YAML, on the SD1.5 checkpoint of the first command."""
     import yaml
 
     ws.input(RUN_CONFIG_MODEL, NESTED)
