@@ -130,8 +130,9 @@ def test_each_row_of_a_batched_conditioning_is_its_prompt_alone(case, comfy, pac
 
 
 def test_the_lora_targets_are_each_architectures_block_layers(comfy, pack):
-    """The rule (tdm_core.lora_targets): attention and MLP linears inside transformer blocks; no embedder,
-    modulation or final layer; SD1.5's set is the one the trainer's TRANSFORMER_BLOCK_TARGETS gives."""
+    """The rule (tdm_core.lora_targets): attention and MLP linears inside transformer blocks; no embedder or
+    modulation, and no final layer except Flux's and Flux.2's (one ComfyUI rule; the trainer's Flux targets include proj_out); SD1.5's set is
+    the one the trainer's TRANSFORMER_BLOCK_TARGETS gives."""
     from comfyui_tdm_pack.nodes.distill_adapters import target_layers, targets_of
     from tdm_core.lora_targets import TRANSFORMER_BLOCK_TARGETS, comfy_block_targets
 
@@ -140,7 +141,9 @@ def test_the_lora_targets_are_each_architectures_block_layers(comfy, pack):
         model = h.build_model(kind, seed=1)
         names = list(target_layers(model, targets_of(model)))
         assert names, kind
-        outside = [n for n in names if not in_a_block.search(n) or re.search(r"mod\b|modulation|adaLN|norm", n)]
+        final = {n for n in names if n == "diffusion_model.final_layer.linear"}
+        assert final == ({"diffusion_model.final_layer.linear"} if kind in ("flux", "flux2") else set()), (kind, final)
+        outside = [n for n in names if n not in final and (not in_a_block.search(n) or re.search(r"mod\b|modulation|adaLN|norm", n))]
         assert not outside, (kind, outside)
     sd15 = h.build_model("sd15_eps", seed=1)
     assert set(target_layers(sd15, targets_of(sd15))) == set(target_layers(sd15, TRANSFORMER_BLOCK_TARGETS))
