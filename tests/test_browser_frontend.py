@@ -87,13 +87,18 @@ def with_missing_file(workflow: dict, node_type: str, name: str) -> tuple[dict, 
     return workflow, entry["url"]
 
 
+def missing_file_dialog(page, workflow_name: str, node_type: str, name: str) -> tuple[list[str], str]:
+    """Load the workflow with ``node_type``'s file renamed to ``name`` (missing on the server); returns the visible
+    dialogs' texts and the entry's URL. The caller checks the dialog, then closes it."""
+    close_dialogs(page)
+    workflow, url = with_missing_file(load_workflow(WORKFLOWS_DIR / f"{workflow_name}.json"), node_type, name)
+    load_graph(page, workflow)
+    return visible_dialog_texts(page), url
+
+
 def test_a_missing_model_file_opens_the_download_dialog_with_its_url(page):
     # the control for the no-dialog check below: the frontend reads properties.models and offers the download
-    close_dialogs(page)
-    workflow, url = with_missing_file(load_workflow(WORKFLOWS_DIR / "sd15_tdm_ksampler.json"),
-                                      "CheckpointLoaderSimple", "tdm_not_on_this_server-fp16.safetensors")
-    load_graph(page, workflow)
-    texts = visible_dialog_texts(page)
+    texts, url = missing_file_dialog(page, "sd15_tdm_ksampler", "CheckpointLoaderSimple", "tdm_not_on_this_server-fp16.safetensors")
     assert any("checkpoints / tdm_not_on_this_server-fp16.safetensors" in text for text in texts), texts
     assert page.locator(f".p-dialog:visible button[title='{url}']").count() == 1  # the download button
     close_dialogs(page)
@@ -101,11 +106,7 @@ def test_a_missing_model_file_opens_the_download_dialog_with_its_url(page):
 
 def test_a_missing_release_pt_is_listed_without_a_download_button(page):
     # frontend 1.32.9 downloads only .safetensors / .sft names: a missing .pt release is named, with its folder
-    close_dialogs(page)
-    workflow, url = with_missing_file(load_workflow(WORKFLOWS_DIR / "sd15_tdm_dreamshaper_release.json"),
-                                      "TDMLoraLoader", "tdm_not_on_this_server.pt")
-    load_graph(page, workflow)
-    texts = visible_dialog_texts(page)
+    texts, _ = missing_file_dialog(page, "sd15_tdm_dreamshaper_release", "TDMLoraLoader", "tdm_not_on_this_server.pt")
     assert any("loras / tdm_not_on_this_server.pt" in text and "Only allowed suffixes" in text for text in texts), texts
     close_dialogs(page)
 
