@@ -65,3 +65,35 @@ def test_an_ablation_over_several_seeds_passes_its_flag_and_averages_the_runs(tm
     mean = (runs[0]["fd_real"] + runs[1]["fd_real"]) / 2
     row = next(line for line in output.read_text().splitlines() if line.startswith(f"| {defaults.ABLATION_NAMES['fake_velocity']}, 2 it."))
     assert row.endswith("| 2 |") and f"| {mean:.1f} ± " in row, row
+    # when a student drifts: benchmarks.fidelity_trace groups both seeds' logs and averages their per-step probe
+    from benchmarks import fidelity_trace
+
+    groups = fidelity_trace.read_runs(work / "digits")
+    assert list(groups) == ["fake_velocity"] and len(groups["fake_velocity"]) == 2
+    logs = [[json.loads(line) for line in (work / "digits" / folder / "student_run" / "log.jsonl").read_text().splitlines()]
+            for folder in ("ablation_fake_velocity", "ablation_fake_velocity_seed1")]
+    last = [next(row for row in reversed(log) if row.get("fidelity")) for log in logs]
+    assert last[0]["step"] == last[1]["step"] == 2
+    gaps = [(last[0]["fidelity"][k]["moment_gap"] + last[1]["fidelity"][k]["moment_gap"]) / 2 for k in range(4)]
+    trace = fidelity_trace.trace_table(groups, [1, 2], "moment_gap").splitlines()
+    assert trace[-1] == "| fake_velocity | 2 | 2 | " + " | ".join(f"{g:.3f}" for g in gaps) + " |"
+
+
+def test_two_runs_on_one_work_folder_keep_each_others_rows(tmp_path):
+    # two benchmark processes on one --work: a row the other wrote while this one computed is not lost
+    teacher = defaults.TEACHERS["flow"]
+    cache_path = tmp_path / "flow" / "results.json"
+    cache_path.parent.mkdir()
+    cache_path.write_text(json.dumps({"teacher50": {"fd_real": 1.0}}))
+
+    def other_run_writes(cached):
+        def compute():
+            on_disk = json.loads(cache_path.read_text())
+            cache_path.write_text(json.dumps({**on_disk, "ablation/other": {"fd_real": 2.0}}))
+            return {"fd_real": 3.0}
+
+        cached("ablation/mine", compute)
+
+    defaults.cached_measure(teacher, tmp_path, other_run_writes)
+    assert json.loads(cache_path.read_text()) == {"teacher50": {"fd_real": 1.0}, "ablation/other": {"fd_real": 2.0},
+                                                   "ablation/mine": {"fd_real": 3.0}}
