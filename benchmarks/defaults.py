@@ -39,13 +39,14 @@ ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "huber_norm
              "student_lr": ["--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"],
              "fake_velocity": ["--fake-score-weighting", "velocity"], "fake_x0": ["--fake-score-weighting", "x0"],
              "fake_updates_5": ["--fake-score-updates", "5"],
-             "fake_updates_10": ["--fake-score-updates", "10"],
+             "fake_updates_10": ["--fake-score-updates", "10"], "fake_updates_5_l2": ["--fake-score-updates", "5", "--distance", "l2"],
              "fake_updates_5_student_lr": ["--fake-score-updates", "5", "--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"]}
 ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "huber_norm": "pseudo-Huber of the per-sample norm (the paper's)", "shared": "shared intervals",
                   "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})",
                   "fake_velocity": "fake score weighted as a velocity MSE (1/σ²)", "fake_x0": "fake score as a plain x0 MSE",
                   "fake_updates_5": "5 fake-score updates per student update",
                   "fake_updates_10": "10 fake-score updates per student update",
+                  "fake_updates_5_l2": "5 fake-score updates and squared L2",
                   "fake_updates_5_student_lr": f"5 fake-score updates and student lr / 4 ({QUARTER_STUDENT_LR:g})"}
 UNTRAINED = "TDM K=4 before training (the teacher on the student's grid, CFG 1)"
 
