@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,16 +39,14 @@ QUARTER_STUDENT_LR = DistillConfig().student_lr() / 4
 ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "huber_norm": ["--distance", "huber_norm"], "shared": ["--interval-mode", "shared"],
              "student_lr": ["--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"],
              "fake_velocity": ["--fake-score-weighting", "velocity"], "fake_x0": ["--fake-score-weighting", "x0"],
-             "fake_updates_5": ["--fake-score-updates", "5"],
-             "fake_updates_10": ["--fake-score-updates", "10"], "fake_updates_5_l2": ["--fake-score-updates", "5", "--distance", "l2"],
-             "fake_updates_5_student_lr": ["--fake-score-updates", "5", "--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"]}
+             "fake_updates_5": ["--fake-score-updates", "5"], "fake_updates_10": ["--fake-score-updates", "10"]}
 ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "huber_norm": "pseudo-Huber of the per-sample norm (the paper's)", "shared": "shared intervals",
                   "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})",
                   "fake_velocity": "fake score weighted as a velocity MSE (1/σ²)", "fake_x0": "fake score as a plain x0 MSE",
-                  "fake_updates_5": "5 fake-score updates per student update",
-                  "fake_updates_10": "10 fake-score updates per student update",
-                  "fake_updates_5_l2": "5 fake-score updates and squared L2",
-                  "fake_updates_5_student_lr": f"5 fake-score updates and student lr / 4 ({QUARTER_STUDENT_LR:g})"}
+                  "fake_updates_5": "5 fake-score updates per student update", "fake_updates_10": "10 fake-score updates per student update"}
+for _first, _second in (("fake_updates_5", "l2"), ("fake_updates_5", "student_lr")):  # two ablations at once
+    ABLATIONS[f"{_first}_{_second}"] = ABLATIONS[_first] + ABLATIONS[_second]
+    ABLATION_NAMES[f"{_first}_{_second}"] = f"{ABLATION_NAMES[_first]}, {ABLATION_NAMES[_second]}"
 UNTRAINED = "TDM K=4 before training (the teacher on the student's grid, CFG 1)"
 
 
@@ -275,18 +274,38 @@ def main_comfyui(parser, command: str, teachers: list[Teacher], seeds: tuple, it
     return 0
 
 
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside ``path`` (``<path>.lock``) while the block runs: two benchmark runs sharing a
+    --work read, merge and write their results one at a time."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def cached_measure(teacher: Teacher, work: Path, measure_with) -> dict:
     """Run ``measure_with(cached)`` on the teacher's cache file (``cached(key, compute)`` stores each new row at once)."""
     cache_path = work / teacher.name / "results.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
 
+    def on_disk() -> dict:
+        return json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
     def cached(key, compute):
+        if key not in cache:  # another run on the same --work may have made the row meanwhile
+            cache.update(on_disk())
         if key not in cache:
             value = compute()
-            # rows another run on the same --work wrote meanwhile are kept: read the file again before writing it
-            cache.update(json.loads(cache_path.read_text()) if cache_path.is_file() else {})
-            cache[key] = value
-            write_text_atomic(cache_path, json.dumps(cache, indent=1))
+            with _locked(cache_path):  # and its rows written meanwhile are kept: read again under the lock, then write
+                cache.update(on_disk())
+                cache[key] = value
+                write_text_atomic(cache_path, json.dumps(cache, indent=1))
         return cache[key]
 
     measure_with(cached)
@@ -298,7 +317,7 @@ def main(argv=None) -> int:
     parser.add_argument("--teachers", default="digits,shapes,flow")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--iterations", default="100,250,500,1000")
-    parser.add_argument("--ablations", default="k1,l2,shared")
+    parser.add_argument("--ablations", default="k1,l2,shared", help=f"comma-separated, of: {', '.join(ABLATIONS)}")
     parser.add_argument("--ablation-iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--ablation-seeds", default="0", help="training seeds of each ablation (rows: mean ± std over them)")
     parser.add_argument("--num-eval", type=int, default=500)

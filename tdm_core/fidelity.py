@@ -35,6 +35,7 @@ from .training import teacher_cfg_x0
 
 TEACHER_SUBSTEPS = 8  # DDIM steps of the teacher per student interval: 32 guided steps for K = 4
 FIDELITY_SEED = 8642  # the noise that re-noises the student's predictions: its own generator
+FIDELITY_MEASURES = ("paired_gap", "moment_gap", "fake_score_error", "teacher_error", "dm_to_cfg")  # each step's entries besides t
 
 
 def fine_grid(grid, substeps: int) -> list[float]:

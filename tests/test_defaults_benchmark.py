@@ -65,35 +65,85 @@ def test_an_ablation_over_several_seeds_passes_its_flag_and_averages_the_runs(tm
     mean = (runs[0]["fd_real"] + runs[1]["fd_real"]) / 2
     row = next(line for line in output.read_text().splitlines() if line.startswith(f"| {defaults.ABLATION_NAMES['fake_velocity']}, 2 it."))
     assert row.endswith("| 2 |") and f"| {mean:.1f} ± " in row, row
-    # when a student drifts: benchmarks.fidelity_trace groups both seeds' logs and averages their per-step probe
-    from benchmarks import fidelity_trace
-
-    groups = fidelity_trace.read_runs(work / "digits")
-    assert list(groups) == ["fake_velocity"] and len(groups["fake_velocity"]) == 2
-    logs = [[json.loads(line) for line in (work / "digits" / folder / "student_run" / "log.jsonl").read_text().splitlines()]
-            for folder in ("ablation_fake_velocity", "ablation_fake_velocity_seed1")]
-    last = [next(row for row in reversed(log) if row.get("fidelity")) for log in logs]
-    assert last[0]["step"] == last[1]["step"] == 2
-    gaps = [(last[0]["fidelity"][k]["moment_gap"] + last[1]["fidelity"][k]["moment_gap"]) / 2 for k in range(4)]
-    trace = fidelity_trace.trace_table(groups, [1, 2], "moment_gap").splitlines()
-    assert trace[-1] == "| fake_velocity | 2 | 2 | " + " | ".join(f"{g:.3f}" for g in gaps) + " |"
 
 
 def test_two_runs_on_one_work_folder_keep_each_others_rows(tmp_path):
-    # two benchmark processes on one --work: a row the other wrote while this one computed is not lost
+    # two benchmark processes on one --work, both through cached_measure: a row the other wrote while this one
+    # computed is kept, and a row the other made meanwhile is read, not computed again
     teacher = defaults.TEACHERS["flow"]
     cache_path = tmp_path / "flow" / "results.json"
     cache_path.parent.mkdir()
     cache_path.write_text(json.dumps({"teacher50": {"fd_real": 1.0}}))
+    computed, returned = [], {}
 
-    def other_run_writes(cached):
-        def compute():
-            on_disk = json.loads(cache_path.read_text())
-            cache_path.write_text(json.dumps({**on_disk, "ablation/other": {"fd_real": 2.0}}))
+    def compute(key, value):
+        def run():
+            computed.append(key)
+            return value
+        return run
+
+    def first_run(cached):
+        # the second run starts after this one read the file, makes its rows, among them one this run needs
+        returned["second"] = defaults.cached_measure(teacher, tmp_path, second_run)
+        cached("ablation/shared", compute("ablation/shared again", {"fd_real": 9.0}))
+
+        def mine():
+            # while this row is computed, a third run writes another
+            defaults.cached_measure(teacher, tmp_path, lambda c: c("ablation/late", compute("ablation/late", {"fd_real": 5.0})))
+            computed.append("ablation/mine")
             return {"fd_real": 3.0}
 
-        cached("ablation/mine", compute)
+        cached("ablation/mine", mine)
 
-    defaults.cached_measure(teacher, tmp_path, other_run_writes)
-    assert json.loads(cache_path.read_text()) == {"teacher50": {"fd_real": 1.0}, "ablation/other": {"fd_real": 2.0},
-                                                   "ablation/mine": {"fd_real": 3.0}}
+    def second_run(cached):
+        cached("ablation/other", compute("ablation/other", {"fd_real": 2.0}))
+        cached("ablation/shared", compute("ablation/shared", {"fd_real": 4.0}))
+
+    returned["first"] = defaults.cached_measure(teacher, tmp_path, first_run)
+    rows = {"teacher50": {"fd_real": 1.0}, "ablation/other": {"fd_real": 2.0}, "ablation/shared": {"fd_real": 4.0},
+            "ablation/late": {"fd_real": 5.0}, "ablation/mine": {"fd_real": 3.0}}
+    assert json.loads(cache_path.read_text()) == rows and returned["first"] == rows
+    assert computed == ["ablation/other", "ablation/shared", "ablation/late", "ablation/mine"]  # the shared row made once
+
+
+def test_every_ablation_has_a_table_label():
+    assert set(defaults.ABLATIONS) == set(defaults.ABLATION_NAMES)
+    assert defaults.ABLATIONS["fake_updates_5_l2"] == ["--fake-score-updates", "5", "--distance", "l2"]
+
+
+def _write_log(folder, rows, finished=True):
+    (folder / "student_run").mkdir(parents=True)
+    (folder / "student_run" / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if finished:
+        (folder / "done").write_text("{}")
+
+
+def _probe(step, gaps, ts=(899, 674, 449, 224)):
+    return {"step": step, "loss_fake": 0.1,
+            "fidelity": [{"t": t, "moment_gap": g, "paired_gap": g, "fake_score_error": g, "teacher_error": g, "dm_to_cfg": None}
+                         for t, g in zip(ts, gaps)]}
+
+
+def test_fidelity_trace_groups_seeds_and_names_what_it_left_out(tmp_path):
+    from benchmarks import fidelity_trace
+
+    _write_log(tmp_path / "seed0", [_probe(25, [0.1, 0.2, 0.3, 0.4])])
+    _write_log(tmp_path / "seed1", [_probe(25, [0.3, 0.4, 0.5, 0.6])])
+    _write_log(tmp_path / "ablation_fake_updates_5", [_probe(25, [1.0] * 4)])
+    # a restarted run: the aborted attempt's iteration 50 must not count
+    _write_log(tmp_path / "ablation_fake_updates_5_seed1", [_probe(25, [9.0] * 4), _probe(50, [9.0] * 4), _probe(25, [3.0] * 4)],
+               finished=False)
+    _write_log(tmp_path / "ablation_fake_updates_5_l2_seed2", [_probe(25, [5.0] * 4), _probe(50, [6.0] * 4)])
+    _write_log(tmp_path / "ablation_k1", [_probe(25, [7.0], ts=(899,))])
+    groups = fidelity_trace.read_runs(tmp_path)
+    assert {name: len(seeds) for name, seeds in groups.items()} == {"defaults": 2, "fake_updates_5": 2, "fake_updates_5_l2": 1, "k1": 1}
+    table, missing = fidelity_trace.trace_table(groups, [25, 50], "moment_gap")
+    lines = table.splitlines()
+    assert lines[2:] == [
+        "| defaults | 2 | 25 | 1 (899): 0.200, 2 (674): 0.300, 3 (449): 0.400, 4 (224): 0.500 |",
+        "| fake_updates_5 | 2 (1 unfinished) | 25 | 1 (899): 2.000, 2 (674): 2.000, 3 (449): 2.000, 4 (224): 2.000 |",
+        "| fake_updates_5_l2 | 1 | 25 | 1 (899): 5.000, 2 (674): 5.000, 3 (449): 5.000, 4 (224): 5.000 |",
+        "| fake_updates_5_l2 | 1 | 50 | 1 (899): 6.000, 2 (674): 6.000, 3 (449): 6.000, 4 (224): 6.000 |",
+        "| k1 | 1 | 25 | 1 (899): 7.000 |"]
+    assert "ablation_fake_updates_5_seed1: no probe at iteration 50" in missing and "seed0: no probe at iteration 50" in missing
+    assert "1 (899): -" in fidelity_trace.trace_table(groups, [25], "dm_to_cfg")[0]  # None at CFG 1 is shown, not averaged
