@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,13 @@ def measure_rows(teacher: Teacher, evaluator, seeds: tuple, iterations: tuple, a
 
 def ablation_folder(name: str, seed: int) -> str:
     return f"ablation_{name}" if seed == 0 else f"ablation_{name}_seed{seed}"  # seed 0 keeps the one-seed layout
+
+
+def run_group(folder: str) -> str:
+    """The inverse of the run folders' names: ``seed<n>`` -> "defaults", ``ablation_<name>[_seed<n>]`` -> ``<name>``."""
+    if re.fullmatch(r"seed\d+", folder):
+        return "defaults"
+    return re.sub(r"_seed\d+$", "", folder).removeprefix("ablation_")
 
 
 def ablation_key(name: str, seed: int) -> str:
@@ -292,10 +300,11 @@ def _locked(path: Path):
 def cached_measure(teacher: Teacher, work: Path, measure_with) -> dict:
     """Run ``measure_with(cached)`` on the teacher's cache file (``cached(key, compute)`` stores each new row at once)."""
     cache_path = work / teacher.name / "results.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
 
     def on_disk() -> dict:
         return json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    cache = on_disk()
 
     def cached(key, compute):
         if key not in cache:  # another run on the same --work may have made the row meanwhile

@@ -11,29 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from statistics import mean
 
+from benchmarks.defaults import run_group
 from tdm_core.fidelity import FIDELITY_MEASURES
-
-
-def group_name(run: str) -> str:
-    if re.fullmatch(r"seed\d+", run):
-        return "defaults"
-    return re.sub(r"_seed\d+$", "", run).removeprefix("ablation_")
 
 
 def fidelity_by_iteration(log: Path) -> dict[int, list]:
     """{training iteration: per-sampler-step fidelity list}; a resumed or restarted run's log holds the aborted
     attempt too, so rows from iteration n on are dropped whenever the log starts again at n."""
     by_iteration: dict[int, list] = {}
+    last = 0
     for line in log.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         if "step" not in row:
             continue
-        by_iteration = {n: f for n, f in by_iteration.items() if n < row["step"]}
+        if row["step"] <= last:  # the log starts again: drop the aborted attempt from here on
+            by_iteration = {n: f for n, f in by_iteration.items() if n < row["step"]}
+        last = row["step"]
         if row.get("fidelity"):
             by_iteration[row["step"]] = row["fidelity"]
     return by_iteration
@@ -46,7 +43,7 @@ def read_runs(folder: Path) -> dict[str, list[dict]]:
         run = log.parent.parent
         fidelity = fidelity_by_iteration(log)
         if fidelity:
-            groups.setdefault(group_name(run.name), []).append(
+            groups.setdefault(run_group(run.name), []).append(
                 {"name": run.name, "finished": (run / "done").is_file(), "fidelity": fidelity})
     return groups
 
