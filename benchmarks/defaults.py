@@ -1,7 +1,7 @@
 """Does a bare ``training.distill`` run distil? The defaults, measured on every benchmark teacher.
 
     python -m benchmarks.defaults [--teachers digits,shapes,flow] [--seeds 0,1,2] [--iterations 100,250,500,1000]
-                                  [--ablations k1,l2,shared] [--ablation-seeds 0] [--num-eval 500] [--output benchmarks/RESULTS_defaults.md]
+                                  [--ablations k1,fake_updates_1_huber,shared] [--ablation-seeds 0] [--num-eval 500] [--output benchmarks/RESULTS_defaults.md]
                                   [--host trainer|comfyui]
 
 Each student is one ``python -m training.distill --model T --prompts P --output O --cfg W --seed S`` run
@@ -40,14 +40,18 @@ QUARTER_STUDENT_LR = DistillConfig().student_lr() / 4
 ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "huber_norm": ["--distance", "huber_norm"], "shared": ["--interval-mode", "shared"],
              "student_lr": ["--student-learning-rate", f"{QUARTER_STUDENT_LR:g}"],
              "fake_velocity": ["--fake-score-weighting", "velocity"], "fake_x0": ["--fake-score-weighting", "x0"],
-             "fake_updates_5": ["--fake-score-updates", "5"], "fake_updates_10": ["--fake-score-updates", "10"]}
+             "fake_updates_5": ["--fake-score-updates", "5"], "fake_updates_10": ["--fake-score-updates", "10"],
+             "huber": ["--distance", "huber"], "fake_updates_1": ["--fake-score-updates", "1"]}
 ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "huber_norm": "pseudo-Huber of the per-sample norm (the paper's)", "shared": "shared intervals",
                   "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})",
                   "fake_velocity": "fake score weighted as a velocity MSE (1/σ²)", "fake_x0": "fake score as a plain x0 MSE",
-                  "fake_updates_5": "5 fake-score updates per student update", "fake_updates_10": "10 fake-score updates per student update"}
-for _first, _second in (("fake_updates_5", "l2"), ("fake_updates_5", "student_lr")):  # two ablations at once
+                  "fake_updates_5": "5 fake-score updates per student update", "fake_updates_10": "10 fake-score updates per student update",
+                  "huber": "element-wise pseudo-Huber (the reference script's; the default before issue 22)",
+                  "fake_updates_1": "1 fake-score update per student update (the method's; the default before issue 22)"}
+for _first, _second in (("fake_updates_5", "l2"), ("fake_updates_5", "student_lr"), ("fake_updates_1", "huber")):  # two ablations at once
     ABLATIONS[f"{_first}_{_second}"] = ABLATIONS[_first] + ABLATIONS[_second]
     ABLATION_NAMES[f"{_first}_{_second}"] = f"{ABLATION_NAMES[_first]}, {ABLATION_NAMES[_second]}"
+ABLATION_NAMES["fake_updates_1_huber"] = "the defaults before issue 22 (1 fake-score update, element-wise pseudo-Huber)"
 UNTRAINED = "TDM K=4 before training (the teacher on the student's grid, CFG 1)"
 
 
@@ -242,7 +246,8 @@ def render(command: str, teachers: list[Teacher], caches: dict, seeds, iteration
     lines = ["# Benchmarks: `training.distill` with its defaults", "",
              f"Produced by `{command}`. Each student: `python -m training.distill --model T --prompts P --output O --cfg W --seed S` "
              f"with every other option at its default (rank {d.lora_rank}, batch {d.batch_size}, fake-score lr {d.fake_lr():g}, "
-             f"student lr {d.student_lr():g}, {d.lr_scheduler} after {d.lr_warmup_steps} warm-up steps, {d.distance} distance, "
+             f"student lr {d.student_lr():g}, {d.fake_score_updates} fake-score updates per student update, "
+             f"{d.lr_scheduler} after {d.lr_warmup_steps} warm-up steps, {d.distance} distance, "
              f"{d.interval_mode} intervals, K={d.num_steps}); longer runs are checkpointed, and with a constant "
              "schedule their step-n checkpoint is the n-step run. Students sample at CFG 1 on their own grid; the teacher "
              "at the distilled CFG with DDIM (trailing grid from t=999; on a flow teacher DDIM is the Euler step of the flow ODE). "
@@ -326,7 +331,7 @@ def main(argv=None) -> int:
     parser.add_argument("--teachers", default="digits,shapes,flow")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--iterations", default="100,250,500,1000")
-    parser.add_argument("--ablations", default="k1,l2,shared", help=f"comma-separated, of: {', '.join(ABLATIONS)}")
+    parser.add_argument("--ablations", default="k1,fake_updates_1_huber,shared", help=f"comma-separated, of: {', '.join(ABLATIONS)}")
     parser.add_argument("--ablation-iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--ablation-seeds", default="0", help="training seeds of each ablation (rows: mean ± std over them)")
     parser.add_argument("--num-eval", type=int, default=500)

@@ -49,7 +49,8 @@ class DistillOptions:
     gradient_checkpointing: bool = False
     total_steps: int = 900
     max_grad_norm: float = 1.0
-    distance: str = "huber"
+    distance: str = iteration.DEFAULT_DISTANCE
+    fake_score_updates: int = iteration.DEFAULT_FAKE_SCORE_UPDATES  # per student update (the trainer's --fake-score-updates)
     boundary: float = WAN22_T2V_BOUNDARY  # sigma where a low_noise_model takes over (two experts only)
 
     def lora_alpha(self) -> float:
@@ -65,7 +66,8 @@ class DistillOptions:
 
     def settings(self) -> iteration.TDMSettings:
         return iteration.TDMSettings(grid=tuple(self.grid()), prediction_type=PREDICTION_TYPE, total_steps=self.total_steps,
-                                     cfg_scale=self.cfg, distance=self.distance)
+                                     cfg_scale=self.cfg, distance=self.distance,
+                                     fake_score_updates=self.fake_score_updates)
 
 
 def check_options(options: DistillOptions, num_prompts: int, has_negative: bool) -> None:

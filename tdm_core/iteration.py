@@ -28,6 +28,7 @@ from torch import Tensor
 from .parameterization import x0_eps_from_output
 from .samplers import predict_x0_eps, tdm_steps
 from .training import (
+    DEFAULT_DISTANCE,
     DEFAULT_FAKE_SCORE_UPDATES,
     DEFAULT_FAKE_SCORE_WEIGHTING,
     diffuse_u_to_t,
@@ -62,7 +63,7 @@ class TDMSettings:
     prediction_type: str
     total_steps: int = 900
     cfg_scale: float = 2.0
-    distance: str = "huber"
+    distance: str = DEFAULT_DISTANCE
     huber_c: Optional[float] = None
     interval_mode: str = "separate"
     randmid: bool = False

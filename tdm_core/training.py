@@ -80,7 +80,8 @@ def min_snr_weight(a_t: Tensor, s_t: Tensor, gamma: float = 5.0) -> Tensor:
 
 FAKE_SCORE_WEIGHTINGS = ("min_snr", "velocity", "x0")
 DEFAULT_FAKE_SCORE_WEIGHTING = "min_snr"  # the reference min(SNR, 5); issue 22 measures the others
-DEFAULT_FAKE_SCORE_UPDATES = 1  # fake-score updates per student update: 1 in METHOD.md; more is issue 22's ablation
+DEFAULT_FAKE_SCORE_UPDATES = 5  # fake-score updates per student update: 1 in METHOD.md; 5 (DMD2's two time-scale rule) copies
+# the teacher closer on the flow, shapes and digits teachers (issue 22, benchmarks/RESULTS_fidelity.md)
 
 
 def fake_score_weight(a_t: Tensor, s_t: Tensor, weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING) -> Tensor:
@@ -153,6 +154,9 @@ def pseudo_huber_norm(x: Tensor, y: Tensor, c: Optional[float] = None) -> Tensor
 
 
 DISTANCES = {"l2": squared_l2, "huber": pseudo_huber_elementwise, "huber_norm": pseudo_huber_norm}
+# squared L2 (as TDM-R1 trains SD3.5): the student is pushed in proportion to the score difference; the reference
+# script's element-wise pseudo-Huber with c = 1e-3 pushes nearly by its sign (issue 22, benchmarks/RESULTS_fidelity.md)
+DEFAULT_DISTANCE = "l2"
 
 
 def distance_d(name: str, x: Tensor, y: Tensor, c: Optional[float] = None) -> Tensor:

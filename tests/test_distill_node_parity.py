@@ -180,7 +180,8 @@ def test_first_iteration_matches_the_trainer(teacher, tmp_path, checkpointing):
         distiller.backward = lambda role, loss: (wrapped.append(checkpointed_modules(distiller)), backward(role, loss))[-1]
 
     trained, node, grads = run_both(teacher, tmp_path, tamper=watch_backward, gradient_checkpointing=checkpointing)
-    assert len(wrapped) == 2 and (min(wrapped) > 0 if checkpointing else max(wrapped) == 0), f"checkpointed modules at each backward: {wrapped}"
+    updates = seen["distiller"].options.fake_score_updates + 1  # each fake-score update, then the student's
+    assert len(wrapped) == updates and (min(wrapped) > 0 if checkpointing else max(wrapped) == 0), f"checkpointed modules at each backward: {wrapped}"
     assert checkpointed_modules(seen["distiller"]) == 0, "release left modules checkpointed"
     assert all(g.abs().max() > 0 for role in ROLES for g in grads["trainer"][role].values() if g.ndim), "a LoRA got no gradient"
     errors = parity_errors(trained, node, grads)
@@ -227,16 +228,16 @@ def test_an_eps_model_read_as_v_breaks_parity(teacher, tmp_path):
 
 
 def test_the_node_optimises_as_the_trainer_does(teacher, tmp_path):
-    """Same defaults (K, iterations, cfg, rank, T, clipping, distance), and per adapter the same AdamW settings
+    """Same defaults (K, iterations, cfg, rank, T, clipping, distance, fake-score updates), and per adapter the same AdamW settings
     and learning rate at every step of the warm-up and after it."""
     from comfyui_tdm_pack.nodes.distill import Distiller, DistillOptions
     from training.config import DistillConfig
 
     trainer_defaults, node_defaults = DistillConfig(), DistillOptions()
     assert (trainer_defaults.num_steps, trainer_defaults.max_train_steps, trainer_defaults.cfg, trainer_defaults.lora_rank,
-            trainer_defaults.total_steps, trainer_defaults.max_grad_norm, trainer_defaults.distance) == (
+            trainer_defaults.total_steps, trainer_defaults.max_grad_norm, trainer_defaults.distance, trainer_defaults.fake_score_updates) == (
         node_defaults.steps, node_defaults.iterations, node_defaults.cfg, node_defaults.rank, node_defaults.total_steps,
-        node_defaults.max_grad_norm, node_defaults.distance)
+        node_defaults.max_grad_norm, node_defaults.distance, node_defaults.settings().fake_score_updates)
     cfg, parts, latent_shape = trainer_parts(teacher, tmp_path)
     positives, negative = node_conditionings(parts.family)
     distiller = Distiller(comfy_teacher(teacher["model"]), positives, negative, latent_shape, DistillOptions(rank=cfg.lora_rank))

@@ -108,7 +108,9 @@ def analytic_kl_gradient(t: torch.Tensor, mu_theta: torch.Tensor, mu_target: tor
 
 
 def settings(cfg: float) -> TDMSettings:
-    return TDMSettings(grid=GRID, prediction_type="sample", cfg_scale=cfg, distance="l2")
+    # METHOD.md's iteration, one fake-score update (the ideal fake score here does not learn; several updates:
+    # test_the_iteration_in_chunks_is_the_whole_batchs_step and tests/test_option_equivalence.py)
+    return TDMSettings(grid=GRID, prediction_type="sample", cfg_scale=cfg, distance="l2", fake_score_updates=1)
 
 
 def setup(seed: int = 0):

@@ -18,7 +18,7 @@ gradient is taken after the fake score's step, so a stale or wrongly trained fak
 - ``--use-8bit-adam`` against AdamW (bitsandbytes is in the test environment's lock, so CI runs it).
 
 Bounds (relative: ``||a - b|| / ||b||`` over all of an adapter's gradients, and per loss), ``BOUNDS``.
-The distance is squared L2 (``--distance l2``): the default element-wise pseudo-Huber with c = 1e-3 has a
+The distance is squared L2 (``--distance l2``, the default since issue 22): the element-wise pseudo-Huber with c = 1e-3 has a
 gradient of slope 1/c = 1000 where a difference is near zero, which turns float32 rounding of the inputs
 into 1e-4-sized changes of the student's gradient and would hide nothing the options could do wrong.
 The student's gradient is the most sensitive quantity everywhere: its target, teacher minus fake score
@@ -222,11 +222,14 @@ def test_the_fake_score_weighting_flag_reaches_the_fake_score_loss(step_of):
 def test_the_fake_score_updates_flag_steps_the_fake_score_again(step_of):
     """Not an equivalence: issue 22's two time-scale ablation must reach the trainer's loop and step the fake score
     again (that the student's update reads the further-updated fake score is tests/test_iteration_analytic.py's);
-    1 is the default."""
-    plain, twice = step_of("flux"), step_of("flux", fake_score_updates=2)
-    moved = relative(twice.moves["fake_score"], plain.moves["fake_score"])
+    DEFAULT_FAKE_SCORE_UPDATES (5) is the default."""
+    from tdm_core.training import DEFAULT_FAKE_SCORE_UPDATES
+
+    plain, once = step_of("flux"), step_of("flux", fake_score_updates=1)
+    moved = relative(once.moves["fake_score"], plain.moves["fake_score"])
     assert moved > 0.1, f"the fake score's move changed by only {moved:.3g}"
-    assert_same_step(step_of("flux", fake_score_updates=1), plain)
+    assert DEFAULT_FAKE_SCORE_UPDATES == 5
+    assert_same_step(step_of("flux", fake_score_updates=DEFAULT_FAKE_SCORE_UPDATES), plain)
 
 
 @pytest.mark.parametrize("scheduler", ["linear", "cosine"])

@@ -15,7 +15,7 @@ from typing import Optional
 from tdm_core.grids import parse_grid, reference_grid
 from tdm_core.learning_rates import FAKE_TO_STUDENT_LR, LR_PER_SQRT_RANK_OVER_ALPHA, LR_WARMUP_STEPS, default_fake_score_lr, default_student_lr
 from tdm_core.steps_aware import parse_k_choices
-from tdm_core.training import DEFAULT_FAKE_SCORE_UPDATES, DEFAULT_FAKE_SCORE_WEIGHTING, DISTANCES, FAKE_SCORE_WEIGHTINGS, INTERVAL_MODES
+from tdm_core.training import DEFAULT_DISTANCE, DEFAULT_FAKE_SCORE_UPDATES, DEFAULT_FAKE_SCORE_WEIGHTING, DISTANCES, FAKE_SCORE_WEIGHTINGS, INTERVAL_MODES
 
 from .errors import ConfigError
 from .precision import SAVE_DTYPES, WEIGHT_DTYPES
@@ -47,17 +47,17 @@ class DistillConfig:
     num_steps: int = _opt(4, f"K, the student's sampling steps (1..{MAX_STUDENT_STEPS})")
     grid: Optional[str] = _opt(None, "explicit trajectory timesteps t_0 > .. > t_{K-1}, e.g. '999,856,665,399' (overrides the reference grid; K = its length)")
     total_steps: int = _opt(900, "T of the reference grid t_i = T - 1 - i * (T // K) (900 as in the reference README)")
-    max_train_steps: int = _opt(500, "number of student updates (one fake-score update each)")
+    max_train_steps: int = _opt(500, "number of student updates (each after --fake-score-updates fake-score updates)")
     batch_size: int = _opt(8, "prompts per process per iteration (short of memory: lower it and raise --gradient-accumulation-steps, the product is what counts)")
     gradient_accumulation_steps: int = _opt(1, "N: each step trains on batch-size x N prompts, run in N chunks of batch-size (the same step as one batch of that size; the networks' activations are those of batch-size, the latents and prompt conditions of the whole batch)")
     cfg: float = _opt(2.0, "teacher classifier-free guidance scale w distilled into the student (METHOD.md default 2; the README run used 4.5)")
-    distance: str = _opt("huber", "generator distance: l2, huber (element-wise, reference script) or huber_norm (per-sample norm, paper)")
+    distance: str = _opt(DEFAULT_DISTANCE, "student distance: l2 (squared, as TDM-R1; the default: issue 22's benchmarks), huber (element-wise, reference script) or huber_norm (per-sample norm, paper)")
     huber_c: Optional[float] = _opt(None, "pseudo-Huber c; default 1e-3 for huber, 0.00054*sqrt(dim) for huber_norm")
     interval_mode: str = _opt("separate", "diffusion-time intervals: separate (per step, no overlap) or shared ([u, T-10])")
     fake_score_weighting: str = _opt(DEFAULT_FAKE_SCORE_WEIGHTING, "weight of the fake score's x0 loss over noise levels: min_snr (min(SNR, 5), the reference), "
                                      "velocity (1/sigma^2: a plain velocity MSE on flow models, as TDM-R1) or x0 (1); an ablation of issue 22")
     fake_score_updates: int = _opt(DEFAULT_FAKE_SCORE_UPDATES, "fake-score updates per student update, each on new noise levels of the same roll-out "
-                                   "(1: the method; more: DMD2's two time-scale rule, an ablation of issue 22). The fake score's learning-rate "
+                                   "(1: the method; 5, the default: DMD2's two time-scale rule, closer to the teacher in issue 22's benchmarks). The fake score's learning-rate "
                                    "warm-up counts its own updates, its decay spans the run; the logged loss_fake and grad_norm_fake are its last update's")
     randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
     steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
