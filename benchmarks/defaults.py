@@ -228,6 +228,7 @@ def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablati
     if moved:
         lines += ["", f"The run's own final word (`summary.json`): probe samples moved {', '.join(f'{100 * m:.0f}%' for m in moved)} "
                       "from the teacher's 4-step samples."]
+    lines += fidelity_goals(cache, seeds, iterations)
     target = cache["teacher50"]["fd_real"]
     at_default = [cache[f"seed{s}/{DEFAULT_ITERATIONS}"]["fd_real"] for s in seeds if f"seed{s}/{DEFAULT_ITERATIONS}" in cache]
     if at_default:
@@ -238,6 +239,42 @@ def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablati
                       f"against {target:.1f} for the teacher's 50-step sampler: {verdict} (teacher at 4 steps: "
                       f"{cache['teacher4']['fd_real']:.1f})."]
     return lines + [""]
+
+
+# issue 22's goals for the defaults: FD to the teacher's 50 steps at most 2x its own 4 steps' at the default
+# iterations, seed spread (std) at most 25 % of the mean, no checkpoint after 250 iterations more than 20 % worse
+FIDELITY_RATIO_GOAL, SPREAD_GOAL, STABLE_AFTER, WORSENING_GOAL = 2.0, 0.25, 250, 0.2
+
+
+def fidelity_goals(cache: dict, seeds: tuple, iterations: tuple) -> list[str]:
+    """The defaults' rows held to issue 22's goals, each with the measured number and whether it holds."""
+    def mean_fd(n):
+        values = [cache[f"seed{s}/{n}"]["fd_teacher"] for s in seeds if f"seed{s}/{n}" in cache]
+        return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)) if values else None
+
+    at_default = mean_fd(DEFAULT_ITERATIONS)
+    if at_default is None:
+        return []
+    mean, sd, runs = at_default
+    own = cache["teacher4"]["fd_teacher"]
+    ratio = mean / own
+    verdicts = [f"FD to the teacher's 50 steps {mean:.1f} = {ratio:.1f}x the teacher's own 4 steps' {own:.1f} "
+                f"(goal at most {FIDELITY_RATIO_GOAL:g}x): {'holds' if ratio <= FIDELITY_RATIO_GOAL else 'missed'}"]
+    if sd is None:
+        verdicts.append("seed spread: one run, not measured")
+    else:
+        verdicts.append(f"seed spread {100 * sd / mean:.0f} % of the mean over {runs} runs (goal at most {100 * SPREAD_GOAL:.0f} %): "
+                        f"{'holds' if sd <= SPREAD_GOAL * mean else 'missed'}")
+    later = [(a, b) for a, b in zip(iterations, iterations[1:]) if a >= STABLE_AFTER]
+    for before, after in later:
+        first, second = mean_fd(before), mean_fd(after)
+        if first is None or second is None:
+            verdicts.append(f"{after} against {before} iterations: not measured")
+            continue
+        change = second[0] / first[0] - 1
+        verdicts.append(f"{after} against {before} iterations {100 * change:+.0f} % (goal: at most {100 * WORSENING_GOAL:.0f} % worse): "
+                        f"{'holds' if change <= WORSENING_GOAL else 'missed'}")
+    return ["", f"Issue 22's goals at {DEFAULT_ITERATIONS} iterations (means over the training seeds): " + "; ".join(verdicts) + "."]
 
 
 def render(command: str, teachers: list[Teacher], caches: dict, seeds, iterations, ablations, ablation_iterations: int,

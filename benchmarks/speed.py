@@ -3,7 +3,8 @@
 Training designs, all on the same UNet2DConditionModel, batch and K (``--config``):
 
 - ``lora``: the project as it trains: ``training.distill.build_parts`` (one frozen base with the
-  ``student`` and ``fake_score`` LoRA adapters, the trainer's defaults) and ``training.loop.tdm_iteration``.
+  ``student`` and ``fake_score`` LoRA adapters, the trainer's defaults but one fake-score update per iteration) and
+  ``training.loop.tdm_iteration``.
 - ``floor``: the network work of one ``lora`` iteration timed alone on the same LoRA'd network, switched
   with ``use_adapter`` as the loop does (``training.loop.network_output``), without the method's
   bookkeeping or the optimiser steps: K no-grad roll-out forwards at B, fake-score forward + backward
@@ -370,12 +371,14 @@ def time_iterations(step, warmup: int, iterations: int, device="cpu", profile: b
 def project_config(model_dir: Path, work: Path, batch_size: int, num_steps: int, mixed_precision: str = "no",
                    gradient_checkpointing: bool = False):
     """``training.distill``'s configuration for the benchmark: its defaults, except the model (through
-    the benchmark family), K, the batch and CFG 2 that every design here shares."""
+    the benchmark family), K, the batch and CFG 2 that every design here shares, and one fake-score update per
+    iteration: the method's iteration, which the floor and the reference design count (the default since
+    issue 22, 5, adds four fake-score forward + backward passes to every design alike)."""
     from training.config import parse_config
 
     argv = ["--model", str(model_dir), "--family", BENCH_FAMILY, "--prompts", str(prompts_file(work)),
             "--output", str(work / "x.safetensors"), "--num-steps", str(num_steps), "--batch-size", str(batch_size),
-            "--cfg", str(CFG_SCALE), "--mixed-precision", mixed_precision]
+            "--cfg", str(CFG_SCALE), "--mixed-precision", mixed_precision, "--fake-score-updates", "1"]
     if gradient_checkpointing:
         argv.append("--gradient-checkpointing")
     return parse_config(argv)
@@ -477,7 +480,7 @@ def reference_step(model_dir: Path, work: Path, batch_size: int, num_steps: int,
     latent_shape = family.latent_shape(batch_size)
     settings = TDMSettings(grid=tuple(cfg.trajectory_grid()), prediction_type=family.prediction_type, total_steps=cfg.total_steps,
                            cfg_scale=cfg.cfg, distance=cfg.distance, huber_c=resolved_huber_c(cfg, latent_shape),
-                           interval_mode=cfg.interval_mode, randmid=cfg.randmid)
+                           interval_mode=cfg.interval_mode, randmid=cfg.randmid, fake_score_updates=cfg.fake_score_updates)
     gen = torch.Generator().manual_seed(cfg.seed)
     prompts = [str(c) for c in range(10)]
     null_cond = family.null_condition(batch_size)
