@@ -71,7 +71,8 @@ def test_each_row_goes_to_the_expert_that_owns_its_sigma(experts):
 
 @pytest.mark.parametrize("boundary, trained", [(0.875, {"high", "low"}), (0.02, {"high"}), (0.99, {"low"})])
 def test_each_experts_student_learns_only_from_its_side_of_the_boundary(experts, lora_folder, boundary, trained):
-    result = run(experts, f"a14b_{int(boundary * 1000)}", boundary)
+    # 3 iterations: the first student step is at warm-up rate 0, and in one more of batch 4 no row may fall on a side
+    result = run(experts, f"a14b_{int(boundary * 1000)}", boundary, iterations=3)
     loras = {"high": result[1], "low": result[5]}
     for side, lora in loras.items():
         change = max(float(v.abs().max()) for k, v in lora.items() if k.endswith("lora_up.weight"))
