@@ -222,8 +222,12 @@ def trained_adapters(folder: Path, run_root: Path, *extra) -> dict[str, dict[str
 # 1e-6: 14x above the rounding seen, 10x below the smallest break seen. SDXL's pooled projection rounds by 1 ulp
 # with the batch size (3.6e-7 on the pooled embedding, measured) and its adapters differ by 1.5e-6 after 3 steps:
 # its bound is 3e-6, 2x that and 3.7x below the smallest break.
+# Re-measured with the defaults of issue 22 (5 fake-score updates per step, squared L2), 2026-12-07 on this CPU:
+# SD1.5, Flux, Z-Image, Wan and CogVideoX bit-identical; Qwen-Image 6e-8; SDXL 7.2e-7; SD3 1.7e-6 (its pooled
+# projection rounds with the batch size as SDXL's does). The bf16-rounded cache breaks them by 7.0e-5 (SDXL),
+# 2.2e-4 (Qwen-Image) and 2.5e-3 (SD3). SD3's bound, 3.5e-6, is 2x its rounding and 700x below its break.
 ATOL = 1e-6
-FAMILY_ATOL = {"sdxl": 3e-6}
+FAMILY_ATOL = {"sdxl": 3e-6, "sd3": 3.5e-6}
 
 
 def largest_difference(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> tuple[float, str]:
