@@ -96,6 +96,25 @@ class TDMAdapters:
         return state
 
 
+def lora_delta(students: list) -> float:
+    """``||dW|| / ||W||`` over every layer the student LoRAs adapt, ``students`` being ``(lora_state, model)`` pairs
+    (TrainLoraNode's layout; the ModelPatcher it adapts): the measure ``training.progress.lora_delta`` takes of the
+    trainer's student, for ``tdm_core.progress.diverging``. Base weights as stored (a scaled-fp8 weight without its
+    scale)."""
+    delta_sq = base_sq = 0.0
+    with torch.no_grad():
+        for lora, model in students:
+            for key, up in lora.items():
+                if not key.endswith(".lora_up.weight"):
+                    continue
+                name = key.removesuffix(".lora_up.weight")
+                down = lora[f"{name}.lora_down.weight"].float()
+                delta = float(lora[f"{name}.alpha"]) / down.shape[0] * (up.float() @ down.flatten(1))
+                delta_sq += float(delta.pow(2).sum())
+                base_sq += float(model.model.get_submodule(name).weight.float().pow(2).sum())
+    return (delta_sq / base_sq) ** 0.5 if base_sq > 0 else 0.0
+
+
 def target_layers(patcher, targets) -> dict:
     """``{module name: module}`` of the diffusion model's layers the adapters go on (ComfyUI's cast layers,
     which run weight wrappers)."""

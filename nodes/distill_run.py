@@ -22,7 +22,7 @@ from .comfy_sigmas import TDM_INFO_ATTACHMENT
 from .core_import import TDMInfo, fidelity, learning_rates, lora_files, progress
 from . import distill_checkpoint
 from .distill import Distiller, DistillOptions
-from .distill_adapters import FAKE_SCORE, STUDENT
+from .distill_adapters import FAKE_SCORE, STUDENT, lora_delta
 from .distill_experts import low_noise_suffix
 from .distill_checkpoint import Checkpoints, RunState, checkpoint_path, start_or_resume
 from .distill_fingerprint import run_fingerprint
@@ -84,24 +84,23 @@ def check_finite(metrics: dict, iteration_number: int) -> None:
                              "(or keep the model in fp32) and queue again")
 
 
-def report(history: list[dict], change: float, options: DistillOptions, path: str, steps: list[dict]) -> str:
+def report(history: list[dict], change: float, options: DistillOptions, path: str, steps: list[dict], delta: float | None = None) -> str:
     rates = options.rates()
     fake_start, fake_end = progress.trend([m["loss_fake"] for m in history])
     student_start, student_end = progress.trend([m["loss_student"] for m in history])
     text = (f"TDM Distill: {len(history)} iterations, K={options.steps}, cfg {options.cfg:g}, LoRA rank {options.rank}, "
             f"learning rates fake score {rates['fake_score']:.3g} / student {rates['student']:.3g}, batch {options.batch_size}.\n"
             f"student vs teacher: {options.steps}-step samples changed by {100 * change:.1f}%; fake-score loss {fake_start:.4g} -> "
-            f"{fake_end:.4g}, student loss {student_start:.4g} -> {student_end:.4g} (first vs last tenth).\nLoRA: {path}")
+            f"{fake_end:.4g}, student loss {student_start:.4g} -> {student_end:.4g} (first vs last tenth)"
+            + (f"; LoRA |dW|/|W| = {delta:.2e}" if delta is not None else "") + f".\nLoRA: {path}")
     text += ("\nPer student step on the probe: its point vs the teacher's guided ODE from the same noise (paired, moments), "
              "the fake score's vs the teacher's denoising error, distribution matching vs guidance:\n" + fidelity.fidelity_table(steps))
     worst = fidelity.drifting_step(steps)
     if worst is not None:
         text += f"\nThe gap to the teacher grows most at step {worst} of {len(steps)}."
-    grown = progress.diverging({"fake-score": [m["loss_fake"] for m in history], "student": [m["loss_student"] for m in history]},
-                               learning_rates.LR_WARMUP_STEPS)
-    if grown:  # the trainer's rule (tdm_core.progress): a loss that grew several-fold after the warm-up
-        text += ("\nWARNING: the run diverged: " + ", ".join(f"the {name} loss grew {g:.1f}x" for name, g in grown.items())
-                 + ". Lower the learning rates and queue again.")
+    grown = progress.diverging({"fake-score": [m["loss_fake"] for m in history]}, learning_rates.LR_WARMUP_STEPS, delta)
+    if grown:  # the trainer's rule (tdm_core.progress): the fake-score loss grew several-fold, or the student's LoRA outgrew its weights
+        text += f"\nWARNING: the run diverged: {progress.divergence_reasons(grown)}. Lower the learning rates and queue again."
     if change < progress.BARELY_MOVED:
         text += (f"\nWARNING: the student did not learn: its samples moved less than {100 * progress.BARELY_MOVED:.0f}% from the "
                  "teacher's, so this LoRA will do almost nothing. Raise iterations, the learning rates or the batch size.")
@@ -170,7 +169,8 @@ def distill(model, positives: list, negative, latent: dict, options: DistillOpti
         student_model.set_attachments(TDM_INFO_ATTACHMENT, info)  # TDM KSampler / Scheduler grid "auto" read it, as after TDM LoRA Loader
         students.append((student_model, lora))
     distill_checkpoint.remove(store.path)  # finished: the same inputs queued again train afresh
-    text = report(state.history, change, options, path + (f" and {low_path} (low-noise expert)" if low_path else ""), steps)
+    delta = lora_delta([(lora, expert_model) for expert_model, (_, lora) in zip((model, low_noise_model), students)])
+    text = report(state.history, change, options, path + (f" and {low_path} (low-noise expert)" if low_path else ""), steps, delta)
     plot = as_comfy_image(loss_plot(state.history, state.probes))
     (student_model, lora), low = students[0], (students[1] if len(students) > 1 else (None, None))
     return DistillResult(student_model, lora, path, (note + "\n" + text) if note else text, plot, state.history,

@@ -126,6 +126,19 @@ def test_the_lora_loads_in_stock_loraloader_and_the_model_is_teacher_plus_lora(g
     assert (by_node - tdm_sample(loaded, graph)).abs().max() < 1e-4
     assert torch.equal(tdm_sample(graph["model"], graph), teacher_before), "distilling changed the input MODEL"
     assert "changed by" in report and str(path) in report
+    # the report's |dW|/|W| (the divergence rule's measure) is the change ComfyUI's own LoRA code makes to the weights
+    import re
+
+    import comfy.lora
+    import comfy.utils
+
+    delta_sq = base_sq = 0.0
+    for key, patches in loaded.patches.items():
+        base = comfy.utils.get_attr(loaded.model, key).detach().float()
+        delta_sq += float((comfy.lora.calculate_weight(patches, base.clone(), key) - base).pow(2).sum())
+        base_sq += float(base.pow(2).sum())
+    reported = float(re.search(r"\|dW\|/\|W\| = ([0-9.]+e[+-][0-9]+)", report).group(1))
+    assert reported == pytest.approx((delta_sq / base_sq) ** 0.5, rel=1e-2) and reported > 0, (reported, (delta_sq / base_sq) ** 0.5)
 
 
 def test_the_report_says_when_the_student_did_not_learn(graph, lora_folder):
@@ -151,6 +164,10 @@ def test_the_report_flags_a_diverging_run_with_the_trainers_rule(pack):
     flagged = report(rising, 0.2, DistillOptions(iterations=steps), "x.safetensors", [])
     assert "the run diverged" in flagged and "fake-score loss grew" in flagged, flagged
     assert "diverged" not in report(flat, 0.2, DistillOptions(iterations=steps), "x.safetensors", [])
+    # the student's LoRA at 17x the weights it adapts (a 500x student rate on the tiny teacher) is flagged, 0.9x is not
+    outgrown = report(flat, 0.2, DistillOptions(iterations=steps), "x.safetensors", [], 17.0)
+    assert "the run diverged" in outgrown and "the student's LoRA is 17x" in outgrown and "|dW|/|W| = 1.70e+01" in outgrown, outgrown
+    assert "diverged" not in report(flat, 0.2, DistillOptions(iterations=steps), "x.safetensors", [], 0.9)
 
 
 def test_missing_negative_at_cfg_above_one_names_the_fix(graph, lora_folder):
