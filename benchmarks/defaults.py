@@ -112,6 +112,13 @@ def distil(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int,
     return run_dir
 
 
+def has_checkpoints(folder: Path, iterations: tuple) -> bool:
+    """Whether the run in ``folder`` finished and kept a checkpoint at each of ``iterations``."""
+    from training.checkpoint import checkpoint_dir
+
+    return (folder / "done").is_file() and all(checkpoint_dir(folder / "student_run", n).is_dir() for n in iterations)
+
+
 def checkpoint_student(run_dir: Path, step: int) -> dict:
     from training.checkpoint import checkpoint_dir, load_checkpoint
 
@@ -378,6 +385,10 @@ def main(argv=None) -> int:
     parser.add_argument("--host", choices=("trainer", "comfyui"), default="trainer",
                         help="who distils: the headless trainer (python -m training.distill, the default) or the TDM Distill "
                              "node's own code on the teacher loaded as a ComfyUI MODEL (rows added under each teacher)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="write the tables from the rows already in <work>/<teacher>/results.json: nothing is trained or "
+                             "scored (rows not there show as not measured, the runs column counts the seeds that are); the "
+                             "preview is drawn when the first seed's run has every checkpoint")
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
@@ -402,9 +413,12 @@ def main(argv=None) -> int:
     caches = {}
     for teacher in teachers:
         evaluator = teacher.evaluator(args.num_eval, (0, 1))
-        caches[teacher.name] = measure(teacher, evaluator, seeds, iterations, ablations, args.work,
-                                       lambda m: print(f"[defaults] {m}", flush=True), args.ablation_iterations, ablation_seeds)
-        if seeds:
+        if args.cached_only:
+            caches[teacher.name] = cached_measure(teacher, args.work, lambda cached: None)
+        else:
+            caches[teacher.name] = measure(teacher, evaluator, seeds, iterations, ablations, args.work,
+                                           lambda m: print(f"[defaults] {m}", flush=True), args.ablation_iterations, ablation_seeds)
+        if seeds and (not args.cached_only or has_checkpoints(args.work / teacher.name / f"seed{seeds[0]}", iterations)):
             preview = write_preview(evaluator, args.work / teacher.name / f"seed{seeds[0]}" / "student_run", iterations,
                                     args.output.parent / f"{args.output.stem}_{teacher.name}.png")
             caches[teacher.name][f"preview/{teacher.name}"] = preview.name

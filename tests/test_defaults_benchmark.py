@@ -41,6 +41,13 @@ def test_defaults_benchmark_distils_with_defaults_and_writes_the_table(tmp_path)
     before = output.stat().st_mtime_ns
     assert defaults.main(argv) == 0  # everything cached: rewrites the table without training
     assert output.read_text() == text and output.stat().st_mtime_ns >= before
+    # --cached-only: a second seed that was never run is neither trained nor scored; its rows are counted out
+    partial = tmp_path / "P.md"
+    only = [*argv[:argv.index("--seeds")], "--seeds", "0,1", *argv[argv.index("--seeds") + 2:argv.index("--output")], "--output", str(partial), "--cached-only"]
+    assert defaults.main(only) == 0
+    assert not (work / "digits" / "seed1").exists() and "seed1/1" not in json.loads((work / "digits" / "results.json").read_text())
+    rows = {line.split(" | ")[0]: line for line in partial.read_text().splitlines() if line.startswith("| TDM K=4, defaults")}
+    assert rows["| TDM K=4, defaults, 2 it."].endswith(" | 1 |") and "P_digits.png" in partial.read_text()
 
 
 def test_defaults_benchmark_refuses_a_cfg_below_one(tmp_path, capsys):
