@@ -92,6 +92,30 @@ def test_resume_gives_the_same_lora_as_a_straight_run(mode, teacher, tmp_path):
     assert log == [1, 2, 3, 4]
 
 
+def test_a_run_resumes_only_with_the_method_its_checkpoint_was_written_with(teacher, tmp_path, capsys):
+    """--resume with another --distance or --fake-score-updates (say, a run begun before issue 22 changed both
+    defaults) would go on computing something else: refused, naming the run's own flags."""
+    import torch as _torch
+
+    from training.checkpoint import STATE_FILE
+
+    output = tmp_path / "tdm.safetensors"
+    common = ("--max-train-steps", 3, "--checkpoint-every", 1)
+    assert main(args(teacher, output, *common, "--distance", "huber", "--fake-score-updates", 1, "--stop-at-step", 1)) == EXIT_OK
+    assert main(args(teacher, output, *common, "--resume")) != EXIT_OK
+    err = capsys.readouterr().err
+    assert ("was written with --distance huber, --huber-c 0.001, --fake-score-updates 1, this run has --distance l2, --huber-c none, "
+            "--fake-score-updates 5: resume with the run's own flags") in err, err
+    assert len(list_checkpoints(tmp_path / "tdm_run")) == 1, "the refused resume wrote a checkpoint"
+    # a checkpoint written before checkpoints recorded the method: a warning naming the flags of the old defaults
+    state_file = list_checkpoints(tmp_path / "tdm_run")[-1] / STATE_FILE
+    state = _torch.load(state_file, weights_only=True)
+    del state["method"]
+    _torch.save(state, state_file)
+    assert main(args(teacher, output, *common, "--resume")) == EXIT_OK
+    assert "resume it with --distance huber --fake-score-updates 1" in capsys.readouterr().err
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, tmp_path, capsys):
     output = tmp_path / "tdm.safetensors"
     # an absurd student learning rate blows the student up in the first update: step 2 is not finite

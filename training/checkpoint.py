@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -140,6 +141,41 @@ def _pause_for_tests(step: int) -> None:
 
 
 # --- the run's state: what a checkpoint holds and how a run resumes from it ---------------------
+# what a resumed run must compute as the run it continues did (the defaults of two changed in issue 22)
+METHOD_FLAGS = {"distance": "--distance", "huber_c": "--huber-c", "fake_score_updates": "--fake-score-updates",
+                "fake_score_weighting": "--fake-score-weighting", "interval_mode": "--interval-mode", "randmid": "--randmid"}
+BEFORE_ISSUE_22 = {"distance": "huber", "fake_score_updates": 1}  # the defaults of checkpoints that record no method
+
+
+def method_of(parts: LoopParts) -> dict:
+    settings = parts.settings()
+    return {name: getattr(settings, name) for name in METHOD_FLAGS}
+
+
+def _flag(name: str, value) -> str:
+    if isinstance(value, bool):
+        return METHOD_FLAGS[name] if value else f"no {METHOD_FLAGS[name]}"
+    return f"{METHOD_FLAGS[name]} {'none' if value is None else value}"
+
+
+def check_method(saved: dict | None, parts: LoopParts, checkpoint: Path) -> None:
+    """A run resumes only with the method its checkpoint was written with: a ConfigError names each flag that differs."""
+    now = method_of(parts)
+    if saved is None:  # written before checkpoints recorded it: then the defaults were these
+        differ = {name: value for name, value in BEFORE_ISSUE_22.items() if now[name] != value}
+        if differ:
+            print(f"warning: checkpoint {checkpoint} records no method; if its run used the defaults of its time, resume it with "
+                  + " ".join(f"{METHOD_FLAGS[name]} {value}" for name, value in differ.items())
+                  + " (the defaults since issue 22 are --distance l2 --fake-score-updates 5)", file=sys.stderr)
+        return
+    differ = {name: value for name, value in saved.items() if name in now and now[name] != value}
+    if differ:
+        wanted = ", ".join(_flag(name, value) for name, value in differ.items())
+        got = ", ".join(_flag(name, now[name]) for name in differ)
+        raise ConfigError(f"checkpoint {checkpoint} was written with {wanted}, this run has {got}: resume with the run's own "
+                          "flags, or delete the run folder's checkpoints to start over with the new ones")
+
+
 def run_state(parts: LoopParts) -> dict:
     """What every checkpoint holds beside adapters and optimisers: LR schedules, the RNG states of every
     process (collective), the process count and the fp16 loss scales."""
@@ -150,6 +186,7 @@ def run_state(parts: LoopParts) -> dict:
         "schedulers": {name: parts.schedulers[name].state_dict() for name in TDM_ADAPTERS},
         "rng": rng,
         "num_processes": parts.accelerator.num_processes,
+        "method": method_of(parts),
     }
     if parts.scalers:  # fp16 loss scales, one per optimiser
         state["grad_scalers"] = {name: scaler.state_dict() for name, scaler in parts.scalers.items()}
@@ -184,6 +221,7 @@ def restore_state(parts: LoopParts, checkpoint: Path) -> int:
         adapters, state = load_checkpoint(checkpoint)
     if state["num_processes"] != accelerator.num_processes:
         raise ConfigError(f"checkpoint {checkpoint} was written by {state['num_processes']} processes: resume with as many")
+    check_method(state.get("method"), parts, checkpoint)
     if sharded:
         sharding.load_shards(parts, checkpoint)
     for name in TDM_ADAPTERS:

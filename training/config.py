@@ -216,6 +216,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(cfg.cfg >= 1.0, f"--cfg {cfg.cfg} must be at least 1 (1 = no guidance)")
     _check(cfg.distance in DISTANCES, f"unknown --distance {cfg.distance!r}: use one of {', '.join(DISTANCES)}")
     _check(cfg.huber_c is None or cfg.huber_c > 0, f"--huber-c {cfg.huber_c} must be positive")
+    _check(cfg.huber_c is None or cfg.distance != "l2", f"--huber-c {cfg.huber_c} has no effect with --distance l2 (the default): "
+           "add --distance huber or huber_norm, or drop --huber-c")
     _check(cfg.fake_score_weighting in FAKE_SCORE_WEIGHTINGS,
            f"unknown --fake-score-weighting {cfg.fake_score_weighting!r}: use one of {', '.join(FAKE_SCORE_WEIGHTINGS)}")
     _check(cfg.fake_score_updates >= 1, f"--fake-score-updates {cfg.fake_score_updates} must be at least 1")
