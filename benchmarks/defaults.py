@@ -254,34 +254,38 @@ FIDELITY_RATIO_GOAL, SPREAD_GOAL, STABLE_AFTER, WORSENING_GOAL = 2.0, 0.25, 250,
 
 
 def fidelity_goals(cache: dict, seeds: tuple, iterations: tuple) -> list[str]:
-    """The defaults' rows held to issue 22's goals, each with the measured number and whether it holds."""
-    def mean_fd(n):
-        values = [cache[f"seed{s}/{n}"]["fd_teacher"] for s in seeds if f"seed{s}/{n}" in cache]
-        return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)) if values else None
+    """The defaults' rows held to issue 22's goals, each with the measured number and whether it holds: the mean FD
+    to the teacher against the teacher's own 4 steps, its seed spread, each run's checkpoints after 250 iterations
+    against its one before (the worst run), and the mean FD to real data against the teacher's 50 steps."""
+    def runs(n):
+        return {s: cache[f"seed{s}/{n}"] for s in seeds if f"seed{s}/{n}" in cache}
 
-    at_default = mean_fd(DEFAULT_ITERATIONS)
-    if at_default is None:
+    at_default = [row["fd_teacher"] for row in runs(DEFAULT_ITERATIONS).values()]
+    if not at_default:
         return []
-    mean, sd, runs = at_default
-    own = cache["teacher4"]["fd_teacher"]
+    mean, own = statistics.fmean(at_default), cache["teacher4"]["fd_teacher"]
     ratio = mean / own
-    verdicts = [f"FD to the teacher's 50 steps {mean:.1f} = {ratio:.1f}x the teacher's own 4 steps' {own:.1f} "
+    verdicts = [f"FD to the teacher's 50 steps {mean:.1f} = {ratio:.2f}x the teacher's own 4 steps' {own:.1f} "
                 f"(goal at most {FIDELITY_RATIO_GOAL:g}x): {'holds' if ratio <= FIDELITY_RATIO_GOAL else 'missed'}"]
-    if sd is None:
+    if len(at_default) < 2:
         verdicts.append("seed spread: one run, not measured")
     else:
-        verdicts.append(f"seed spread {100 * sd / mean:.0f} % of the mean over {runs} runs (goal at most {100 * SPREAD_GOAL:.0f} %): "
+        sd = statistics.stdev(at_default)
+        verdicts.append(f"seed spread {100 * sd / mean:.0f} % of the mean over {len(at_default)} runs (goal at most {100 * SPREAD_GOAL:.0f} %): "
                         f"{'holds' if sd <= SPREAD_GOAL * mean else 'missed'}")
-    later = [(a, b) for a, b in zip(iterations, iterations[1:]) if a >= STABLE_AFTER]
-    for before, after in later:
-        first, second = mean_fd(before), mean_fd(after)
-        if first is None or second is None:
+    for before, after in ((a, b) for a, b in zip(iterations, iterations[1:]) if a >= STABLE_AFTER):
+        first, second = runs(before), runs(after)
+        changes = {s: second[s]["fd_teacher"] / first[s]["fd_teacher"] - 1 for s in first if s in second}
+        if not changes:
             verdicts.append(f"{after} against {before} iterations: not measured")
             continue
-        change = second[0] / first[0] - 1
-        verdicts.append(f"{after} against {before} iterations {100 * change:+.0f} % (goal: at most {100 * WORSENING_GOAL:.0f} % worse): "
-                        f"{'holds' if change <= WORSENING_GOAL else 'missed'}")
-    return ["", f"Issue 22's goals at {DEFAULT_ITERATIONS} iterations (means over the training seeds): " + "; ".join(verdicts) + "."]
+        seed = max(changes, key=changes.get)
+        verdicts.append(f"{after} against {before} iterations, worst of {len(changes)} runs (seed {seed}) {100 * changes[seed]:+.0f} % "
+                        f"(goal: at most {100 * WORSENING_GOAL:.0f} % worse): {'holds' if changes[seed] <= WORSENING_GOAL else 'missed'}")
+    real, target = statistics.fmean(row["fd_real"] for row in runs(DEFAULT_ITERATIONS).values()), cache["teacher50"]["fd_real"]
+    verdicts.append(f"FD to real data {real:.1f} against the teacher's 50 steps' {target:.1f} (goal: no worse): "
+                    f"{'holds' if real <= target else 'missed'}")
+    return ["", f"Issue 22's goals at {DEFAULT_ITERATIONS} iterations: " + "; ".join(verdicts) + "."]
 
 
 def render(command: str, teachers: list[Teacher], caches: dict, seeds, iterations, ablations, ablation_iterations: int,

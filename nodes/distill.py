@@ -234,7 +234,7 @@ class Distiller:
         return comfy_denoisers(expert.patcher, expert.adapters, self.schedule, conds["positive"], conds.get("negative"), self.options.cfg)
 
     def iterate(self) -> dict:
-        """One fake-score update and one student update on a batch of ``batch_size`` rows (prompts drawn,
+        """The fake-score updates (``fake_score_updates``) and one student update on a batch of ``batch_size`` rows (prompts drawn,
         then noise, then tdm_core's draws, all from the run's generator). Returns the losses and gradient norms."""
         norms = {}
         # ComfyUI runs nodes under inference mode: training needs autograd, so none of it runs there

@@ -266,7 +266,7 @@ def accumulate(role: str, chunk_loss: Callable[[slice], Tensor], chunks: list[sl
 
 def tdm_iteration(denoisers: "TDMDenoisers | DenoisersForRows", schedule, settings: TDMSettings, noise: Tensor,
                   generator: torch.Generator, updates: TDMUpdates, chunk_size: Optional[int] = None) -> TDMLosses:
-    """METHOD.md steps 1-8 for the batch of ``noise``: roll-out, the fake-score update, then the student
+    """METHOD.md steps 1-8 for the batch of ``noise``: roll-out, the fake-score update(s), then the student
     update (whose target sees the updated fake score, as in the reference). Every random draw is made for
     the whole batch in a fixed order, then the network calls run in chunks of ``chunk_size`` rows: the
     update equals the whole batch's within float rounding whatever the chunk size (gradient accumulation).
@@ -281,7 +281,7 @@ def tdm_iteration(denoisers: "TDMDenoisers | DenoisersForRows", schedule, settin
     batch_size = noise.shape[0]
     chunks = row_chunks(batch_size, chunk_size)
     rollout = roll_out_in_chunks(denoisers_for, noise, chunks, settings, schedule)
-    for _ in range(settings.fake_score_updates):  # 1 in METHOD.md; more: DMD2's two time-scale rule (issue 22's ablation)
+    for _ in range(settings.fake_score_updates):  # 1 in METHOD.md; the default 5: DMD2's two time-scale rule (issue 22)
         fake_draws = fake_score_draws(rollout, settings, schedule, generator)
         fake = accumulate(FAKE_SCORE, lambda rows: fake_score_chunk_loss(denoisers_for(rows).fake_score, fake_draws, rows, settings, schedule),
                           chunks, batch_size, updates)

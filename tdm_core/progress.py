@@ -39,8 +39,8 @@ def trend(values: list[float]) -> tuple[float, float]:
 # the student rate at 500x the default, 0.1 (its LoRA ends 11x the norm of the weights it adapts). Under the
 # squared L2 distance (the default since issue 22) the student loss tells them apart no more: 44x in a healthy
 # 40-step tiny run, 16x at 80 steps, 14x at 80 steps with the student rate at 0.1. What tells them apart is the
-# student's LoRA itself, |dW|/|W| over the layers it adapts: 0.012 and 0.021 in those healthy tiny runs, 0.07-0.08
-# after 1000 steps on the benchmark teachers, 17 at the rate 0.1 (9.0 with the old defaults). So a run diverged
+# student's LoRA itself, |dW|/|W| over the layers it adapts: 0.012 and 0.021 in those healthy tiny runs, 0.048-0.108
+# after 1000 steps on the benchmark teachers (digits 0.048, flow 0.066-0.069, shapes 0.078, video 0.108), 17 at the rate 0.1 (9.0 with the old defaults). So a run diverged
 # when its fake-score loss grew DIVERGED_GROWTH-fold or its student's LoRA reached OUTGROWN_LORA times the norm
 # of the weights it adapts. Neither rule sees a run that blows up inside the warm-up (the digits teacher at 125x
 # the student rate: fake-score loss 0.014 -> 2.4 by step 5): its loss is high from the first judged step on.
@@ -64,7 +64,10 @@ def diverging(losses: dict[str, list[float]], warmup_steps: int, lora_delta: flo
     """The signs of a diverging run: ``{name: growth}`` of each loss curve with a ``DIVERGED_GROWTH`` that grew at
     least that many-fold, and ``{STUDENT_LORA: lora_delta}`` when the student's LoRA (``|dW| / |W|``, where known)
     is at least ``OUTGROWN_LORA``."""
-    grown = {name: growth(values, warmup_steps) for name, values in losses.items() if name in DIVERGED_GROWTH}
+    unknown = set(losses) - set(DIVERGED_GROWTH)
+    if unknown:
+        raise ValueError(f"no divergence rule for the losses {sorted(unknown)}: judged are {sorted(DIVERGED_GROWTH)}")
+    grown = {name: growth(values, warmup_steps) for name, values in losses.items()}
     signs = {name: g for name, g in grown.items() if g is not None and g >= DIVERGED_GROWTH[name]}
     if lora_delta is not None and lora_delta >= OUTGROWN_LORA:
         signs[STUDENT_LORA] = lora_delta

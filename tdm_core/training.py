@@ -172,7 +172,7 @@ def distance_d(name: str, x: Tensor, y: Tensor, c: Optional[float] = None) -> Te
     return pseudo_huber_norm(x, y, c)
 
 
-def generator_loss(x0_hat: Tensor, x_tilde: Tensor, nrm: Tensor, distance: str = "l2", c: Optional[float] = None) -> Tensor:
+def generator_loss(x0_hat: Tensor, x_tilde: Tensor, nrm: Tensor, distance: str = DEFAULT_DISTANCE, c: Optional[float] = None) -> Tensor:
     # METHOD.md step 6: mean(d(x0_hat, sg(x_tilde)) / nrm); its gradient is the score difference
     per_sample = distance_d(distance, x0_hat, x_tilde.detach(), c)
     return (per_sample / nrm.clamp(min=1e-8).to(per_sample)).mean()

@@ -324,7 +324,8 @@ def test_an_fp16_base_scales_each_adapters_loss_and_steps_with_unscaled_gradient
     Tolerances against fp32 (measured: losses 4e-4 relative, gradients 3e-3 (fake score) and 5e-2 (student)
     of the largest entry): fp16 rounds each model output to ~5e-4 relative, the losses are means of those
     (rtol 2e-3), and the student's gradient runs through the pseudo-Huber distance (c = 1e-3, the size of
-    that rounding) of a target built from three model outputs, which amplifies it (0.1 of the largest entry)."""
+    that rounding) of a target built from three model outputs, which amplifies it (0.1 of the largest entry). Measured with
+    the defaults before issue 22; under the new ones (squared L2, 5 fake-score updates) the bounds hold, not re-measured."""
     losses, grads, distiller = first_iteration(torch.float16)
     assert set(distiller.scalers) == {"student", "fake_score"}
     for role, scaler in distiller.scalers.items():

@@ -197,7 +197,7 @@ def test_two_process_data_parallel_keeps_ranks_identical(mode, teacher, tmp_path
 OPTION_RUNS = {  # options the other tests leave at their defaults
     "accumulation": ("--gradient-accumulation-steps", 2),
     "bf16": ("--mixed-precision", "bf16", "--validate-every", 2),
-    "shared_randmid_l2": ("--interval-mode", "shared", "--randmid", "--distance", "l2", "--cfg", 1.0),
+    "shared_randmid_huber": ("--interval-mode", "shared", "--randmid", "--distance", "huber", "--fake-score-updates", 1, "--cfg", 1.0),
     "explicit_grid_precomputed": ("--grid", "999,856,665,399", "--precompute-embeddings", "--lr-scheduler", "constant"),
     "gradient_checkpointing": ("--gradient-checkpointing",),
 }
@@ -214,8 +214,10 @@ def test_option_runs_finish_with_finite_losses(case, teacher, tmp_path):
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)
     if case == "explicit_grid_precomputed":
         assert info.grid == [999, 856, 665, 399] and info.num_steps == 4
-    if case == "shared_randmid_l2":
-        assert info.huber_c is None and info.teacher_cfg == 1.0
+    if case == "shared_randmid_huber":  # the distance before issue 22, with its c in the file's metadata
+        assert info.distance == "huber" and info.huber_c == pytest.approx(1e-3) and info.teacher_cfg == 1.0
+    else:
+        assert info.distance == "l2" and info.huber_c is None
 
 
 

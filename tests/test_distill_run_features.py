@@ -203,7 +203,7 @@ def test_the_fingerprint_tells_apart_model_prompts_latent_and_settings(graph, co
     assert changed(positives=positives[:2]) == ["prompts"]
     assert changed(negative=positives[0]) == ["negative"]
     assert changed(latent_shape=(2, 4, 16, 8)) == ["latent shape"]
-    for field, value in dict(steps=2, cfg=3.0, rank=8, batch_size=1, seed=4, student_lr=0.01).items():
+    for field, value in dict(steps=2, cfg=3.0, rank=8, batch_size=1, seed=4, student_lr=0.01, distance="huber", fake_score_updates=1).items():
         assert changed(options=DistillOptions(**{**SETTINGS, field: value})) == ["settings"], field
     assert changed(options=DistillOptions(**{**SETTINGS, "iterations": 99, "gradient_checkpointing": True})) == []
 

@@ -24,6 +24,9 @@ into 1e-4-sized changes of the student's gradient and would hide nothing the opt
 The student's gradient is the most sensitive quantity everywhere: its target, teacher minus fake score
 plus the guidance term, cancels most of the digits of each (the adapters are small perturbations of the
 teacher), so the rounding of any precision shows in it magnified.
+Measured figures below were taken with the defaults before issue 22 (1 fake-score update per step); the
+bounds hold under the new ones (5 updates; ``record_gradients`` keeps the last update's fake-score gradient), not
+re-measured.
 - float32: 1e-3 for all. The paths differ only in the order of float32 operations (batched matmuls of
   another size, a recomputed forward, two calls instead of one). Measured on this CPU: checkpointing and
   ``--no-batch-cfg`` are bit-identical to the plain path on every family (Qwen-Image's unbatched teacher:
@@ -228,7 +231,6 @@ def test_the_fake_score_updates_flag_steps_the_fake_score_again(step_of):
     plain, once = step_of("flux"), step_of("flux", fake_score_updates=1)
     moved = relative(once.moves["fake_score"], plain.moves["fake_score"])
     assert moved > 0.1, f"the fake score's move changed by only {moved:.3g}"
-    assert DEFAULT_FAKE_SCORE_UPDATES == 5
     assert_same_step(step_of("flux", fake_score_updates=DEFAULT_FAKE_SCORE_UPDATES), plain)
 
 

@@ -24,7 +24,7 @@ from tdm_core import sample_tdm
 from tdm_core.fidelity import drifting_step, fidelity_table, step_fidelity, teacher_ode_points
 from tdm_core.iteration import TDMSettings
 from tdm_core.progress import (  # noqa: F401 (re-exported)
-    BARELY_MOVED, DIVERGED_GROWTH, MIN_JUDGED_STEPS, PROBE_SEED, PROBE_SIZE, diverging, divergence_reasons, growth, relative_change, trend,
+    BARELY_MOVED, DIVERGED_GROWTH, MIN_JUDGED_STEPS, PROBE_SEED, PROBE_SIZE, STUDENT_LORA, diverging, divergence_reasons, growth, relative_change, trend,
 )
 
 from .loop import denoisers
@@ -105,24 +105,25 @@ class LossWatch:
     """The run's losses so far, for the progress line: its fields, with ``diverging`` once a loss has grown."""
 
     def __init__(self, warmup_steps: int):
-        self.warmup_steps, self.losses = warmup_steps, {"fake-score": [], "student": []}
+        self.warmup_steps, self.losses = warmup_steps, {"fake-score": []}
 
     def postfix(self, metrics: dict, movement: dict) -> dict[str, str]:
         """Records this step's losses; the progress bar's fields."""
         self.losses["fake-score"].append(metrics["loss_fake"])
-        self.losses["student"].append(metrics["loss_student"])
         fields = {"fake": f"{metrics['loss_fake']:.4g}", "student": f"{metrics['loss_student']:.4g}"}
         if movement:
             fields["moved"] = f"{100 * movement['probe_change']:.1f}%"
         grown = diverging(self.losses, self.warmup_steps, movement.get("lora_delta") if movement else None)
         if grown:
-            fields["diverging"] = ", ".join(f"{name} x{g:.3g}" for name, g in grown.items())
+            fields["diverging"] = ", ".join(f"student LoRA {g:.3g}x its weights" if name == STUDENT_LORA else f"{name} loss x{g:.3g}"
+                                            for name, g in grown.items())
         return fields
 
 
 def divergence_warning(grown: dict[str, float], cfg) -> str:
-    return (f"\nwarning: the run diverged: {divergence_reasons(grown)} (a loss's growth: the mean of the last tenth of "
-            f"the run against the first tenth after the {cfg.lr_warmup_steps} warm-up steps). Its LoRA is "
+    growth_is = (f" (a loss's growth: the mean of the last tenth of the run against the first tenth after the "
+                 f"{cfg.lr_warmup_steps} warm-up steps)" if set(grown) - {STUDENT_LORA} else "")
+    return (f"\nwarning: the run diverged: {divergence_reasons(grown)}{growth_is}. Its LoRA is "
             f"likely worse than an earlier one. Lower --learning-rate (fake score {cfg.fake_lr():.2g}) and "
             f"--student-learning-rate ({cfg.student_lr():.2g}); check --gradient-checkpointing and --mixed-precision "
             f"(a few hundred steps without them should not grow); or resume from an earlier checkpoint (delete the "
