@@ -95,10 +95,17 @@ TEACHERS = {
 
 def distil(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int, every: int, extra: list[str]) -> Path:
     """One training.distill run with the defaults; returns its run folder (checkpoints every ``every`` steps)."""
-    lora = folder / "student.safetensors"
     run_dir = folder / "student_run"
     if (folder / "done").is_file():
         return run_dir
+    with _locked(run_dir):  # two benchmark processes on one --work: the second waits for the first's run, then reuses it
+        if not (folder / "done").is_file():
+            _distil_unlocked(teacher, evaluator, folder, seed, max_steps, every, extra)
+    return run_dir
+
+
+def _distil_unlocked(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int, every: int, extra: list[str]) -> None:
+    lora = folder / "student.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "training.distill", "--model", str(evaluator.model_dir), "--prompts", str(evaluator.prompts_file(folder)),
            "--output", str(lora), "--cfg", str(teacher.cfg), "--seed", str(seed), "--max-train-steps", str(max_steps),
@@ -109,7 +116,6 @@ def distil(teacher: Teacher, evaluator, folder: Path, seed: int, max_steps: int,
     if proc.returncode != 0:
         raise RuntimeError(f"training.distill failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     write_text_atomic(folder / "done", json.dumps({"seconds": time.time() - started, "command": cmd[1:], "stdout_tail": proc.stdout[-2000:]}))
-    return run_dir
 
 
 def has_checkpoints(folder: Path, iterations: tuple) -> bool:

@@ -113,6 +113,32 @@ def test_two_runs_on_one_work_folder_keep_each_others_rows(tmp_path):
     assert computed == ["ablation/other", "ablation/shared", "ablation/late", "ablation/mine"]  # the shared row made once
 
 
+def test_two_processes_on_one_run_folder_train_it_once(tmp_path, monkeypatch):
+    """A run folder is trained by one benchmark process at a time: the second waits, then reuses the finished run
+    (two workers once resumed the same seed at once and wrote its log twice). The training subprocess is replaced by
+    a recorder here: what is tested is the lock around it."""
+    import threading
+    import time as _time
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        _time.sleep(0.5)  # the other thread arrives meanwhile
+        return SimpleNamespace(returncode=0, stdout="wrote x", stderr="")
+
+    monkeypatch.setattr(defaults.subprocess, "run", fake_run)
+    evaluator = SimpleNamespace(model_dir=tmp_path, prompts_file=lambda folder: tmp_path / "p.txt")
+    folder = tmp_path / "digits" / "seed0"
+    runs = [threading.Thread(target=defaults.distil, args=(defaults.TEACHERS["digits"], evaluator, folder, 0, 10, 5, [])) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(calls) == 1 and (folder / "done").is_file()
+
+
 def test_every_ablation_has_a_table_label():
     assert set(defaults.ABLATIONS) == set(defaults.ABLATION_NAMES)
     assert defaults.ABLATIONS["fake_updates_5_l2"] == ["--fake-score-updates", "5", "--distance", "l2"]
