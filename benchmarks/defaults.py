@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -223,8 +224,8 @@ def table(teacher: Teacher, cache: dict, seeds: tuple, iterations: tuple, ablati
         if not per_seed:
             lines.append(f"| TDM K=4, defaults, {n} it. | 4 | not measured |" + " |" * (len(cols) - 1) + " 0 |")
             continue
-        row = summarise(per_seed)
-        lines.append(f"| TDM K=4, defaults, {n} it. | 4 | " + " | ".join(fmt(row, c) for c in cols) + f" | {row['runs']} |")
+        row = per_seed[0] if len(per_seed) == 1 else summarise(per_seed)  # one run: its sampling spread, as the ablations
+        lines.append(f"| TDM K=4, defaults, {n} it. | 4 | " + " | ".join(fmt(row, c) for c in cols) + f" | {len(per_seed)} |")
     for name in ablations:
         per_seed = [cache[ablation_key(name, s)] for s in ablation_seeds if ablation_key(name, s) in cache]
         nfe = 1 if name == "k1" else 4
@@ -416,7 +417,7 @@ def main(argv=None) -> int:
         parser.error(f"--ablations takes {', '.join(ABLATIONS)}")
     if args.cfg is not None and args.cfg < 1:
         parser.error(f"--cfg {args.cfg:g}: a teacher CFG is at least 1 (1: no guidance)")
-    command = "python -m benchmarks.defaults " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.defaults " + shlex.join(argv if argv is not None else sys.argv[1:])
     teachers = [TEACHERS[n] if args.cfg is None else replace(TEACHERS[n], cfg=args.cfg) for n in names]
     if args.host == "comfyui":
         return main_comfyui(parser, command.strip(), teachers, seeds, iterations, args)
