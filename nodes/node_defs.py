@@ -189,7 +189,7 @@ class TDMDistill(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompts to distil on: one CLIPTextEncode conditioning, or a list of them (one per prompt); each iteration draws a prompt per batch row."),
                 io.Latent.Input("latent", tooltip="The latent size to train at (e.g. EmptyLatentImage); its contents are not used."),
                 io.Int.Input("steps", default=4, min=1, max=MAX_STEPS, tooltip="K, the student's sampling steps (4 is usual); the student learns the reference grid t_i = 899 - i*(900//K)."),
-                io.Int.Input("iterations", default=500, min=1, max=100000, tooltip="Training iterations (5 fake-score updates, then one student update, each); 500 is the trainer's default."),
+                io.Int.Input("iterations", default=500, min=1, max=100000, tooltip=f"Training iterations ({DistillOptions.fake_score_updates} fake-score updates, then one student update, each); 500 is the trainer's default."),
                 io.Float.Input("cfg", default=2.0, min=1.0, max=30.0, step=0.1, tooltip="The teacher's classifier-free guidance distilled into the student (the trainer's default 2); above 1 needs negative."),
                 io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of the student and fake-score LoRAs (alpha = rank)."),
                 io.Float.Input("fake_score_learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=False, tooltip="0: the trainer's scale-free default 4e-3 * sqrt(rank) / alpha (1e-3 at rank 16). AdamW betas (0, 0.95), each adapter warmed up over its first 10 updates (the fake score's: 2 iterations)."),

@@ -40,7 +40,8 @@ def trend(values: list[float]) -> tuple[float, float]:
 # squared L2 distance (the default since issue 22) the student loss tells them apart no more: 44x in a healthy
 # 40-step tiny run, 16x at 80 steps, 14x at 80 steps with the student rate at 0.1. What tells them apart is the
 # student's LoRA itself, |dW|/|W| over the layers it adapts: 0.012 and 0.021 in those healthy tiny runs, 0.048-0.108
-# after 1000 steps on the benchmark teachers (digits 0.048, flow 0.066-0.069, shapes 0.078, video 0.108), 17 at the rate 0.1 (9.0 with the old defaults). So a run diverged
+# after 1000 steps on the benchmark teachers (digits 0.048, flow 0.066-0.069, shapes 0.078, video 0.108), 17 at the
+# rate 0.1 (9.0 with the old defaults). So a run diverged
 # when its fake-score loss grew DIVERGED_GROWTH-fold or its student's LoRA reached OUTGROWN_LORA times the norm
 # of the weights it adapts. Neither rule sees a run that blows up inside the warm-up (the digits teacher at 125x
 # the student rate: fake-score loss 0.014 -> 2.4 by step 5): its loss is high from the first judged step on.

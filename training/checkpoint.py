@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from tdm_core.training import DEFAULT_DISTANCE, DEFAULT_FAKE_SCORE_UPDATES
+
 from .errors import ConfigError
 from .loop import LoopParts
 from .models import TDM_ADAPTERS
@@ -166,7 +168,8 @@ def check_method(saved: dict | None, parts: LoopParts, checkpoint: Path) -> None
         if differ:
             print(f"warning: checkpoint {checkpoint} records no method; if its run used the defaults of its time, resume it with "
                   + " ".join(f"{METHOD_FLAGS[name]} {value}" for name, value in differ.items())
-                  + " (the defaults since issue 22 are --distance l2 --fake-score-updates 5)", file=sys.stderr)
+                  + f" (the defaults since issue 22 are --distance {DEFAULT_DISTANCE} --fake-score-updates {DEFAULT_FAKE_SCORE_UPDATES})",
+                  file=sys.stderr)
         return
     differ = {name: value for name, value in saved.items() if name in now and now[name] != value}
     if differ:
