@@ -11,8 +11,8 @@ a ComfyUI-side distiller or closed-form Gaussians in the tests all run the same 
   the unconditional output is only asked for at CFG ``w != 1`` (the host may batch the pair in one call).
 
 Randomness comes from one ``torch.Generator`` (CPU, so a run is the same on every device and
-resumable) in a fixed order: roll-out noise, then the fake-score update's ``(i, u, t, n)``, then
-the student update's, each drawn for the whole batch. The network calls may then run in chunks of
+resumable) in a fixed order: roll-out noise, then each fake-score update's ``(i, u, t, n)`` (with fresh
+roll-outs, each later update's roll-out noise before it), then the student update's, each drawn for the whole batch. The network calls may then run in chunks of
 rows (the host's gradient accumulation): every loss is a mean of per-sample terms, so the chunks'
 gradients, each scaled by its share of the rows, sum to the whole batch's, and the fake score steps
 once, after all its chunks, before any student chunk runs (``tdm_iteration``).
@@ -29,7 +29,9 @@ from .parameterization import x0_eps_from_output
 from .samplers import predict_x0_eps, tdm_steps
 from .training import (
     DEFAULT_DISTANCE,
+    DEFAULT_FAKE_SCORE_ROLLOUTS,
     DEFAULT_FAKE_SCORE_UPDATES,
+    FAKE_SCORE_ROLLOUTS,
     DEFAULT_FAKE_SCORE_WEIGHTING,
     diffuse_u_to_t,
     draw_training_times,
@@ -68,7 +70,8 @@ class TDMSettings:
     interval_mode: str = "separate"
     randmid: bool = False
     fake_score_weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING  # tdm_core.training.fake_score_weight
-    fake_score_updates: int = DEFAULT_FAKE_SCORE_UPDATES  # per student update, each with new draws on the same roll-out
+    fake_score_updates: int = DEFAULT_FAKE_SCORE_UPDATES  # per student update, each with new draws of (i, u, t, n)
+    fake_score_rollouts: str = DEFAULT_FAKE_SCORE_ROLLOUTS  # tdm_core.training.FAKE_SCORE_ROLLOUTS
 
 
 @dataclass(frozen=True)
@@ -272,17 +275,25 @@ def tdm_iteration(denoisers: "TDMDenoisers | DenoisersForRows", schedule, settin
     update equals the whole batch's within float rounding whatever the chunk size (gradient accumulation).
     ``denoisers``: one ``TDMDenoisers`` (conditions the same for every row, or bound to the whole batch
     with ``chunk_size`` None) or a function giving the denoisers of a row slice (conditions bound to those
-    rows). ``settings.fake_score_updates`` > 1 steps the fake score that many times on the same roll-out, each on
-    new draws of (i, u, t, n), before the student's update. Returns both losses of the batch (the fake score's of its
-    last update), detached (the host has stepped both models)."""
+    rows). ``settings.fake_score_updates`` > 1 steps the fake score that many times, each on new draws of
+    (i, u, t, n), before the student's update: on the same roll-out (``fake_score_rollouts`` "shared"), or each
+    update after the first on a roll-out of new noise drawn just before it ("fresh"; the student's update keeps
+    the first roll-out, so one update is the same iteration either way). Returns both losses of the batch (the
+    fake score's of its last update), detached (the host has stepped both models)."""
     if settings.fake_score_updates < 1:
         raise ValueError(f"fake_score_updates={settings.fake_score_updates}: at least 1 fake-score update per student update")
+    if settings.fake_score_rollouts not in FAKE_SCORE_ROLLOUTS:
+        raise ValueError(f"unknown fake_score_rollouts {settings.fake_score_rollouts!r}: use one of {', '.join(FAKE_SCORE_ROLLOUTS)}")
     denoisers_for = (lambda rows: denoisers) if isinstance(denoisers, TDMDenoisers) else denoisers
     batch_size = noise.shape[0]
     chunks = row_chunks(batch_size, chunk_size)
     rollout = roll_out_in_chunks(denoisers_for, noise, chunks, settings, schedule)
-    for _ in range(settings.fake_score_updates):  # 1 in METHOD.md; the default 5: DMD2's two time-scale rule (issue 22)
-        fake_draws = fake_score_draws(rollout, settings, schedule, generator)
+    for update in range(settings.fake_score_updates):  # 1 in METHOD.md; the default 5: DMD2's two time-scale rule (issue 22)
+        samples = rollout
+        if update > 0 and settings.fake_score_rollouts == "fresh":  # the student is unchanged: only the noise is new
+            samples = roll_out_in_chunks(denoisers_for, randn_on(noise.shape, generator, noise.device).to(noise.dtype),
+                                         chunks, settings, schedule)
+        fake_draws = fake_score_draws(samples, settings, schedule, generator)
         fake = accumulate(FAKE_SCORE, lambda rows: fake_score_chunk_loss(denoisers_for(rows).fake_score, fake_draws, rows, settings, schedule),
                           chunks, batch_size, updates)
     draws = student_draws(rollout, settings, generator)

@@ -82,6 +82,9 @@ FAKE_SCORE_WEIGHTINGS = ("min_snr", "velocity", "x0")
 DEFAULT_FAKE_SCORE_WEIGHTING = "min_snr"  # the reference min(SNR, 5); issue 22 measures the others
 DEFAULT_FAKE_SCORE_UPDATES = 5  # fake-score updates per student update: 1 in METHOD.md; 5 (DMD2's two time-scale rule) copies
 # the teacher closer on the flow, shapes and digits teachers (issue 22, benchmarks/RESULTS_fidelity.md)
+FAKE_SCORE_ROLLOUTS = ("shared", "fresh")  # what the fake-score updates after the first train on: the iteration's one
+# roll-out (new noise levels each) or each a roll-out of new noise (DMD2's and Flow-Factory's new samples per update)
+DEFAULT_FAKE_SCORE_ROLLOUTS = "shared"
 
 
 def fake_score_weight(a_t: Tensor, s_t: Tensor, weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING) -> Tensor:

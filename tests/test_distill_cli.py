@@ -98,6 +98,7 @@ BAD_INPUTS = {
     "unknown_interval_mode": (lambda p: {"--interval-mode": "both"}, "unknown --interval-mode"),
     "unknown_fake_score_weighting": (lambda p: {"--fake-score-weighting": "snr"}, "unknown --fake-score-weighting 'snr'"),
     "fake_score_updates_zero": (lambda p: {"--fake-score-updates": 0}, "--fake-score-updates 0 must be at least 1"),
+    "unknown_fake_score_rollouts": (lambda p: {"--fake-score-rollouts": "new"}, "unknown --fake-score-rollouts 'new'"),
     "huber_c_with_l2": (lambda p: {"--huber-c": 0.01}, "--huber-c 0.01 has no effect with --distance l2"),
     "bad_resolution": (lambda p: {"--resolution": 100}, "multiple of 8"),
     "negative_lr": (lambda p: {"--learning-rate": -1}, "--learning-rate -1.0 must be positive"),

@@ -300,3 +300,51 @@ def test_several_fake_score_updates_step_the_fake_score_first_on_new_draws():
     assert not torch.allclose(three[2], stale[2])  # the student's target read the further-updated fake score
     with pytest.raises(ValueError, match="at least 1"):
         run(0)
+
+
+def test_fresh_roll_outs_give_each_later_fake_score_update_new_samples_and_the_student_the_first():
+    # fake_score_rollouts "fresh": the fake score's 2nd and 3rd updates each train on a roll-out of new noise (drawn
+    # from the run's generator just before the update), the student's update on the first roll-out; with one
+    # update fresh is the shared iteration itself
+    def run(updates_per_student, rollouts):
+        gen, mu_theta, mu_cond, mu_uncond = setup()
+        mu_fake = torch.nn.Parameter(0.9 * mu_theta.detach().clone())
+        student, calls = student_denoiser(mu_theta), []
+
+        def recording_student(x_t, t):
+            calls.append((x_t.detach().clone(), int(t.flatten()[0]), torch.is_grad_enabled()))
+            return student(x_t, t)
+
+        denoisers = TDMDenoisers(student=recording_student, fake_score=student_denoiser(mu_fake),
+                                 teacher=teacher_pair(mu_cond, mu_uncond))
+        params, grads = {FAKE_SCORE: mu_fake, STUDENT: mu_theta}, {}
+
+        def step(role):
+            grads[role] = params[role].grad.clone()
+            with torch.no_grad():
+                params[role] -= 10.0 * params[role].grad
+            params[role].grad = None
+
+        noise = torch.randn(64, D, generator=gen, dtype=torch.float64)
+        chosen = dataclasses.replace(settings(2.0), fake_score_updates=updates_per_student, fake_score_rollouts=rollouts)
+        losses = tdm_iteration(denoisers, SCHEDULE, chosen, noise, gen, TDMUpdates(backward=lambda role, loss: loss.backward(), step=step))
+        return noise, calls, grads, losses
+
+    one_fresh, one_shared = run(1, "fresh"), run(1, "shared")
+    for role in (FAKE_SCORE, STUDENT):
+        assert torch.equal(one_fresh[2][role], one_shared[2][role])
+
+    noise, calls, grads, _ = run(3, "fresh")
+    _, shared_calls, shared_grads, _ = run(3, "shared")
+    starts = [x for x, t, with_grad in calls if t == GRID[0] and not with_grad]  # each roll-out's first call
+    assert len(starts) == 3 and len([c for c in shared_calls if c[1] == GRID[0] and not c[2]]) == 1
+    assert torch.equal(starts[0], noise) and not torch.equal(starts[1], noise) and not torch.equal(starts[1], starts[2])
+    assert abs(float(starts[1].std()) - 1) < 0.2  # new standard-normal noise, not a re-use of a roll-out point
+    rollout0 = [x for x, _t, with_grad in calls[:len(GRID)]]  # x_{t_0} .. x_{t_{K-1}} of the first roll-out
+    (student_input,) = [x for x, _t, with_grad in calls if with_grad]
+    for row in range(student_input.shape[0]):  # each row is its own roll-out-0 point at the drawn step
+        assert any(torch.equal(student_input[row], point[row]) for point in rollout0)
+    assert not torch.allclose(grads[FAKE_SCORE], shared_grads[FAKE_SCORE])  # the last fake update saw other samples
+    assert not torch.allclose(grads[STUDENT], shared_grads[STUDENT])
+    with pytest.raises(ValueError, match="fake_score_rollouts"):
+        run(2, "new")

@@ -234,6 +234,17 @@ def test_the_fake_score_updates_flag_steps_the_fake_score_again(step_of):
     assert_same_step(step_of("flux", fake_score_updates=DEFAULT_FAKE_SCORE_UPDATES), plain)
 
 
+def test_the_fake_score_rollouts_flag_gives_the_fake_score_new_samples(step_of):
+    """Not an equivalence: issue 22's ablation --fake-score-rollouts fresh must reach the trainer's loop and change
+    what the fake score trains on after its first update (what each update sees is tests/test_iteration_analytic.py's);
+    with one update it is the plain iteration, and "shared" is the default."""
+    plain, fresh = step_of("flux"), step_of("flux", fake_score_rollouts="fresh")
+    moved = relative(fresh.moves["fake_score"], plain.moves["fake_score"])
+    assert moved > 1e-2, f"the fake score's move changed by only {moved:.3g}"
+    assert_same_step(step_of("flux", fake_score_updates=1, fake_score_rollouts="fresh"), step_of("flux", fake_score_updates=1))
+    assert_same_step(step_of("flux", fake_score_rollouts="shared"), plain)
+
+
 @pytest.mark.parametrize("scheduler", ["linear", "cosine"])
 def test_the_fake_scores_schedule_spans_the_run_with_several_updates(scheduler):
     """With N fake-score updates per iteration the fake score's scheduler steps N times per iteration: its decay

@@ -144,7 +144,7 @@ def _pause_for_tests(step: int) -> None:
 
 # --- the run's state: what a checkpoint holds and how a run resumes from it ---------------------
 # what a resumed run must compute as the run it continues did (the defaults of two changed in issue 22)
-METHOD_FLAGS = {"distance": "--distance", "huber_c": "--huber-c", "fake_score_updates": "--fake-score-updates",
+METHOD_FLAGS = {"distance": "--distance", "huber_c": "--huber-c", "fake_score_updates": "--fake-score-updates", "fake_score_rollouts": "--fake-score-rollouts",
                 "fake_score_weighting": "--fake-score-weighting", "interval_mode": "--interval-mode", "randmid": "--randmid"}
 BEFORE_ISSUE_22 = {"distance": "huber", "fake_score_updates": 1}  # the defaults of checkpoints that record no method
 

@@ -15,7 +15,7 @@ from typing import Optional
 from tdm_core.grids import parse_grid, reference_grid
 from tdm_core.learning_rates import FAKE_TO_STUDENT_LR, LR_PER_SQRT_RANK_OVER_ALPHA, LR_WARMUP_STEPS, default_fake_score_lr, default_student_lr
 from tdm_core.steps_aware import parse_k_choices
-from tdm_core.training import DEFAULT_DISTANCE, DEFAULT_FAKE_SCORE_UPDATES, DEFAULT_FAKE_SCORE_WEIGHTING, DISTANCES, FAKE_SCORE_WEIGHTINGS, INTERVAL_MODES
+from tdm_core.training import DEFAULT_DISTANCE, DEFAULT_FAKE_SCORE_ROLLOUTS, DEFAULT_FAKE_SCORE_UPDATES, FAKE_SCORE_ROLLOUTS, DEFAULT_FAKE_SCORE_WEIGHTING, DISTANCES, FAKE_SCORE_WEIGHTINGS, INTERVAL_MODES
 
 from .errors import ConfigError
 from .precision import SAVE_DTYPES, WEIGHT_DTYPES
@@ -59,6 +59,9 @@ class DistillConfig:
     fake_score_updates: int = _opt(DEFAULT_FAKE_SCORE_UPDATES, "fake-score updates per student update, each on new noise levels of the same roll-out "
                                    "(1: the method; 5, the default: DMD2's two time-scale rule, closer to the teacher in issue 22's benchmarks). The fake score's learning-rate "
                                    "warm-up counts its own updates, its decay spans the run; the logged loss_fake and grad_norm_fake are its last update's")
+    fake_score_rollouts: str = _opt(DEFAULT_FAKE_SCORE_ROLLOUTS, "what the fake-score updates after the first train on: shared (the default: the iteration's one "
+                                    "roll-out, new noise levels each) or fresh (each a new roll-out of the student from new noise, as DMD2 and Flow-Factory; "
+                                    "costs one roll-out of K student calls per extra update); an ablation of issue 22")
     randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
     steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
     k_choices: str = _opt("1,2,4", "step counts K drawn per batch with --steps-aware")
@@ -221,6 +224,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(cfg.fake_score_weighting in FAKE_SCORE_WEIGHTINGS,
            f"unknown --fake-score-weighting {cfg.fake_score_weighting!r}: use one of {', '.join(FAKE_SCORE_WEIGHTINGS)}")
     _check(cfg.fake_score_updates >= 1, f"--fake-score-updates {cfg.fake_score_updates} must be at least 1")
+    _check(cfg.fake_score_rollouts in FAKE_SCORE_ROLLOUTS,
+           f"unknown --fake-score-rollouts {cfg.fake_score_rollouts!r}: use one of {', '.join(FAKE_SCORE_ROLLOUTS)}")
     _check(cfg.interval_mode in INTERVAL_MODES, f"unknown --interval-mode {cfg.interval_mode!r}: use separate or shared")
     _check(cfg.lora_rank >= 1, f"--lora-rank {cfg.lora_rank} must be at least 1")
     _check(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha} must be positive")

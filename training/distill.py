@@ -285,7 +285,7 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
     parts = LoopParts(
         family=family, accelerator=accelerator, precision=precision, grid=grid, batch_cfg=cfg.batch_cfg, scalers=scalers, total_steps=cfg.total_steps, cfg_scale=cfg_scale,
         distance=cfg.distance, huber_c=resolved_huber_c(cfg, latent_shape), interval_mode=cfg.interval_mode,
-        randmid=cfg.randmid, fake_score_weighting=cfg.fake_score_weighting, fake_score_updates=cfg.fake_score_updates, max_grad_norm=cfg.max_grad_norm, micro_batch=cfg.batch_size,
+        randmid=cfg.randmid, fake_score_weighting=cfg.fake_score_weighting, fake_score_updates=cfg.fake_score_updates, fake_score_rollouts=cfg.fake_score_rollouts, max_grad_norm=cfg.max_grad_norm, micro_batch=cfg.batch_size,
         # each process draws its own prompts, noise and times; the seed makes every draw reproducible
         generator=torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index),
         params=params, optimizers=optimizers, schedulers=schedulers, sharding=sharding,

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tdm_core.iteration import DEFAULT_FAKE_SCORE_UPDATES, DEFAULT_FAKE_SCORE_WEIGHTING, TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration as core_iteration
+from tdm_core.iteration import DEFAULT_FAKE_SCORE_ROLLOUTS, DEFAULT_FAKE_SCORE_UPDATES, DEFAULT_FAKE_SCORE_WEIGHTING, TDMDenoisers, TDMSettings, TDMUpdates, randn_on, tdm_iteration as core_iteration
 from tdm_core.optimiser import clip_and_step
 
 from .errors import NonFiniteLoss
@@ -44,6 +44,7 @@ class LoopParts:
     generator: torch.Generator  # every random draw of the run; its state is checkpointed
     fake_score_weighting: str = DEFAULT_FAKE_SCORE_WEIGHTING  # tdm_core.training.fake_score_weight
     fake_score_updates: int = DEFAULT_FAKE_SCORE_UPDATES  # tdm_core.iteration.TDMSettings.fake_score_updates
+    fake_score_rollouts: str = DEFAULT_FAKE_SCORE_ROLLOUTS  # tdm_core.iteration.TDMSettings.fake_score_rollouts
     batch_cfg: bool = True  # teacher cond + uncond in one forward at 2B (False: two at B, less memory)
     params: dict = field(default_factory=dict)  # adapter name -> list of its trainable parameters
     optimizers: dict = field(default_factory=dict)  # adapter name -> (accelerate-wrapped) optimiser
@@ -57,7 +58,7 @@ class LoopParts:
         return TDMSettings(grid=tuple(self.grid), prediction_type=self.family.prediction_type, total_steps=self.total_steps,
                            cfg_scale=self.cfg_scale, distance=self.distance, huber_c=self.huber_c,
                            interval_mode=self.interval_mode, randmid=self.randmid, fake_score_weighting=self.fake_score_weighting,
-                           fake_score_updates=self.fake_score_updates)
+                           fake_score_updates=self.fake_score_updates, fake_score_rollouts=self.fake_score_rollouts)
 
 
 def network_output(parts: LoopParts, adapter: Optional[str], x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
