@@ -43,14 +43,15 @@ ABLATIONS = {"k1": ["--num-steps", "1"], "l2": ["--distance", "l2"], "huber_norm
              "fake_velocity": ["--fake-score-weighting", "velocity"], "fake_x0": ["--fake-score-weighting", "x0"],
              "fake_updates_5": ["--fake-score-updates", "5"], "fake_updates_10": ["--fake-score-updates", "10"],
              "huber": ["--distance", "huber"], "fake_updates_1": ["--fake-score-updates", "1"],
-             "fresh_rollouts": ["--fake-score-rollouts", "fresh"]}
+             "fresh_rollouts": ["--fake-score-rollouts", "fresh"], "student_ema": ["--student-ema", "0.99"]}
 ABLATION_NAMES = {"k1": "K=1 (distribution matching only)", "l2": "squared L2", "huber_norm": "pseudo-Huber of the per-sample norm (the paper's)", "shared": "shared intervals",
                   "student_lr": f"student lr / 4 ({QUARTER_STUDENT_LR:g})",
                   "fake_velocity": "fake score weighted as a velocity MSE (1/σ²)", "fake_x0": "fake score as a plain x0 MSE",
                   "fake_updates_5": "5 fake-score updates per student update", "fake_updates_10": "10 fake-score updates per student update",
                   "huber": "element-wise pseudo-Huber (the reference script's; the default before issue 22)",
                   "fake_updates_1": "1 fake-score update per student update (the method's; the default before issue 22)",
-                  "fresh_rollouts": "each fake-score update after the first on a roll-out of new noise"}
+                  "fresh_rollouts": "each fake-score update after the first on a roll-out of new noise",
+                  "student_ema": "the student's moving average (decay 0.99 per update) handed out"}
 for _first, _second in (("fake_updates_5", "l2"), ("fake_updates_5", "student_lr"), ("fake_updates_1", "huber")):  # two ablations at once
     ABLATIONS[f"{_first}_{_second}"] = ABLATIONS[_first] + ABLATIONS[_second]
     ABLATION_NAMES[f"{_first}_{_second}"] = f"{ABLATION_NAMES[_first]}, {ABLATION_NAMES[_second]}"
@@ -129,10 +130,12 @@ def has_checkpoints(folder: Path, iterations: tuple) -> bool:
 
 
 def checkpoint_student(run_dir: Path, step: int) -> dict:
+    """The student a run hands out at ``step``: with --student-ema the average (training.ema), else the weights."""
     from training.checkpoint import checkpoint_dir, load_checkpoint
+    from training.ema import EMA_ADAPTER
 
     adapters, _ = load_checkpoint(checkpoint_dir(run_dir, step))
-    return adapters["student"]
+    return adapters.get(EMA_ADAPTER, adapters["student"])
 
 
 def untrained_student(adapters: dict) -> dict:

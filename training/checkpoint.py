@@ -29,7 +29,8 @@ from tdm_core.training import DEFAULT_DISTANCE, DEFAULT_FAKE_SCORE_UPDATES
 
 from .errors import ConfigError
 from .loop import LoopParts
-from .models import TDM_ADAPTERS
+from .ema import EMA_ADAPTER, student_ema_applied
+from .models import STUDENT, TDM_ADAPTERS
 
 CHECKPOINTS = "checkpoints"
 ADAPTERS_FILE = "adapters.tdmckpt"
@@ -202,6 +203,10 @@ def training_state(parts: LoopParts) -> tuple[dict, dict]:
 
     adapters = {name: adapter_state_dict(parts.family.network, name) for name in TDM_ADAPTERS}
     state = {**run_state(parts), "optimizers": {name: parts.optimizers[name].state_dict() for name in TDM_ADAPTERS}}
+    if parts.student_ema is not None:  # the average: its state to resume, its weights for whoever reads the checkpoint
+        state[EMA_ADAPTER] = parts.student_ema.state_dict()
+        with student_ema_applied(parts):
+            adapters[EMA_ADAPTER] = adapter_state_dict(parts.family.network, STUDENT)
     return adapters, state
 
 
@@ -235,10 +240,26 @@ def restore_state(parts: LoopParts, checkpoint: Path) -> int:
     for name, scaler in parts.scalers.items():
         if name in state.get("grad_scalers", {}):
             scaler.load_state_dict(state["grad_scalers"][name])
+    restore_student_ema(parts, state.get(EMA_ADAPTER), checkpoint)
     rng = state["rng"][accelerator.process_index]
     parts.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     return int(state["step"])
+
+
+def restore_student_ema(parts: LoopParts, saved: Optional[dict], checkpoint: Path) -> None:
+    """The average of --student-ema resumes with the run, at the decay it was written with (ConfigError otherwise)."""
+    ema = parts.student_ema
+    written = None if saved is None else saved["decay"]
+    wanted = None if ema is None else ema.decay
+    if written != wanted:
+        def flag(decay):
+            return "no --student-ema" if decay is None else f"--student-ema {decay:g}"
+        raise ConfigError(f"checkpoint {checkpoint} was written with {flag(written)}, this run has {flag(wanted)}: resume with the "
+                          "run's own flags, or delete the run folder's checkpoints to start over with the new ones")
+    if ema is not None:
+        ema.load_state_dict(saved)
+        ema.to(device=parts.accelerator.device)
 
 
 def adapters_digest(parts: LoopParts) -> str:

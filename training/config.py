@@ -62,6 +62,10 @@ class DistillConfig:
     fake_score_rollouts: str = _opt(DEFAULT_FAKE_SCORE_ROLLOUTS, "what the fake-score updates after the first train on: shared (the default: the iteration's one "
                                     "roll-out, new noise levels each) or fresh (each a new roll-out of the student from new noise, as DMD2 and Flow-Factory; "
                                     "costs one roll-out of K student calls per extra update); an ablation of issue 22")
+    student_ema: float = _opt(0.0, "decay per student update of an exponential moving average of the student's LoRA (diffusers' EMAModel), "
+                              "the student the run hands out: final LoRA, validation grids, probe and each checkpoint's student_ema "
+                              "adapter; training itself is unchanged. 0 (the default): off; e.g. 0.99 averages about the last 100 updates "
+                              "(issue 22: a single checkpoint's distance to the teacher jitters, an average does not)")
     randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
     steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
     k_choices: str = _opt("1,2,4", "step counts K drawn per batch with --steps-aware")
@@ -224,6 +228,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(cfg.fake_score_weighting in FAKE_SCORE_WEIGHTINGS,
            f"unknown --fake-score-weighting {cfg.fake_score_weighting!r}: use one of {', '.join(FAKE_SCORE_WEIGHTINGS)}")
     _check(cfg.fake_score_updates >= 1, f"--fake-score-updates {cfg.fake_score_updates} must be at least 1")
+    _check(0 <= cfg.student_ema < 1, f"--student-ema {cfg.student_ema:g} must be at least 0 (off) and below 1 (e.g. 0.99)")
     _check(cfg.fake_score_rollouts in FAKE_SCORE_ROLLOUTS,
            f"unknown --fake-score-rollouts {cfg.fake_score_rollouts!r}: use one of {', '.join(FAKE_SCORE_ROLLOUTS)}")
     _check(cfg.interval_mode in INTERVAL_MODES, f"unknown --interval-mode {cfg.interval_mode!r}: use separate or shared")

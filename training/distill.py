@@ -27,6 +27,7 @@ from tdm_core.training import pseudo_huber_c_for
 from .checkpoint import check_processes_agree, latest_checkpoint, remove_interrupted_writes, restore_state, write_checkpoint
 from .config import DistillConfig, parse_config, read_prompts
 from .errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_OK, ConfigError, NonFiniteLoss, TrainingInputError
+from .ema import new_student_ema, student_ema_applied
 from .loop import LoopParts, tdm_iteration
 from .models import FAKE_SCORE, STUDENT, TDM_ADAPTERS
 from .precision import Precision, save_dtype
@@ -276,6 +277,9 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
 
         install_k_embedding(family.network, cfg.k_choice_list(), (STUDENT, FAKE_SCORE) if cfg.k_on_fake_score else (STUDENT,))
     sharding = None
+    if plugin is not None and cfg.student_ema:
+        raise ConfigError(f"--student-ema {cfg.student_ema:g} is not supported with FSDP2 yet: leave it out, or train without the "
+                          "FSDP accelerate config")
     if plugin is not None:  # the optimisers are built over the sharded parameters
         sharding = shard_network(family.network, accelerator, plugin, TDM_ADAPTERS)
         place_family(family, accelerator.device)
@@ -289,6 +293,7 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
         # each process draws its own prompts, noise and times; the seed makes every draw reproducible
         generator=torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index),
         params=params, optimizers=optimizers, schedulers=schedulers, sharding=sharding,
+        student_ema=new_student_ema(params[STUDENT], cfg.student_ema),
     )
     return parts, latent_shape
 
@@ -330,11 +335,13 @@ def new_probe(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_s
 
 
 def measure_movement(parts: LoopParts, probe) -> dict:
-    if parts.sharding is None:
-        return probe.measure(parts)
-    from .sharding import lora_delta
+    """The probe on the student the run hands out (with --student-ema, the average)."""
+    with student_ema_applied(parts):
+        if parts.sharding is None:
+            return probe.measure(parts)
+        from .sharding import lora_delta
 
-    return {"probe_change": probe.change(parts), "lora_delta": lora_delta(parts, STUDENT), "fidelity": probe.fidelity(parts)}
+        return {"probe_change": probe.change(parts), "lora_delta": lora_delta(parts, STUDENT), "fidelity": probe.fidelity(parts)}
 
 
 def train_step(parts: LoopParts, cfg: DistillConfig, prompts: list[str], null_cond: dict, latent_shape) -> dict:
@@ -380,6 +387,8 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
     saved_at = step
     while step < stop_at:
         metrics = train_step(parts, cfg, prompts, null_cond, latent_shape)
+        if parts.student_ema is not None:
+            parts.student_ema.step(parts.params[STUDENT])
         step += 1
         if probe is not None and cfg.probe_every and (step % cfg.probe_every == 0 or step == stop_at):
             movement, probed_at = measure_movement(parts, probe), step
@@ -391,7 +400,8 @@ def train(parts: LoopParts, cfg: DistillConfig, prompts: list[str], latent_shape
             write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
             saved_at = step
         if cfg.validate_every and step % cfg.validate_every == 0:
-            validate_now(parts, cfg, prompts, step, movement.get("fidelity"), probed_at)
+            with student_ema_applied(parts):
+                validate_now(parts, cfg, prompts, step, movement.get("fidelity"), probed_at)
     bar.close()
     if saved_at != step:
         write_checkpoint(parts, cfg.run_dir(), step, cfg.keep_checkpoints)
@@ -427,7 +437,8 @@ def run(cfg: DistillConfig) -> int:
 
         student = consolidated(parts, STUDENT)  # collective; the whole adapter on the main process
     if accelerator.is_main_process:
-        accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape, student)}")
+        with student_ema_applied(parts):
+            accelerator.print(f"wrote {export_lora(parts, cfg, step, latent_shape, student)}")
     report_movement(parts, cfg, probe)
     accelerator.wait_for_everyone()
     return EXIT_OK

@@ -51,6 +51,7 @@ class LoopParts:
     schedulers: dict = field(default_factory=dict)  # adapter name -> LR scheduler
     scalers: dict = field(default_factory=dict)  # adapter name -> fp16 GradScaler (empty otherwise)
     sharding: Optional[object] = None  # training.sharding.Sharding under FSDP2, None for data parallelism
+    student_ema: Optional[object] = None  # training.ema: the average of the student's weights (--student-ema), None when off
     micro_batch: Optional[int] = None  # rows per network call (--batch-size); None: the whole batch at once
 
     def settings(self) -> TDMSettings:
