@@ -83,7 +83,7 @@ DEFAULT_FAKE_SCORE_WEIGHTING = "min_snr"  # the reference min(SNR, 5); issue 22 
 DEFAULT_FAKE_SCORE_UPDATES = 5  # fake-score updates per student update: 1 in METHOD.md; 5 (DMD2's two time-scale rule) copies
 # the teacher closer on the flow, shapes and digits teachers (issue 22, benchmarks/RESULTS_fidelity.md)
 FAKE_SCORE_ROLLOUTS = ("shared", "fresh")  # what the fake-score updates after the first train on: the iteration's one
-# roll-out (new noise levels each) or each a roll-out of new noise (DMD2's and Flow-Factory's new samples per update)
+# roll-out (new noise levels each) or each a roll-out of new noise (as DMD2 trains its fake score on newly generated samples)
 DEFAULT_FAKE_SCORE_ROLLOUTS = "shared"
 
 

@@ -60,7 +60,7 @@ class DistillConfig:
                                    "(1: the method; 5, the default: DMD2's two time-scale rule, closer to the teacher in issue 22's benchmarks). The fake score's learning-rate "
                                    "warm-up counts its own updates, its decay spans the run; the logged loss_fake and grad_norm_fake are its last update's")
     fake_score_rollouts: str = _opt(DEFAULT_FAKE_SCORE_ROLLOUTS, "what the fake-score updates after the first train on: shared (the default: the iteration's one "
-                                    "roll-out, new noise levels each) or fresh (each a new roll-out of the student from new noise, as DMD2 and Flow-Factory; "
+                                    "roll-out, new noise levels each) or fresh (each a new roll-out of the student from new noise, as DMD2 generates new samples; "
                                     "costs one roll-out of K student calls per extra update); an ablation of issue 22")
     student_ema: float = _opt(0.0, "decay per student update of an exponential moving average of the student's LoRA (diffusers' EMAModel), "
                               "the student the run hands out: final LoRA, validation grids, probe and each checkpoint's student_ema "
