@@ -7,7 +7,9 @@ Reads the runs ``benchmarks.defaults`` left in ``<work>/<teacher>/seed<s>`` (che
 and, at each iteration n of ``--at``, averages the student adapter's parameters over the checkpoints in
 (n - window, n], as a student EMA (TDM-R1's) or a tail average would hold them, then scores that student with the
 same evaluator and sampling seeds as the single checkpoint at n (its row in the same ``results.json``). Nothing is
-trained. Rows are cached in ``<work>/<teacher>/results.json`` under ``average<window>/seed<s>/<n>``. Prints, per
+trained. Rows are cached in ``<work>/<teacher>/results.json`` under ``average<window>/seed<s>/<n>`` (give the
+``--num-eval`` the single rows were scored with: the key does not hold it). On a ``--student-ema`` run the
+checkpoints' averages are what is averaged (``benchmarks.defaults.checkpoint_student``). Prints, per
 teacher, FD to the teacher's 50 steps of the single checkpoint and of the average, per seed, then issue 22's
 goals (ratio to the teacher's own 4 steps, seed spread, worsening after 250 iterations) for both.
 """
@@ -66,7 +68,7 @@ def measure_teacher(teacher, seeds: list[int], at: list[int], window: int, work:
     real500: dict[str, list[float]] = {"single": [], "average": []}
 
     made = cached_measure(teacher, work, lambda cached: None)  # the single checkpoints' rows: benchmarks.defaults's, never made here
-    missing = [f"seed{seed}/{n}" for seed in seeds for n in at if f"seed{seed}/{n}" not in made] + [k for k in ("teacher4",) if k not in made]
+    missing = [f"seed{seed}/{n}" for seed in seeds for n in at if f"seed{seed}/{n}" not in made] + [k for k in ("teacher4", "teacher50") if k not in made]
     if missing:
         raise SystemExit(f"{work}/{teacher.name}/results.json has no rows {', '.join(missing)}: run benchmarks.defaults with these "
                          "seeds and iterations first")

@@ -116,6 +116,25 @@ def test_a_run_resumes_only_with_the_method_its_checkpoint_was_written_with(teac
     assert "resume it with --distance huber --fake-score-updates 1" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_a_method_flag_existed_resumes_only_with_what_ran_then(teacher, tmp_path, capsys):
+    """A checkpoint that records the method but not --fake-score-rollouts (written before the flag existed) ran the
+    shared roll-out: resuming it with fresh roll-outs is refused, with shared it resumes."""
+    import torch as _torch
+
+    from training.checkpoint import STATE_FILE
+
+    output = tmp_path / "tdm.safetensors"
+    common = ("--max-train-steps", 2, "--checkpoint-every", 1, "--fake-score-updates", 2)
+    assert main(args(teacher, output, *common, "--stop-at-step", 1)) == EXIT_OK
+    state_file = list_checkpoints(tmp_path / "tdm_run")[-1] / STATE_FILE
+    state = _torch.load(state_file, weights_only=True)
+    del state["method"]["fake_score_rollouts"]
+    _torch.save(state, state_file)
+    assert main(args(teacher, output, *common, "--fake-score-rollouts", "fresh", "--resume")) != EXIT_OK
+    assert "was written with --fake-score-rollouts shared, this run has --fake-score-rollouts fresh" in capsys.readouterr().err
+    assert main(args(teacher, output, *common, "--resume")) == EXIT_OK
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, tmp_path, capsys):
     output = tmp_path / "tdm.safetensors"
     # an absurd student learning rate blows the student up in the first update: step 2 is not finite

@@ -57,9 +57,10 @@ LAUNCH_FLAGS = {
     ({"FSDP_VERSION": "1"}, {}, "fsdp_version: 2"),
     ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, {}, "--gradient-checkpointing"),
     ({}, {"use_8bit_adam": True}, "--use-8bit-adam"),
+    ({}, {"student_ema": 0.99}, "--student-ema 0.99 is not supported with FSDP2"),
 ])
 def test_fsdp_settings_the_trainer_cannot_honour_are_refused(env, option, message, monkeypatch):
-    cfg = SimpleNamespace(**{"use_8bit_adam": False, **option})
+    cfg = SimpleNamespace(**{"use_8bit_adam": False, "student_ema": 0.0, **option})
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert fsdp_plugin(cfg) is None  # no FSDP launch: plain data parallelism
     for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **env}.items():

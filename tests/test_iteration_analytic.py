@@ -302,7 +302,7 @@ def test_several_fake_score_updates_step_the_fake_score_first_on_new_draws():
         run(0)
 
 
-def test_fresh_roll_outs_give_each_later_fake_score_update_new_samples_and_the_student_the_first():
+def test_fresh_roll_outs_give_each_later_fake_score_update_new_samples_and_the_student_the_first(monkeypatch):
     # fake_score_rollouts "fresh": the fake score's 2nd and 3rd updates each train on a roll-out of new noise (drawn
     # from the run's generator just before the update), the student's update on the first roll-out; with one
     # update fresh is the shared iteration itself
@@ -330,15 +330,31 @@ def test_fresh_roll_outs_give_each_later_fake_score_update_new_samples_and_the_s
         losses = tdm_iteration(denoisers, SCHEDULE, chosen, noise, gen, TDMUpdates(backward=lambda role, loss: loss.backward(), step=step))
         return noise, calls, grads, losses
 
+    from tdm_core import iteration
+
+    trained_on = []  # the roll-out each fake-score update draws its samples from
+    real_draws = iteration.fake_score_draws
+
+    def recording_draws(rollout, *args):
+        trained_on.append(rollout.points[0].clone())
+        return real_draws(rollout, *args)
+
+    monkeypatch.setattr(iteration, "fake_score_draws", recording_draws)
     one_fresh, one_shared = run(1, "fresh"), run(1, "shared")
     for role in (FAKE_SCORE, STUDENT):
         assert torch.equal(one_fresh[2][role], one_shared[2][role])
 
+    trained_on.clear()
     noise, calls, grads, _ = run(3, "fresh")
+    fresh_trained_on = list(trained_on)
+    trained_on.clear()
     _, shared_calls, shared_grads, _ = run(3, "shared")
     starts = [x for x, t, with_grad in calls if t == GRID[0] and not with_grad]  # each roll-out's first call
     assert len(starts) == 3 and len([c for c in shared_calls if c[1] == GRID[0] and not c[2]]) == 1
     assert torch.equal(starts[0], noise) and not torch.equal(starts[1], noise) and not torch.equal(starts[1], starts[2])
+    # update k trains on the k-th roll-out (its own noise); with shared roll-outs every update on the first
+    assert len(fresh_trained_on) == 3 and all(torch.equal(got, start) for got, start in zip(fresh_trained_on, starts))
+    assert len(trained_on) == 3 and all(torch.equal(got, noise) for got in trained_on)
     assert abs(float(starts[1].std()) - 1) < 0.2  # new standard-normal noise, not a re-use of a roll-out point
     rollout0 = [x for x, _t, with_grad in calls[:len(GRID)]]  # x_{t_0} .. x_{t_{K-1}} of the first roll-out
     (student_input,) = [x for x, _t, with_grad in calls if with_grad]

@@ -148,6 +148,7 @@ def _pause_for_tests(step: int) -> None:
 METHOD_FLAGS = {"distance": "--distance", "huber_c": "--huber-c", "fake_score_updates": "--fake-score-updates", "fake_score_rollouts": "--fake-score-rollouts",
                 "fake_score_weighting": "--fake-score-weighting", "interval_mode": "--interval-mode", "randmid": "--randmid"}
 BEFORE_ISSUE_22 = {"distance": "huber", "fake_score_updates": 1}  # the defaults of checkpoints that record no method
+RECORDED_LATER = {"fake_score_rollouts": "shared"}  # method flags added after checkpoints began recording it: what ran then
 
 
 def method_of(parts: LoopParts) -> dict:
@@ -172,6 +173,7 @@ def check_method(saved: dict | None, parts: LoopParts, checkpoint: Path) -> None
                   + f" (the defaults since issue 22 are --distance {DEFAULT_DISTANCE} --fake-score-updates {DEFAULT_FAKE_SCORE_UPDATES})",
                   file=sys.stderr)
         return
+    saved = {**RECORDED_LATER, **saved}
     differ = {name: value for name, value in saved.items() if name in now and now[name] != value}
     if differ:
         wanted = ", ".join(_flag(name, value) for name, value in differ.items())

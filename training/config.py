@@ -56,7 +56,7 @@ class DistillConfig:
     interval_mode: str = _opt("separate", "diffusion-time intervals: separate (per step, no overlap) or shared ([u, T-10])")
     fake_score_weighting: str = _opt(DEFAULT_FAKE_SCORE_WEIGHTING, "weight of the fake score's x0 loss over noise levels: min_snr (min(SNR, 5), the reference), "
                                      "velocity (1/sigma^2: a plain velocity MSE on flow models, as TDM-R1) or x0 (1); an ablation of issue 22")
-    fake_score_updates: int = _opt(DEFAULT_FAKE_SCORE_UPDATES, "fake-score updates per student update, each on new noise levels of the same roll-out "
+    fake_score_updates: int = _opt(DEFAULT_FAKE_SCORE_UPDATES, "fake-score updates per student update, each on new noise levels of the same roll-out (with the default --fake-score-rollouts shared) "
                                    "(1: the method; 5, the default: DMD2's two time-scale rule, closer to the teacher in issue 22's benchmarks). The fake score's learning-rate "
                                    "warm-up counts its own updates, its decay spans the run; the logged loss_fake and grad_norm_fake are its last update's")
     fake_score_rollouts: str = _opt(DEFAULT_FAKE_SCORE_ROLLOUTS, "what the fake-score updates after the first train on: shared (the default: the iteration's one "
@@ -64,8 +64,9 @@ class DistillConfig:
                                     "costs one roll-out of K student calls per extra update); an ablation of issue 22")
     student_ema: float = _opt(0.0, "decay per student update of an exponential moving average of the student's LoRA (diffusers' EMAModel), "
                               "the student the run hands out: final LoRA, validation grids, probe and each checkpoint's student_ema "
-                              "adapter; training itself is unchanged. 0 (the default): off; e.g. 0.99 averages about the last 100 updates "
-                              "(issue 22: a single checkpoint's distance to the teacher jitters, an average does not)")
+                              "adapter; training itself is unchanged. 0 (the default): off; e.g. 0.99. EMAModel's warm-up, min((1 + n) / (10 + n), decay), "
+                              "keeps the decay lower early on: at 0.99 the average spans about the last 55 updates at update 500, the last 100 "
+                              "from about update 900 (issue 22: a single checkpoint's distance to the teacher jitters, the average of the last ones less)")
     randmid: bool = _opt(False, "draw the ODE point u uniformly in [t_{i+1}, t_i - 20] instead of u = t_{i+1}")
     steps_aware: bool = _opt(False, "TDM-unify: draw K per batch from --k-choices; student and fake score learn a K-embedding (one LoRA for several step counts)")
     k_choices: str = _opt("1,2,4", "step counts K drawn per batch with --steps-aware")
@@ -231,6 +232,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     _check(0 <= cfg.student_ema < 1, f"--student-ema {cfg.student_ema:g} must be at least 0 (off) and below 1 (e.g. 0.99)")
     _check(cfg.fake_score_rollouts in FAKE_SCORE_ROLLOUTS,
            f"unknown --fake-score-rollouts {cfg.fake_score_rollouts!r}: use one of {', '.join(FAKE_SCORE_ROLLOUTS)}")
+    _check(cfg.fake_score_rollouts == "shared" or cfg.fake_score_updates > 1,
+           f"--fake-score-rollouts {cfg.fake_score_rollouts} has no effect with --fake-score-updates {cfg.fake_score_updates}: "
+           "fresh roll-outs are for the updates after the first; raise --fake-score-updates or leave the flag out")
     _check(cfg.interval_mode in INTERVAL_MODES, f"unknown --interval-mode {cfg.interval_mode!r}: use separate or shared")
     _check(cfg.lora_rank >= 1, f"--lora-rank {cfg.lora_rank} must be at least 1")
     _check(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha} must be positive")

@@ -277,9 +277,6 @@ def build_parts(cfg: DistillConfig, accelerator) -> tuple[LoopParts, tuple[int, 
 
         install_k_embedding(family.network, cfg.k_choice_list(), (STUDENT, FAKE_SCORE) if cfg.k_on_fake_score else (STUDENT,))
     sharding = None
-    if plugin is not None and cfg.student_ema:
-        raise ConfigError(f"--student-ema {cfg.student_ema:g} is not supported with FSDP2 yet: leave it out, or train without the "
-                          "FSDP accelerate config")
     if plugin is not None:  # the optimisers are built over the sharded parameters
         sharding = shard_network(family.network, accelerator, plugin, TDM_ADAPTERS)
         place_family(family, accelerator.device)

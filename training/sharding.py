@@ -73,6 +73,8 @@ def fsdp_plugin(cfg):
         raise ConfigError("the FSDP mixed-precision policy is not used: drop it from fsdp_config and pass --mixed-precision (training.precision)")
     if cfg.use_8bit_adam:
         raise ConfigError("--use-8bit-adam does not run on FSDP2's sharded (DTensor) parameters: drop it, or launch without FSDP")
+    if cfg.student_ema:
+        raise ConfigError(f"--student-ema {cfg.student_ema:g} is not supported with FSDP2 yet: drop it, or launch without FSDP")
     return plugin
 
 
