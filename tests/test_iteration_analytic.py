@@ -234,6 +234,20 @@ def test_student_objective_uses_the_drawn_trajectory_points():
     assert not torch.allclose(real, other)
 
 
+def sgd_updates(params: dict):
+    """``TDMUpdates`` that back-propagate each role's loss and step its parameter by plain SGD (rate 10), and the
+    dict in which each role's last gradient is kept."""
+    grads = {}
+
+    def step(role):
+        grads[role] = params[role].grad.clone()
+        with torch.no_grad():
+            params[role] -= 10.0 * params[role].grad
+        params[role].grad = None
+
+    return TDMUpdates(backward=lambda role, loss: loss.backward(), step=step), grads
+
+
 @pytest.mark.parametrize("fake_score_updates", [1, 3])
 def test_the_iteration_in_chunks_is_the_whole_batchs_step(fake_score_updates):
     # gradient accumulation in the core: the draws are the whole batch's, each chunk's loss counts by its
@@ -244,15 +258,7 @@ def test_the_iteration_in_chunks_is_the_whole_batchs_step(fake_score_updates):
         mu_fake = torch.nn.Parameter(0.9 * mu_theta.detach().clone())
         denoisers = TDMDenoisers(student=student_denoiser(mu_theta), fake_score=student_denoiser(mu_fake),
                                  teacher=teacher_pair(mu_cond, mu_uncond))
-        params, grads = {FAKE_SCORE: mu_fake, STUDENT: mu_theta}, {}
-
-        def step(role):
-            grads[role] = params[role].grad.clone()
-            with torch.no_grad():
-                params[role] -= 10.0 * params[role].grad
-            params[role].grad = None
-
-        updates = TDMUpdates(backward=lambda role, loss: loss.backward(), step=step)
+        updates, grads = sgd_updates({FAKE_SCORE: mu_fake, STUDENT: mu_theta})
         noise = torch.randn(64, D, generator=gen, dtype=torch.float64)
         chosen = dataclasses.replace(settings(2.0), fake_score_updates=fake_score_updates)
         losses = tdm_iteration(denoisers, SCHEDULE, chosen, noise, gen, updates, chunk_size)
@@ -317,17 +323,10 @@ def test_fresh_roll_outs_give_each_later_fake_score_update_new_samples_and_the_s
 
         denoisers = TDMDenoisers(student=recording_student, fake_score=student_denoiser(mu_fake),
                                  teacher=teacher_pair(mu_cond, mu_uncond))
-        params, grads = {FAKE_SCORE: mu_fake, STUDENT: mu_theta}, {}
-
-        def step(role):
-            grads[role] = params[role].grad.clone()
-            with torch.no_grad():
-                params[role] -= 10.0 * params[role].grad
-            params[role].grad = None
-
+        updates, grads = sgd_updates({FAKE_SCORE: mu_fake, STUDENT: mu_theta})
         noise = torch.randn(64, D, generator=gen, dtype=torch.float64)
         chosen = dataclasses.replace(settings(2.0), fake_score_updates=updates_per_student, fake_score_rollouts=rollouts)
-        losses = tdm_iteration(denoisers, SCHEDULE, chosen, noise, gen, TDMUpdates(backward=lambda role, loss: loss.backward(), step=step))
+        losses = tdm_iteration(denoisers, SCHEDULE, chosen, noise, gen, updates)
         return noise, calls, grads, losses
 
     from tdm_core import iteration
