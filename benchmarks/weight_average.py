@@ -21,7 +21,8 @@ from statistics import mean, stdev
 
 import torch
 
-from benchmarks.defaults import TEACHERS, WORK, cached_measure, checkpoint_student
+from benchmarks.defaults import (DEFAULT_ITERATIONS, FIDELITY_RATIO_GOAL, SPREAD_GOAL, STABLE_AFTER, TEACHERS, WORK, WORSENING_GOAL,
+                                 cached_measure, checkpoint_student)
 
 
 def averaged_student(run_dir: Path, at: int, window: int) -> tuple[dict, list[int]]:
@@ -37,11 +38,11 @@ def averaged_student(run_dir: Path, at: int, window: int) -> tuple[dict, list[in
 
 
 def worst_worsening(per_seed: dict[int, dict[int, float]], at: list[int]) -> tuple[float, str]:
-    """The largest rise of FD from one iteration of ``at`` (from 250 on) to the next, over the seeds, and where."""
+    """The largest rise of FD from one iteration of ``at`` (from STABLE_AFTER on) to the next, over the seeds, and where."""
     worst, where = float("-inf"), "-"
     for seed, values in per_seed.items():
         for before, after in zip(at, at[1:]):
-            if before >= 250 and before in values and after in values:
+            if before >= STABLE_AFTER and before in values and after in values:
                 rise = values[after] / values[before] - 1
                 if rise > worst:
                     worst, where = rise, f"seed {seed}, {before} to {after}"
@@ -49,16 +50,19 @@ def worst_worsening(per_seed: dict[int, dict[int, float]], at: list[int]) -> tup
 
 
 def goals_text(name: str, per_seed: dict[int, dict[int, float]], at: list[int], teacher4: float, real500: list[float] = ()) -> str:
-    at500 = [values[500] for values in per_seed.values() if 500 in values]
+    """One line of issue 22's measures (benchmarks.defaults.fidelity_goals's) for ``per_seed`` ({seed: {iteration: FD}});
+    ``real500``: the runs' FD to real data at DEFAULT_ITERATIONS."""
+    at_default = [values[DEFAULT_ITERATIONS] for values in per_seed.values() if DEFAULT_ITERATIONS in values]
     text = f"{name}:"
-    if at500:
-        m = mean(at500)
-        text += f" at 500 it. {m:.1f} ({m / teacher4:.2f}x the teacher's own 4 steps), spread {(stdev(at500) if len(at500) > 1 else 0.0) / m:.0%}"
+    if at_default:
+        m = mean(at_default)
+        spread = (stdev(at_default) if len(at_default) > 1 else 0.0) / m
+        text += f" at {DEFAULT_ITERATIONS} it. {m:.1f} ({m / teacher4:.2f}x the teacher's own 4 steps), spread {spread:.0%}"
     if real500:
         text += f", FD to real data {mean(real500):.1f}"
     worst, where = worst_worsening(per_seed, at)
     if worst > float("-inf"):
-        text += f"; worst change after 250 it. {worst:+.0%} ({where})"
+        text += f"; worst change after {STABLE_AFTER} it. {worst:+.0%} ({where})"
     return text
 
 
@@ -87,7 +91,7 @@ def measure_teacher(teacher, seeds: list[int], at: list[int], window: int, work:
                 averaged = cached(f"average{window}/seed{seed}/{n}", score)
                 for kind, row in (("single", single), ("average", averaged)):
                     rows[kind].setdefault(seed, {})[n] = row["fd_teacher"]
-                    if n == 500:
+                    if n == DEFAULT_ITERATIONS:
                         real500[kind].append(row["fd_real"])
 
     cache = cached_measure(teacher, work, measure_with)
@@ -99,7 +103,8 @@ def measure_teacher(teacher, seeds: list[int], at: list[int], window: int, work:
         cells = [f"{rows['single'][seed][n]:.1f} | {rows['average'][seed][n]:.1f}" for n in at]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines += ["", f"The teacher's own 4 steps: {teacher4:.1f}; its 50 steps' FD to real data {cache['teacher50']['fd_real']:.1f}. "
-                  "Issue 22's goals: at most 2x the former at 500 it., spread at most 25 %, no change after 250 it. worse than +20 %, "
+                  f"Issue 22's goals: at most {FIDELITY_RATIO_GOAL:g}x the former at {DEFAULT_ITERATIONS} it., spread at most "
+                  f"{100 * SPREAD_GOAL:.0f} %, no change after {STABLE_AFTER} it. worse than +{100 * WORSENING_GOAL:.0f} %, "
                   "FD to real data no worse than the latter.", "",
               "- " + goals_text("each checkpoint alone", rows["single"], at, teacher4, real500["single"]),
               "- " + goals_text(f"averaged over (n - {window}, n]", rows["average"], at, teacher4, real500["average"]), ""]
